@@ -1,0 +1,121 @@
+"""Settings of every service, and how they are resolved: flag > DFZMQ_* env > TOML > default.
+
+The TOML file (`--config`) may hold a section per command (`[daemon]`, `[scheduler]`,
+`[manager]`, `[fetch]`) and top-level keys shared by all; keys are the long option names with
+dashes or underscores (`heartbeat-interval-s`). Environment variables are `DFZMQ_` plus the
+option name in upper case with underscores (`DFZMQ_MANAGER`, `DFZMQ_DATA`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dfzmq.errors import ConfigError
+
+DEFAULT_MANAGER = "127.0.0.1:8900"
+DEFAULT_SCHEDULER = "127.0.0.1:8910"
+
+
+@dataclass(slots=True)
+class ManagerConfig:
+    listen: str = DEFAULT_MANAGER
+    data: Path = Path("/var/lib/dfzmq/manager")
+    advertise: str = ""
+    heartbeat_interval_s: float = 1.0
+    liveness: int = 5  # missed heartbeats before a member is declared down
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    manager: str = DEFAULT_MANAGER
+    listen: str = DEFAULT_SCHEDULER
+    advertise: str = ""
+    heartbeat_interval_s: float = 1.0
+    liveness: int = 5
+    max_parents: int = 6
+    candidate_parents: int = 15
+
+
+@dataclass(slots=True)
+class DaemonConfig:
+    manager: str = DEFAULT_MANAGER
+    data: Path = Path("/var/lib/dfzmq/daemon")
+    seed: bool = False
+    listen: str = "0.0.0.0:0"  # upload server
+    advertise: str = ""
+    control: str = ""  # default ipc://DATA/control.sock
+    scheduler: str = ""  # a fixed scheduler instead of asking the manager (tests, tiny setups)
+    hostname: str = ""
+    idc: str = ""
+    location: str = ""
+    heartbeat_interval_s: float = 1.0
+    liveness: int = 4
+    upload_slots: int = 32
+    window_bytes: int = 8 * 1024 * 1024  # outstanding bytes per parent (credit window)
+    source_connections: int = 4  # parallel Range requests to the origin
+    schedule_timeout_s: float = 10.0  # no answer from any scheduler for this long: go to source
+    stall_timeout_s: float = 15.0  # no piece for this long from any parent: reschedule
+    map_size: int = 1 << 40
+
+    def control_addr(self) -> str:
+        return self.control or f"ipc://{Path(self.data).resolve()}/control.sock"
+
+
+def load_toml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+
+
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, Path):
+            return Path(value).expanduser()
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}: cannot use {value!r}") from None
+
+
+def resolve(cls: type, section: str, flags: dict[str, Any], toml: dict[str, Any],
+            env: dict[str, str] | None = None) -> Any:
+    """Build `cls` from flags (None = not given), environment, TOML and defaults."""
+    env = os.environ if env is None else env
+    sect = toml.get(section, {}) if isinstance(toml.get(section, {}), dict) else {}
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        dashed = f.name.replace("_", "-")
+        value = flags.get(f.name)
+        if value is None:
+            value = env.get("DFZMQ_" + f.name.upper())
+        for source in (sect, toml):
+            if value is None:
+                value = source.get(f.name, source.get(dashed))
+        out[f.name] = default if value is None else _coerce(value, default, dashed)
+    return cls(**out)
+
+
+__all__ = ["ManagerConfig", "SchedulerConfig", "DaemonConfig", "load_toml", "resolve", "field"]

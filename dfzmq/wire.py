@@ -1,0 +1,622 @@
+"""Every message dfzmq sends, and their encoding to ZeroMQ multipart frames.
+
+Frames: `[b"DFZ1", kind, msgpack({field: value})]` followed by one raw frame per payload field
+(piece bytes are never packed into msgpack). ROUTER sockets see an identity frame before these;
+`split_routed` separates it.
+
+Decoding validates every field's type and size against the dataclass annotation and raises
+`RemoteProtocolError` (never anything else) on any deviation, so a service loop can count and
+drop bad frames. Unknown extra keys are ignored (newer senders may add optional fields);
+missing keys take the field default or fail.
+
+This module is pure: no sockets, no clock, no logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import msgpack
+
+from dfzmq.errors import LocalProtocolError, RemoteProtocolError
+
+MAGIC = b"DFZ1"
+MAX_STR = 64 * 1024
+MAX_BYTES = 64 * 1024 * 1024
+MAX_LIST = 1_000_000
+MAX_FIELDS_BYTES = 32 * 1024 * 1024
+
+
+class Payload(bytes):
+    """Annotation marker: this field travels as its own raw frame (any bytes-like value)."""
+
+
+REGISTRY: dict[bytes, type] = {}
+
+
+def message(kind: str):
+    """Class decorator: a frozen, slotted dataclass registered under `kind`."""
+
+    def wrap(cls):
+        cls = dataclass(frozen=True, slots=True)(cls)
+        k = kind.encode()
+        if k in REGISTRY:
+            raise LocalProtocolError(f"duplicate message kind {kind}")
+        cls.KIND = k
+        hints = typing.get_type_hints(cls)
+        cls._fields = tuple((f.name, hints[f.name], f) for f in dataclasses.fields(cls))
+        cls._payloads = tuple(name for name, tp, _ in cls._fields if tp is Payload)
+        REGISTRY[k] = cls
+        return cls
+
+    return wrap
+
+
+def record(cls):
+    """A nested record (frozen, slotted dataclass) encoded as a positional list."""
+    cls = dataclass(frozen=True, slots=True)(cls)
+    hints = typing.get_type_hints(cls)
+    cls._fields = tuple((f.name, hints[f.name], f) for f in dataclasses.fields(cls))
+    cls._record = True
+    return cls
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _fail(path: str, want: str, got: Any) -> typing.NoReturn:
+    raise RemoteProtocolError(f"{path}: expected {want}, got {type(got).__name__}")
+
+
+def _check(value: Any, tp: Any, path: str) -> Any:
+    """Validate (and lightly convert) a decoded value against annotation `tp`."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, path)
+            except RemoteProtocolError as e:
+                errors.append(str(e))
+        raise RemoteProtocolError("; ".join(errors) or f"{path}: bad value")
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, "bool", value)
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            _fail(path, "int", value)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, "float", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, "str", value)
+        if len(value) > MAX_STR:
+            raise RemoteProtocolError(f"{path}: string too long ({len(value)})")
+        return value
+    if tp is bytes:
+        if not isinstance(value, (bytes, bytearray)):
+            _fail(path, "bytes", value)
+        if len(value) > MAX_BYTES:
+            raise RemoteProtocolError(f"{path}: bytes too long ({len(value)})")
+        return bytes(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            _fail(path, "list", value)
+        if len(value) > MAX_LIST:
+            raise RemoteProtocolError(f"{path}: list too long ({len(value)})")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_check(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(path, "dict", value)
+        if len(value) > MAX_LIST:
+            raise RemoteProtocolError(f"{path}: dict too large")
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {
+            _check(k, key_tp, f"{path}.key"): _check(v, val_tp, f"{path}[{k!r}]")
+            for k, v in value.items()
+        }
+    if getattr(tp, "_record", False):
+        if not isinstance(value, (list, tuple)) or len(value) < len(
+            [f for f in tp._fields if _required(f[2])]
+        ):
+            _fail(path, f"{tp.__name__} record", value)
+        kwargs = {}
+        for i, (name, ftp, f) in enumerate(tp._fields):
+            if i < len(value):
+                kwargs[name] = _check(value[i], ftp, f"{path}.{name}")
+        return tp(**kwargs)
+    raise LocalProtocolError(f"{path}: unsupported annotation {tp!r}")
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _plain(value: Any) -> Any:
+    """Records to positional lists, recursively, for msgpack."""
+    if getattr(type(value), "_record", False):
+        return [_plain(getattr(value, name)) for name, _, _ in type(value)._fields]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode(msg: Any) -> list[Any]:
+    """Frames for `msg`: magic, kind, packed fields, then payload frames (bytes-like, uncopied)."""
+    cls = type(msg)
+    if getattr(cls, "KIND", None) is None or REGISTRY.get(cls.KIND) is not cls:
+        raise LocalProtocolError(f"not a wire message: {cls.__name__}")
+    fields = {name: _plain(getattr(msg, name)) for name, tp, _ in cls._fields if tp is not Payload}
+    try:
+        packed = msgpack.packb(fields, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise LocalProtocolError(f"{cls.__name__}: cannot encode: {e}") from e
+    return [MAGIC, cls.KIND, packed, *(getattr(msg, name) for name in cls._payloads)]
+
+
+def decode(frames: list[Any]) -> Any:
+    """The message in `frames` (bytes, memoryviews or zmq.Frame). Raises RemoteProtocolError."""
+    if len(frames) < 3:
+        raise RemoteProtocolError(f"too few frames ({len(frames)})")
+    magic, kind, packed = (_bytes(f) for f in frames[:3])
+    if magic != MAGIC:
+        raise RemoteProtocolError(f"bad magic {magic[:8]!r}")
+    cls = REGISTRY.get(kind)
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message kind {kind[:32]!r}")
+    if len(packed) > MAX_FIELDS_BYTES:
+        raise RemoteProtocolError("fields frame too large")
+    try:
+        raw = msgpack.unpackb(
+            packed,
+            raw=False,
+            strict_map_key=False,
+            max_str_len=MAX_STR,
+            max_bin_len=MAX_BYTES,
+            max_array_len=MAX_LIST,
+            max_map_len=MAX_LIST,
+        )
+    except Exception as e:  # msgpack raises many types on hostile input
+        raise RemoteProtocolError(f"{kind.decode(errors='replace')}: bad msgpack: {e}") from e
+    if not isinstance(raw, dict):
+        raise RemoteProtocolError(f"{cls.__name__}: fields are not a map")
+    payloads = frames[3:]
+    if len(payloads) != len(cls._payloads):
+        raise RemoteProtocolError(
+            f"{cls.__name__}: expected {len(cls._payloads)} payload frames, got {len(payloads)}"
+        )
+    kwargs: dict[str, Any] = {}
+    pi = 0
+    for name, tp, f in cls._fields:
+        if tp is Payload:
+            kwargs[name] = _buffer(payloads[pi])
+            pi += 1
+        elif name in raw:
+            kwargs[name] = _check(raw[name], tp, f"{cls.__name__}.{name}")
+        elif _required(f):
+            raise RemoteProtocolError(f"{cls.__name__}: missing field {name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise RemoteProtocolError(f"{cls.__name__}: {e}") from e
+
+
+def _bytes(frame: Any) -> bytes:
+    if isinstance(frame, bytes):
+        return frame
+    if hasattr(frame, "bytes"):  # zmq.Frame
+        return frame.bytes
+    return bytes(frame)
+
+
+def _buffer(frame: Any) -> Any:
+    """Payload frames stay zero-copy: a zmq.Frame becomes its memoryview."""
+    if hasattr(frame, "buffer"):
+        return frame.buffer
+    return frame
+
+
+def split_routed(frames: list[Any]) -> tuple[bytes, list[Any]]:
+    """(identity, message frames) of what a ROUTER received. Raises RemoteProtocolError."""
+    if len(frames) < 2:
+        raise RemoteProtocolError("routed message without identity")
+    return _bytes(frames[0]), frames[1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+@record
+class PieceInfo:
+    """One piece of a task's manifest. Lengths vary; never assume they are equal."""
+
+    num: int
+    offset: int
+    length: int
+    digest: str  # blake3 hex of the piece bytes; also its key in every piece store
+
+
+@record
+class MemberInfo:
+    """A manager-registered member (scheduler or seed peer)."""
+
+    member_id: str
+    role: str  # "scheduler" | "seed"
+    addr: str  # ROUTER endpoint others connect to (tcp://host:port)
+    events_addr: str = ""  # PUB endpoint, where the member has one
+    hostname: str = ""
+    version: str = ""
+    state: str = "up"  # "up" | "down"
+    idc: str = ""
+    location: str = ""
+
+
+@record
+class ParentInfo:
+    """A parent the scheduler hands to a peer."""
+
+    peer_id: str
+    host_id: str
+    addr: str  # the parent's upload ROUTER endpoint
+    seed: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Common to every DEALER/ROUTER pair
+
+
+@message("HEARTBEAT")
+class Heartbeat:
+    """Liveness, sent both ways on every DEALER/ROUTER pair. Any inbound frame restores liveness."""
+
+    sender: str = ""
+
+
+@message("ERROR")
+class Error:
+    """Answer to a request that could not be served. `code` is machine-readable."""
+
+    code: str  # e.g. "bad-request", "unknown-host", "unknown-task", "busy"
+    detail: str = ""
+    ref: str = ""  # what it refers to (a task id, a request id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manager: ROUTER (requests, keepalives) and PUB (cluster changes)
+
+
+@message("MEMBER_REGISTER")
+class MemberRegister:
+    """A scheduler or seed peer joins (or re-joins) the cluster. Answered with MemberWelcome."""
+
+    member: MemberInfo
+
+
+@message("MEMBER_WELCOME")
+class MemberWelcome:
+    cluster_id: str
+    heartbeat_interval_s: float
+    config: dict[str, Any] = field(default_factory=dict)  # cluster-wide settings
+
+
+@message("MEMBER_LEAVE")
+class MemberLeave:
+    member_id: str
+
+
+@message("LIST_SCHEDULERS")
+class ListSchedulers:
+    """Asked by peers (and anyone) to learn which schedulers and seed peers are up."""
+
+
+@message("SCHEDULER_LIST")
+class SchedulerList:
+    schedulers: list[MemberInfo]
+    seeds: list[MemberInfo] = field(default_factory=list)
+
+
+@message("SNAPSHOT_REQUEST")
+class SnapshotRequest:
+    """Clone pattern: ask a publisher for its state; apply PUB updates with seq > snapshot.seq."""
+
+
+@message("CLUSTER_SNAPSHOT")
+class ClusterSnapshot:
+    seq: int
+    members: list[MemberInfo]
+    events_addr: str = ""
+
+
+@message("CLUSTER_UPDATE")
+class ClusterUpdate:
+    """Published on the manager's PUB: a member came up or went down."""
+
+    seq: int
+    member: MemberInfo
+
+
+@message("PUB_HEARTBEAT")
+class PubHeartbeat:
+    """Published every interval on every PUB so that silence means failure."""
+
+    seq: int
+    source: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduler <-> peer daemon (peer DEALER -> scheduler ROUTER)
+
+
+@message("HOST_ANNOUNCE")
+class HostAnnounce:
+    """A daemon introduces its host (on connect, and again whenever asked). Answer: HostAck."""
+
+    host_id: str
+    hostname: str
+    upload_addr: str
+    seed: bool = False
+    idc: str = ""
+    location: str = ""  # country|province|city|zone|cluster
+    upload_slots: int = 16
+    version: str = ""
+
+
+@message("HOST_ACK")
+class HostAck:
+    host_id: str
+    heartbeat_interval_s: float
+    scheduler_id: str = ""
+
+
+@message("PEER_REGISTER")
+class PeerRegister:
+    """A peer wants (or, with state="succeeded", already holds) a task.
+
+    The scheduler answers with TaskManifest (what it knows of the pieces) and then either
+    PeerParents or BackToSource. A peer re-announcing after a scheduler restart sends its
+    stored manifest in `pieces` and `state` "succeeded" or "running".
+    """
+
+    task_id: str
+    peer_id: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    tag: str = ""
+    application: str = ""
+    state: str = "pending"  # "pending" | "running" | "succeeded"
+    pieces: list[PieceInfo] = field(default_factory=list)
+    content_length: int = -1
+    file_digest: str = ""
+
+
+@message("PEER_PARENTS")
+class PeerParents:
+    """The scheduler's current choice of parents for a peer (the whole list, not a delta)."""
+
+    task_id: str
+    peer_id: str
+    parents: list[ParentInfo]
+
+
+@message("BACK_TO_SOURCE")
+class BackToSource:
+    """The peer itself should read the origin (no parent can serve, or it is the first)."""
+
+    task_id: str
+    peer_id: str
+    reason: str = ""
+
+
+@message("SEED_TRIGGER")
+class SeedTrigger:
+    """Scheduler -> seed peer host: register for this task and go back to source."""
+
+    task_id: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    tag: str = ""
+    application: str = ""
+
+
+@message("TASK_MANIFEST")
+class TaskManifest:
+    """Scheduler -> peers of a task: manifest entries (incremental), authoritative digests.
+
+    `content_length` is -1 until known; `complete` is set once the back-to-source peer
+    has cut every piece, with `file_digest` the blake3 of the whole file.
+    """
+
+    task_id: str
+    pieces: list[PieceInfo]
+    content_length: int = -1
+    complete: bool = False
+    file_digest: str = ""
+    piece_count: int = -1
+
+
+@message("TASK_FAILED")
+class TaskFailed:
+    """Scheduler -> peers: the origin itself failed (404, ...): every peer fails with `reason`."""
+
+    task_id: str
+    reason: str
+    code: str = "source"
+
+
+@message("PIECE_REPORT")
+class PieceReport:
+    """Peer -> scheduler: pieces the peer now holds (verified). From the back-to-source peer,
+    these define the manifest. `content_length` is sent once it is known."""
+
+    task_id: str
+    peer_id: str
+    pieces: list[PieceInfo]
+    content_length: int = -1
+    source: str = ""  # "origin", or the parent peer id the pieces came from
+
+
+@message("PEER_DONE")
+class PeerDone:
+    task_id: str
+    peer_id: str
+    content_length: int
+    file_digest: str
+    piece_count: int
+
+
+@message("PEER_FAILED")
+class PeerFailed:
+    """Peer -> scheduler. `code` "source" means the origin refused: the task fails everywhere."""
+
+    task_id: str
+    peer_id: str
+    reason: str
+    code: str = ""
+
+
+@message("RESCHEDULE")
+class Reschedule:
+    """Peer -> scheduler: my parents cannot serve; here are the ones to avoid."""
+
+    task_id: str
+    peer_id: str
+    blocklist: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+@message("PEER_LEAVE")
+class PeerLeave:
+    task_id: str
+    peer_id: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Peer <-> peer: a child's DEALER to a parent's upload ROUTER (the direct pipe)
+
+
+@message("SUBSCRIBE")
+class Subscribe:
+    """Child -> parent: tell me what you hold of this task, and every piece you get from now on."""
+
+    task_id: str
+    peer_id: str
+
+
+@message("UNSUBSCRIBE")
+class Unsubscribe:
+    task_id: str
+
+
+@message("HAVE")
+class Have:
+    """Parent -> child: piece numbers the parent holds (all of them first, then increments)."""
+
+    task_id: str
+    nums: list[int]
+    complete: bool = False
+
+
+@message("PIECE_REQUEST")
+class PieceRequest:
+    task_id: str
+    num: int
+    digest: str
+
+
+@message("PIECE_DATA")
+class PieceData:
+    """Parent -> child: one piece. The child verifies `data` against the manifest digest."""
+
+    task_id: str
+    num: int
+    digest: str
+    data: Payload
+
+
+@message("PIECE_MISSING")
+class PieceMissing:
+    task_id: str
+    num: int
+    reason: str = ""  # "missing" | "busy"
+
+
+# ---------------------------------------------------------------------------------------------
+# Local client -> daemon control socket
+
+
+@message("DOWNLOAD")
+class Download:
+    """Client -> daemon: fetch `url` and write it to `output` (a path on the daemon's host).
+
+    Answered by DownloadProgress messages and one DownloadResult.
+    """
+
+    request_id: str
+    url: str
+    output: str
+    digest: str = ""  # "sha256:HEX" or "blake3:HEX", verified over the whole file
+    headers: dict[str, str] = field(default_factory=dict)
+    tag: str = ""
+    application: str = ""
+
+
+@message("DOWNLOAD_PROGRESS")
+class DownloadProgress:
+    request_id: str
+    done_bytes: int
+    total_bytes: int  # -1 while unknown
+
+
+@message("DOWNLOAD_RESULT")
+class DownloadResult:
+    request_id: str
+    ok: bool
+    error: str = ""
+    code: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@message("STAT_REQUEST")
+class StatRequest:
+    """Ask a daemon or broker for its counters and state (for tests, the demo and tools)."""
+
+
+@message("STAT_REPLY")
+class StatReply:
+    info: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Events published by schedulers (for monitors)
+
+
+@message("EVENT")
+class Event:
+    seq: int
+    name: str  # "peer-registered", "task-done", "back-to-source", ...
+    fields: dict[str, Any] = field(default_factory=dict)
+
