@@ -1,0 +1,89 @@
+"""Parent scoring: how good a candidate parent is for one child. Pure arithmetic.
+
+The scheduler core filters candidates (same host, blocklisted, dead, wrong state) and hands
+the survivors here as `Candidate` records; `rank` orders them best first. Kept apart from the
+core so that swarm-speed work can tune weights or replace the formula without touching the
+state machine. This module must never look at scheduler state, the clock, or randomness:
+the same inputs always give the same order.
+
+The score is a weighted sum of terms in [0, 1]:
+- pieces: fraction of the task's manifest the candidate holds (1 for a finished peer);
+- free slots: upload slots the candidate's host has left after the children already assigned
+  to it, as a fraction of its slots (load spreading, as Dragonfly's load score);
+- idc: same non-empty IDC as the child;
+- location: leading fields of "country|province|city|zone|cluster" that match;
+- seed: the candidate runs on a seed host (seed hosts are provisioned to upload).
+Ties are broken by a hash of (child, candidate), so equal candidates are spread across
+children instead of every child picking the alphabetically first one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+LOCATION_FIELDS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    pieces: float = 0.35
+    free_slots: float = 0.30
+    idc: float = 0.15
+    location: float = 0.10
+    seed: float = 0.10
+
+
+DEFAULT_WEIGHTS = Weights()
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    peer_id: str
+    host_id: str
+    pieces_fraction: float  # 0..1
+    free_slots: int  # may be negative when a host is over-assigned
+    upload_slots: int
+    idc: str = ""
+    location: str = ""
+    seed: bool = False
+
+
+def location_affinity(a: str, b: str) -> float:
+    """Matching leading fields of two locations, as a fraction of LOCATION_FIELDS."""
+    if not a or not b:
+        return 0.0
+    n = 0
+    for x, y in zip(a.split("|")[:LOCATION_FIELDS], b.split("|")[:LOCATION_FIELDS]):
+        if not x or x != y:
+            break
+        n += 1
+    return n / LOCATION_FIELDS
+
+
+def score(c: Candidate, child_idc: str = "", child_location: str = "",
+          weights: Weights = DEFAULT_WEIGHTS) -> float:
+    slots = max(1, c.upload_slots)
+    free = min(1.0, max(0.0, c.free_slots / slots))
+    pieces = min(1.0, max(0.0, c.pieces_fraction))
+    return (
+        weights.pieces * pieces
+        + weights.free_slots * free
+        + weights.idc * (1.0 if child_idc and c.idc == child_idc else 0.0)
+        + weights.location * location_affinity(child_location, c.location)
+        + weights.seed * (1.0 if c.seed else 0.0)
+    )
+
+
+def _tiebreak(child_id: str, peer_id: str) -> bytes:
+    return hashlib.blake2b(f"{child_id}\0{peer_id}".encode(), digest_size=8).digest()
+
+
+def rank(candidates: list[Candidate], child_id: str, child_idc: str = "",
+         child_location: str = "", weights: Weights = DEFAULT_WEIGHTS) -> list[Candidate]:
+    """Candidates best first; deterministic for the same inputs."""
+    return sorted(
+        candidates,
+        key=lambda c: (-round(score(c, child_idc, child_location, weights), 9),
+                       _tiebreak(child_id, c.peer_id)),
+    )

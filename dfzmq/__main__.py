@@ -1,0 +1,3 @@
+from dfzmq.cli import main
+
+main()

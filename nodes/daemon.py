@@ -1,0 +1,414 @@
+"""The peer daemon (and, with `seed`, the seed peer): one asyncio loop around its sockets.
+
+Sockets: a `manager_dealer` (which schedulers are up), one `scheduler_dealer` per scheduler
+(host announce, task registration, heartbeats), the `upload_router` (other peers pull pieces),
+the `control_router` (local clients: DOWNLOAD, STAT), and one `parent_dealer` per parent per
+task (in nodes/task.py). Tasks are spread over schedulers by rendezvous hashing of task ids.
+
+Liveness (Paranoid Pirate): every scheduler link heartbeats; a scheduler silent for `liveness`
+intervals is declared dead, its socket closed and reopened with doubling backoff, and on
+reconnect the host and every task (finished ones too, with their manifests) are announced
+again, so a restarted scheduler rebuilds its view and cached files keep being served P2P.
+
+This module wires things together; it holds no download logic (nodes/task.py) and no piece
+picking (nodes/picker.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+import zmq
+import zmq.asyncio
+
+from dfzmq import ids, net, wire
+from dfzmq.config import DaemonConfig
+from dfzmq.errors import DfzmqError, DownloadError
+from dfzmq.service import Counters, decode_plain, decode_routed
+from nodes.sink import OutputSink
+from nodes.store import PieceStore
+from nodes.task import TaskRun
+from nodes.upload import UploadServer
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+class SchedulerLink:
+    """The daemon's DEALER to one scheduler, with heartbeats and reconnect-with-backoff."""
+
+    def __init__(self, daemon: "Daemon", member_id: str, addr: str) -> None:
+        self.daemon = daemon
+        self.member_id = member_id
+        self.addr = addr
+        self.alive = False
+        self.sock: zmq.asyncio.Socket | None = None
+        self.task: asyncio.Task | None = None
+        self.closed = False
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    def send(self, msg: Any) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.daemon.counters["scheduler.send-dropped"] += 1
+
+    def close(self) -> None:
+        self.closed = True
+        if self.task is not None:
+            self.task.cancel()
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+    async def _run(self) -> None:
+        d = self.daemon
+        interval = d.cfg.heartbeat_interval_s
+        backoff = interval
+        while not self.closed:
+            self.sock = net.make_socket(d.ctx, "scheduler_dealer", d.curve)
+            self.sock.connect(self.addr)
+            self.send(d.host_announce())
+            last_seen = time.monotonic()
+            last_beat = time.monotonic()
+            while True:
+                now = time.monotonic()
+                if now - last_seen > interval * d.cfg.liveness:
+                    break
+                if now - last_beat >= interval:
+                    self.send(wire.Heartbeat(d.host_id))
+                    last_beat = now
+                if await self.sock.poll(timeout=int(interval * 1000 / 2)):
+                    frames = await self.sock.recv_multipart()
+                    msg = decode_plain(frames, d.counters)
+                    if msg is None:
+                        continue
+                    last_seen = time.monotonic()
+                    backoff = interval
+                    self._handle(msg)
+            log.warning("scheduler %s at %s silent: reconnecting", self.member_id, self.addr)
+            was_alive, self.alive = self.alive, False
+            self.sock.close(0)
+            self.sock = None
+            if was_alive:
+                d.scheduler_lost(self)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    def _handle(self, msg: Any) -> None:
+        d = self.daemon
+        if isinstance(msg, wire.HostAck):
+            first = not self.alive
+            self.alive = True
+            if first:
+                d.announce_tasks(self)
+        elif isinstance(msg, wire.Heartbeat):
+            if not self.alive:
+                self.send(d.host_announce())
+        elif isinstance(msg, wire.Error):
+            if msg.code == "unknown-host":
+                # The scheduler restarted or forgot us: introduce ourselves again.
+                self.alive = False
+                self.send(d.host_announce())
+            else:
+                d.counters["scheduler.error." + msg.code] += 1
+                log.debug("scheduler error %s: %s", msg.code, msg.detail)
+        elif isinstance(msg, wire.SeedTrigger):
+            d.seed_trigger(msg)
+        elif hasattr(msg, "task_id"):
+            run = d.tasks.get(msg.task_id)
+            if run is not None:
+                run.on_scheduler(msg)
+        else:
+            d.counters["scheduler.unexpected"] += 1
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig, curve: net.Curve | None = None) -> None:
+        self.cfg = cfg
+        self.curve = curve
+        self.data = Path(cfg.data).expanduser().absolute()
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.hostname = cfg.hostname or socket.gethostname()
+        self.host_id = ids.host_id(self.hostname, salt=str(self.data))
+        self.counters = Counters()
+        self.tasks: dict[str, TaskRun] = {}
+        self.links: dict[str, SchedulerLink] = {}
+        self._held: dict[str, dict[int, wire.PieceInfo]] = {}
+        self._schedulers_known = asyncio.Event()
+        self._bg: list[asyncio.Task] = []
+        self.ctx: zmq.asyncio.Context | None = None
+        self.started = time.monotonic()
+
+    # -- start and stop -------------------------------------------------------------------
+
+    async def start(self, use_manager: bool = True) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.store = PieceStore(self.data, self.cfg.map_size)
+        self.http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60),
+            auto_decompress=False,
+        )
+        host = self.cfg.advertise or ("127.0.0.1" if self.cfg.listen.startswith("127.") else "")
+        self.upload = UploadServer(self.ctx, self.store, self.cfg.listen, host, self.held, self.counters,
+                                   curve=self.curve)
+        if os.environ.get("DFZMQ_TEST_CORRUPT_UPLOADS") == "1":
+            self.upload.corrupt = True
+        self.control = net.make_socket(self.ctx, "control_router")
+        control_addr = self.cfg.control_addr()
+        if control_addr.startswith("ipc://"):
+            path = Path(control_addr[len("ipc://"):])
+            if path.exists():
+                path.unlink()
+        self.control_addr = net.bind(self.control, control_addr)
+        self._bg.append(asyncio.create_task(self.upload.run()))
+        self._bg.append(asyncio.create_task(self._control_loop()))
+        if self.cfg.scheduler:
+            self._add_link("fixed", net.tcp(self.cfg.scheduler))
+            self._schedulers_known.set()
+        elif use_manager and self.cfg.manager:
+            self._bg.append(asyncio.create_task(self._manager_loop()))
+        else:
+            self._schedulers_known.set()
+        log.info("daemon %s%s: upload %s, control %s", self.host_id, " (seed)" if self.cfg.seed else "",
+                 self.upload.addr, self.control_addr)
+
+    async def stop(self) -> None:
+        for run in list(self.tasks.values()):
+            run.fail(DownloadError("daemon stopping"), report=False)
+        for link in self.links.values():
+            link.close()
+        for t in self._bg:
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        await self.http.close()
+        self.upload.close()
+        self.control.close(0)
+        self.store.close()
+        self.ctx.term()
+
+    # -- schedulers -----------------------------------------------------------------------
+
+    def host_announce(self) -> wire.HostAnnounce:
+        return wire.HostAnnounce(self.host_id, self.hostname, self.upload.addr, self.cfg.seed,
+                                 self.cfg.idc, self.cfg.location, self.cfg.upload_slots, VERSION)
+
+    def _add_link(self, member_id: str, addr: str) -> None:
+        link = SchedulerLink(self, member_id, addr)
+        self.links[member_id] = link
+        link.start()
+
+    async def _manager_loop(self) -> None:
+        """Ask the manager which schedulers are up; keep one link per scheduler."""
+        addr = net.tcp(self.cfg.manager)
+        first_deadline = time.monotonic() + 2.0
+        while True:
+            sock = net.make_socket(self.ctx, "manager_dealer", self.curve)
+            sock.connect(addr)
+            try:
+                sock.send_multipart(wire.encode(wire.ListSchedulers()))
+                reply = None
+                if await sock.poll(timeout=2000):
+                    reply = decode_plain(await sock.recv_multipart(), self.counters)
+            finally:
+                sock.close(0)
+            if isinstance(reply, wire.SchedulerList):
+                current = {m.member_id: m.addr for m in reply.schedulers if m.state == "up"}
+                for mid in list(self.links):
+                    if mid not in current:
+                        self.links.pop(mid).close()
+                for mid, maddr in current.items():
+                    if mid not in self.links or self.links[mid].addr != maddr:
+                        if mid in self.links:
+                            self.links.pop(mid).close()
+                        self._add_link(mid, maddr)
+                if current:
+                    # Give the new links a moment to be acknowledged before tasks pick one.
+                    await self._wait_alive(1.0)
+                self._schedulers_known.set()
+            elif time.monotonic() > first_deadline:
+                self._schedulers_known.set()
+            await asyncio.sleep(5.0 if self._schedulers_known.is_set() else 0.2)
+
+    async def _wait_alive(self, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and not any(l.alive for l in self.links.values()):
+            await asyncio.sleep(0.02)
+
+    async def schedulers_known(self) -> None:
+        await self._schedulers_known.wait()
+
+    def scheduler_for(self, task_id: str) -> SchedulerLink | None:
+        """The task's scheduler: rendezvous hashing over live schedulers (any known if none live)."""
+        alive = [m for m, l in self.links.items() if l.alive] or list(self.links)
+        if not alive:
+            return None
+        return self.links[ids.rendezvous(task_id, alive)[0]]
+
+    def announce_tasks(self, link: SchedulerLink) -> None:
+        """After (re)connecting: re-register running tasks and announce finished ones we serve."""
+        for run in self.tasks.values():
+            if run.scheduler is link or run.scheduler is None or not run.scheduler.alive:
+                run.scheduler = link if self.scheduler_for(run.task_id) is link else run.scheduler
+                if run.scheduler is link:
+                    run.register()
+        for meta in self.store.tasks():
+            tid = meta["task_id"]
+            if tid in self.tasks or not meta.get("complete") or self.scheduler_for(tid) is not link:
+                continue
+            held = self.held(tid)
+            if len(held) != meta.get("piece_count", -1):
+                continue
+            link.send(wire.PeerRegister(
+                tid, f"{self.host_id}/{tid[:16]}", meta.get("url", ""), {}, meta.get("tag", ""),
+                meta.get("application", ""), state="succeeded", pieces=list(held.values()),
+                content_length=meta.get("content_length", -1), file_digest=meta.get("file_digest", ""),
+            ))
+
+    def scheduler_lost(self, link: SchedulerLink) -> None:
+        for run in self.tasks.values():
+            if run.scheduler is link:
+                other = self.scheduler_for(run.task_id)
+                run.scheduler = other if other is not link and other is not None and other.alive else link
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    def held(self, task_id: str) -> dict[int, wire.PieceInfo]:
+        """The pieces of a task this peer holds (cached view of the store; TaskRuns update it)."""
+        h = self._held.get(task_id)
+        if h is None:
+            h = self._held[task_id] = self.store.manifest(task_id)
+        return h
+
+    def task_finished(self, run: TaskRun) -> None:
+        if self.tasks.get(run.task_id) is run:
+            del self.tasks[run.task_id]
+
+    def require_task(self, task_id: str, url: str, headers: dict[str, str], tag: str,
+                     application: str) -> tuple[TaskRun, bool]:
+        run = self.tasks.get(task_id)
+        if run is not None:
+            return run, False
+        run = self.tasks[task_id] = TaskRun(self, task_id, url, headers, tag, application)
+        return run, True
+
+    def seed_trigger(self, msg: wire.SeedTrigger) -> None:
+        run, new = self.require_task(msg.task_id, msg.url, msg.headers, msg.tag, msg.application)
+        if new:
+            self._spawn_start(run)
+
+    def _spawn_start(self, run: TaskRun) -> None:
+        async def go() -> None:
+            try:
+                await run.start()
+            except DfzmqError as e:
+                run.fail(e)
+            except Exception as e:
+                log.exception("task start failed")
+                run.fail(DownloadError(f"internal error: {e}"))
+        self._bg.append(asyncio.create_task(go()))
+
+    async def download(self, url: str, output: str, digest: str = "", headers: dict | None = None,
+                       tag: str = "", application: str = "",
+                       progress: Callable[[int, int], None] | None = None) -> dict:
+        """Fetch `url` into `output`. Returns the task's stats; raises DfzmqError on failure."""
+        headers = headers or {}
+        if "://" not in url:
+            raise DownloadError(f"not a URL: {url!r}")
+        tid = ids.task_id(url, tag, application)
+        sink = OutputSink(output, digest)
+        run, new = self.require_task(tid, url, headers, tag, application)
+        try:
+            run.attach(sink)
+        except DfzmqError:
+            sink.abort()
+            raise
+        if new:
+            self._spawn_start(run)
+        reporter = None
+        if progress is not None:
+            async def report() -> None:
+                while True:
+                    progress(sink.bytes, run.content_length)
+                    await asyncio.sleep(0.2)
+            reporter = asyncio.create_task(report())
+        try:
+            stats = await run.wait(sink)
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+        if progress is not None:
+            progress(sink.bytes, run.content_length)
+        return stats
+
+    # -- control socket -------------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        while True:
+            frames = await self.control.recv_multipart()
+            got = decode_routed(frames, self.counters)
+            if got is None:
+                continue
+            ident, msg = got
+            if isinstance(msg, wire.Download):
+                self._bg.append(asyncio.create_task(self._serve_download(ident, msg)))
+            elif isinstance(msg, wire.StatRequest):
+                self._reply(ident, wire.StatReply(self.stats()))
+            elif isinstance(msg, wire.Heartbeat):
+                self._reply(ident, wire.Heartbeat(self.host_id))
+            else:
+                self._reply(ident, wire.Error("bad-request", f"unexpected {type(msg).__name__}"))
+
+    def _reply(self, ident: bytes, msg: Any) -> None:
+        try:
+            self.control.send_multipart([ident, *wire.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["control.dropped"] += 1
+
+    async def _serve_download(self, ident: bytes, req: wire.Download) -> None:
+        def progress(done: int, total: int) -> None:
+            self._reply(ident, wire.DownloadProgress(req.request_id, done, total))
+        try:
+            stats = await self.download(req.url, req.output, req.digest, req.headers, req.tag,
+                                        req.application, progress)
+            self._reply(ident, wire.DownloadResult(req.request_id, True, stats=stats))
+        except DfzmqError as e:
+            self._reply(ident, wire.DownloadResult(req.request_id, False, str(e), type(e).__name__))
+        except Exception as e:
+            log.exception("download failed")
+            self._reply(ident, wire.DownloadResult(req.request_id, False, f"internal error: {e}", "internal"))
+
+    def stats(self) -> dict:
+        return {
+            "host_id": self.host_id,
+            "seed": self.cfg.seed,
+            "upload_addr": self.upload.addr,
+            "uploaded_bytes": self.upload.bytes_uploaded,
+            "tasks_active": len(self.tasks),
+            "schedulers": {m: l.alive for m, l in self.links.items()},
+            "counters": dict(self.counters),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            **self.store.stats(),
+        }
+
+
+async def run_daemon(cfg: DaemonConfig, stop: asyncio.Event, on_ready: Callable[[dict], None] | None = None) -> None:
+    d = Daemon(cfg)
+    await d.start()
+    if on_ready is not None:
+        on_ready({"upload": d.upload.addr, "control": d.control_addr, "host_id": d.host_id})
+    try:
+        await stop.wait()
+    finally:
+        await d.stop()

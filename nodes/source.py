@@ -1,0 +1,307 @@
+"""Back-to-source: read a task's bytes from its origin (HTTP, HTTPS, file://) and cut pieces.
+
+The reader decides piece boundaries when nobody has yet (`choose_piece_length`), or follows the
+boundaries of a manifest that already exists (a peer that takes over the source role, or a
+restarted peer resuming). It only requests the byte ranges of pieces the peer lacks, so the
+origin serves each byte once per cluster.
+
+HTTP: the first request is a small Range probe (`bytes=0-65535`). A 206 answer tells the size
+and that ranges work; the rest is then read as up to `connections` Range requests in parallel,
+each covering a contiguous run of pieces. A 200 answer means no range support: the body is
+streamed once and cut as it arrives. No request ever asks for more bytes than it will use,
+so the origin's byte count equals the file size.
+
+It never holds more than one piece per connection in memory, and never writes anything itself:
+pieces go to the `on_piece` callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+from urllib.parse import unquote, urlsplit
+
+import aiohttp
+import blake3
+
+from dfzmq.errors import IntegrityError, SourceError
+from dfzmq.wire import PieceInfo
+
+log = logging.getLogger(__name__)
+
+MIN_PIECE = 64 * 1024
+MAX_PIECE = 16 * 1024 * 1024
+TARGET_PIECES = 512
+PROBE_BYTES = 64 * 1024
+DEFAULT_PIECE = 4 * 1024 * 1024  # when the origin does not say how long the file is
+
+OnPiece = Callable[[PieceInfo, bytes], Awaitable[None]]
+
+
+def choose_piece_length(content_length: int) -> int:
+    """A power of two that gives about TARGET_PIECES pieces, within [64 KiB, 16 MiB].
+
+    Swarm time grows like (1 + log2(N)/M) with M pieces (DESIGN.md), so M should be in the
+    hundreds; below 64 KiB per-piece overhead dominates, above 16 MiB memory per transfer does.
+    """
+    if content_length < 0:
+        return DEFAULT_PIECE
+    want = max(1, content_length // TARGET_PIECES)
+    length = 1 << (want - 1).bit_length()
+    return max(MIN_PIECE, min(MAX_PIECE, length))
+
+
+def digest(data: bytes) -> str:
+    if len(data) >= 1 << 20:
+        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
+    return blake3.blake3(data).hexdigest()
+
+
+def plan(content_length: int, known: dict[int, PieceInfo]) -> list[tuple[int, int, int]]:
+    """(num, offset, length) of every piece: known boundaries first, then cut at the length
+    of piece 0 (or a chosen length) up to the end."""
+    out = [(p.num, p.offset, p.length) for p in sorted(known.values(), key=lambda p: p.num)]
+    expected_num = 0
+    offset = 0
+    for num, off, length in out:
+        if num != expected_num or off != offset:
+            raise IntegrityError("stored manifest has a gap; cannot resume from the origin")
+        expected_num, offset = num + 1, off + length
+    piece_length = known[0].length if 0 in known and known[0].length else choose_piece_length(content_length)
+    while offset < content_length:
+        length = min(piece_length, content_length - offset)
+        out.append((expected_num, offset, length))
+        expected_num, offset = expected_num + 1, offset + length
+    return out
+
+
+def groups(missing: list[tuple[int, int, int]], connections: int) -> list[list[tuple[int, int, int]]]:
+    """Split missing pieces into at most `connections` runs of contiguous pieces, balanced by bytes."""
+    runs: list[list[tuple[int, int, int]]] = []
+    for p in missing:
+        if runs and runs[-1][-1][1] + runs[-1][-1][2] == p[1]:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    total = sum(p[2] for p in missing)
+    if not total:
+        return runs
+    share = max(1, total // max(1, connections))
+    out: list[list[tuple[int, int, int]]] = []
+    for run in runs:
+        cur: list[tuple[int, int, int]] = []
+        size = 0
+        for p in run:
+            cur.append(p)
+            size += p[2]
+            if size >= share:
+                out.append(cur)
+                cur, size = [], 0
+        if cur:
+            out.append(cur)
+    return out
+
+
+@dataclass
+class SourceResult:
+    content_length: int
+    etag: str = ""
+    content_type: str = ""
+
+
+class SourceReader:
+    """Reads one task from its origin. One instance per back-to-source attempt."""
+
+    def __init__(self, url: str, headers: dict[str, str], connections: int = 4,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        self.url = url
+        self.headers = dict(headers)
+        self.connections = max(1, connections)
+        self.session = session
+        self.bytes_read = 0
+        self.content_length = -1  # known once the origin has said (before the first piece)
+
+    async def run(self, known: dict[int, PieceInfo], have: set[int], content_length: int,
+                  on_piece: OnPiece) -> SourceResult:
+        scheme = urlsplit(self.url).scheme.lower()
+        if scheme == "file":
+            return await self._run_file(known, have, on_piece)
+        if scheme not in ("http", "https"):
+            raise SourceError(f"unsupported URL scheme {scheme!r} in {self.url}")
+        own = self.session is None
+        session = self.session or aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60),
+            auto_decompress=False,
+        )
+        try:
+            return await self._run_http(session, known, have, content_length, on_piece)
+        except aiohttp.InvalidURL as e:
+            raise SourceError(f"invalid URL: {e}") from e
+        except aiohttp.ClientConnectorError as e:
+            raise SourceError(f"cannot reach {urlsplit(self.url).netloc}: {e.os_error or e}") from e
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise SourceError(f"origin transfer failed: {type(e).__name__}: {e}") from e
+        finally:
+            if own:
+                await session.close()
+
+    # -- file:// ----------------------------------------------------------------------------
+
+    async def _run_file(self, known, have, on_piece) -> SourceResult:
+        path = unquote(urlsplit(self.url).path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise SourceError(f"cannot open {path}: {e.strerror}") from e
+        try:
+            size = self.content_length = os.fstat(fd).st_size
+            for num, offset, length in plan(size, known):
+                if num in have:
+                    continue
+                data = os.pread(fd, length, offset)
+                if len(data) != length:
+                    raise SourceError(f"{path} changed while reading")
+                self.bytes_read += length
+                await self._emit(known, num, offset, data, on_piece)
+        finally:
+            os.close(fd)
+        return SourceResult(size)
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _check_status(self, resp: aiohttp.ClientResponse) -> None:
+        if resp.status >= 400:
+            raise SourceError(f"origin answered {resp.status} {resp.reason or ''} for {_safe(self.url)}".strip())
+
+    async def _run_http(self, session, known, have, content_length, on_piece) -> SourceResult:
+        meta = SourceResult(content_length)
+        self.content_length = content_length
+        probe = b""
+        if content_length < 0:
+            hdrs = {**self.headers, "Range": f"bytes=0-{PROBE_BYTES - 1}"}
+            async with session.get(self.url, headers=hdrs, allow_redirects=True) as resp:
+                meta.etag = resp.headers.get("ETag", "")
+                meta.content_type = resp.headers.get("Content-Type", "")
+                if resp.status == 416:
+                    total = _range_total(resp.headers.get("Content-Range", ""))
+                    if total != 0:
+                        raise SourceError(f"origin refused the range probe (416) for {_safe(self.url)}")
+                    meta.content_length = 0
+                    return meta
+                self._check_status(resp)
+                if resp.status == 200:
+                    # No range support: one stream, cut as it arrives.
+                    length = resp.content_length if resp.content_length is not None else -1
+                    self.content_length = length
+                    meta.content_length = await self._stream(resp, known, have, length, on_piece)
+                    return meta
+                if resp.status != 206:
+                    raise SourceError(f"origin answered {resp.status} to a range request")
+                total = _range_total(resp.headers.get("Content-Range", ""))
+                if total < 0:
+                    raise SourceError("origin sent 206 without a usable Content-Range")
+                probe = await resp.content.read()
+                self.bytes_read += len(probe)
+                meta.content_length = self.content_length = total
+        pieces = plan(meta.content_length, known)
+        missing = [p for p in pieces if p[0] not in have]
+        # Bytes already read by the probe belong to the pieces they cover.
+        if probe:
+            while missing and missing[0][1] + missing[0][2] <= len(probe):
+                num, offset, length = missing.pop(0)
+                await self._emit(known, num, offset, probe[offset:offset + length], on_piece)
+        jobs = groups(missing, self.connections)
+        await asyncio.gather(*(self._range(session, g, known, probe, on_piece) for g in jobs))
+        return meta
+
+    async def _range(self, session, group, known, probe: bytes, on_piece) -> None:
+        start = group[0][1]
+        end = group[-1][1] + group[-1][2]
+        prefix = b""
+        if start < len(probe):
+            prefix = probe[start:]
+        req_start = start + len(prefix)
+        hdrs = {**self.headers, "Range": f"bytes={req_start}-{end - 1}"}
+        async with session.get(self.url, headers=hdrs, allow_redirects=True) as resp:
+            self._check_status(resp)
+            if resp.status == 200:
+                # The origin stopped honouring ranges: skip to where we need to be.
+                skipped = 0
+                while skipped < req_start:
+                    chunk = await resp.content.read(min(1 << 20, req_start - skipped))
+                    if not chunk:
+                        raise SourceError("origin body ended early")
+                    skipped += len(chunk)
+                    self.bytes_read += len(chunk)
+            elif resp.status != 206:
+                raise SourceError(f"origin answered {resp.status} to a range request")
+            for i, (num, offset, length) in enumerate(group):
+                want = length - (len(prefix) if i == 0 else 0)
+                try:
+                    data = await resp.content.readexactly(want)
+                except asyncio.IncompleteReadError as e:
+                    raise SourceError(f"origin body ended early at byte {offset + len(e.partial)}") from e
+                self.bytes_read += want
+                if i == 0 and prefix:
+                    data = prefix + data
+                await self._emit(known, num, offset, data, on_piece)
+
+    async def _stream(self, resp, known, have, length: int, on_piece) -> int:
+        """Cut a whole-body stream. Returns the content length actually read."""
+        piece_length = known[0].length if 0 in known else choose_piece_length(length)
+        num = offset = 0
+        while True:
+            if length >= 0:
+                want = min(piece_length, length - offset)
+                if want <= 0:
+                    break
+                try:
+                    data = await resp.content.readexactly(want)
+                except asyncio.IncompleteReadError as e:
+                    raise SourceError(f"origin body ended early at byte {offset + len(e.partial)}") from e
+            else:
+                data = await _read_up_to(resp.content, piece_length)
+                if not data:
+                    break
+            self.bytes_read += len(data)
+            if num not in have:
+                await self._emit(known, num, offset, data, on_piece)
+            num, offset = num + 1, offset + len(data)
+        return offset
+
+    async def _emit(self, known, num, offset, data, on_piece) -> None:
+        info = PieceInfo(num, offset, len(data), digest(data))
+        prior = known.get(num)
+        if prior is not None and (prior.digest != info.digest or prior.offset != offset):
+            raise IntegrityError(f"origin content changed: piece {num} differs from the manifest")
+        await on_piece(info, data)
+
+
+async def _read_up_to(stream: aiohttp.StreamReader, n: int) -> bytes:
+    parts = []
+    got = 0
+    while got < n:
+        chunk = await stream.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+_RANGE = re.compile(r"bytes\s+(?:\d+-\d+|\*)/(\d+)")
+
+
+def _range_total(value: str) -> int:
+    m = _RANGE.match(value.strip())
+    return int(m.group(1)) if m else -1
+
+
+def _safe(url: str) -> str:
+    """The URL without its query string (which may carry credentials), for messages."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"

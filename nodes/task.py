@@ -1,0 +1,505 @@
+"""One task's download on a peer: scheduling, parents, pieces, back-to-source, output sinks.
+
+A `TaskRun` registers with the task's scheduler and then does what it is told: pull pieces
+from the parents it is given (several at once, a credit window each, chosen by the picker),
+or read the origin itself (BACK_TO_SOURCE). Every piece is verified against the manifest
+digest the scheduler relayed before it is stored, served, reported or written out.
+Clients attach `OutputSink`s; each gets every piece as it is stored and is finished (whole-file
+digest checked, renamed into place) when the task completes.
+
+Faults it handles on its own: a parent that goes silent, sends bad bytes or times out is
+dropped and blocklisted, and the scheduler is asked for others (RESCHEDULE); no progress for
+`stall_timeout_s` also asks for a reschedule; no scheduler, or none that answers within
+`schedule_timeout_s`, sends the peer to the origin. A download never fails only because the
+P2P side failed while the origin is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import zmq
+
+from dfzmq import net, wire
+from dfzmq.errors import DfzmqError, DownloadError, IntegrityError, SourceError, StorageError
+from dfzmq.service import decode_plain
+from nodes.picker import Picker
+from nodes.sink import OrderedHasher, OutputSink
+from nodes.source import SourceReader, digest
+
+if TYPE_CHECKING:
+    from nodes.daemon import Daemon, SchedulerLink
+
+log = logging.getLogger(__name__)
+
+REPORT_INTERVAL_S = 0.05
+REPORT_BATCH = 64
+
+
+class ParentLink:
+    """The direct pipe to one parent: a DEALER and the coroutine that reads it."""
+
+    def __init__(self, run: "TaskRun", info: wire.ParentInfo) -> None:
+        self.run = run
+        self.info = info
+        self.sock = net.make_socket(run.daemon.ctx, "parent_dealer", run.daemon.curve)
+        self.sock.connect(info.addr)
+        self.last_seen = time.monotonic()
+        self.reader: asyncio.Task | None = None
+
+    def send(self, msg: Any) -> None:
+        try:
+            self.sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.run.daemon.counters["parent.send-dropped"] += 1
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        self.sock.close(0)
+
+
+class TaskRun:
+    def __init__(self, daemon: "Daemon", task_id: str, url: str, headers: dict[str, str],
+                 tag: str = "", application: str = "") -> None:
+        self.daemon = daemon
+        self.cfg = daemon.cfg
+        self.task_id = task_id
+        self.url = url
+        self.headers = headers
+        self.tag = tag
+        self.application = application
+        self.peer_id = f"{daemon.host_id}/{task_id[:16]}"
+        self.log = logging.LoggerAdapter(log, {"task": task_id[:12]})
+        self.state = "pending"
+        self.manifest: dict[int, wire.PieceInfo] = {}
+        self.held = daemon.held(task_id)
+        self.content_length = -1
+        self.complete = False
+        self.file_digest = ""
+        self.piece_count = -1
+        self.picker = Picker(window_bytes=self.cfg.window_bytes)
+        self.parents: dict[str, ParentLink] = {}
+        self.blocklist: set[str] = set()
+        self.sinks: list[OutputSink] = []
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.stats = {"origin_bytes": 0, "seed_bytes": 0, "peer_bytes": 0, "cached_bytes": 0}
+        self.reports: list[wire.PieceInfo] = []
+        self.last_progress = time.monotonic()
+        self.started = time.monotonic()
+        self.scheduler: "SchedulerLink | None" = None
+        self.source_task: asyncio.Task | None = None
+        self.hasher: OrderedHasher | None = None
+        self.etag = ""
+        self.content_type = ""
+        self._bg: list[asyncio.Task] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        meta = self.daemon.store.get_task(self.task_id) or {}
+        if self.held:
+            self.manifest.update(self.held)
+            self.picker.add_manifest(list(self.held.values()))
+            for n in self.held:
+                self.picker.on_piece("", n)
+            self.stats["cached_bytes"] = sum(p.length for p in self.held.values())
+        self.content_length = meta.get("content_length", -1)
+        if meta.get("complete"):
+            self.complete = True
+            self.file_digest = meta.get("file_digest", "")
+            self.piece_count = meta.get("piece_count", -1)
+        self.etag = meta.get("etag", "")
+        self.content_type = meta.get("content_type", "")
+        self._save_meta()
+        if self._all_held():
+            await self._finish()
+            return
+        self._bg.append(asyncio.create_task(self._watchdog()))
+        await self.daemon.schedulers_known()
+        self.scheduler = self.daemon.scheduler_for(self.task_id)
+        if self.scheduler is None:
+            self.go_source("no scheduler")
+        else:
+            self.register()
+
+    def register(self) -> None:
+        """(Re-)register with the scheduler; after a scheduler restart this rebuilds its view."""
+        if self.scheduler is None or self.state in ("succeeded", "failed"):
+            return
+        self.registered_at = time.monotonic()
+        self.scheduler.send(wire.PeerRegister(
+            self.task_id, self.peer_id, self.url, self.headers, self.tag, self.application,
+            state="running" if self.held else "pending",
+            pieces=list(self.held.values()), content_length=self.content_length,
+        ))
+
+    def attach(self, sink: OutputSink) -> None:
+        """A client wants this task written to `sink`; it catches up from stored pieces."""
+        if self.content_length >= 0:
+            sink.set_length(self.content_length)
+        for num in sorted(self.held):
+            info = self.held[num]
+            data = self.daemon.store.get(info.digest)
+            if data is None:
+                raise StorageError(f"piece {num} vanished from the store")
+            sink.write(info, data)
+        self.sinks.append(sink)
+
+    async def wait(self, sink: OutputSink) -> dict:
+        try:
+            await asyncio.shield(self.done)
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            if sink in self.sinks:
+                self.sinks.remove(sink)
+        return self.result_stats()
+
+    def result_stats(self) -> dict:
+        return {
+            **self.stats,
+            "task_id": self.task_id,
+            "content_length": self.content_length,
+            "pieces": self.piece_count,
+            "elapsed_s": round(time.monotonic() - self.started, 3),
+            "state": self.state,
+        }
+
+    def _save_meta(self) -> None:
+        self.daemon.store.put_task(self.task_id, {
+            "url": self.url, "tag": self.tag, "application": self.application,
+            "content_length": self.content_length, "complete": self.complete,
+            "file_digest": self.file_digest, "piece_count": self.piece_count,
+            "etag": self.etag, "content_type": self.content_type,
+        })
+
+    def _all_held(self) -> bool:
+        return self.complete and self.piece_count >= 0 and len(self.held) >= self.piece_count
+
+    # -- scheduler messages ---------------------------------------------------------------
+
+    def on_scheduler(self, msg: Any) -> None:
+        if self.state in ("succeeded", "failed"):
+            return
+        if isinstance(msg, wire.TaskManifest):
+            self._on_manifest(msg)
+        elif isinstance(msg, wire.PeerParents):
+            self._set_parents(msg.parents)
+        elif isinstance(msg, wire.BackToSource):
+            self.go_source(msg.reason or "scheduler said so")
+        elif isinstance(msg, wire.TaskFailed):
+            self.fail(SourceError(msg.reason), report=False)
+
+    def _on_manifest(self, msg: wire.TaskManifest) -> None:
+        fresh = [p for p in msg.pieces if p.num not in self.manifest]
+        for p in fresh:
+            self.manifest[p.num] = p
+        self.picker.add_manifest(fresh)
+        if msg.content_length >= 0 and self.content_length < 0:
+            self.content_length = msg.content_length
+            for s in self.sinks:
+                s.set_length(self.content_length)
+        if msg.complete and not self.complete:
+            self.complete = True
+            self.file_digest = msg.file_digest
+            self.piece_count = msg.piece_count
+            self._save_meta()
+        if self.state == "pending":
+            self.state = "running"
+        self._pump()
+        if self._all_held():
+            self._spawn(self._finish())
+
+    def _set_parents(self, parents: list[wire.ParentInfo]) -> None:
+        if self.state == "source":
+            return
+        self.state = "running"
+        wanted = {p.peer_id: p for p in parents if p.peer_id not in self.blocklist and p.peer_id != self.peer_id}
+        for pid in list(self.parents):
+            if pid not in wanted:
+                self._drop_parent(pid, block=False)
+        for pid, info in wanted.items():
+            if pid in self.parents:
+                continue
+            link = ParentLink(self, info)
+            self.parents[pid] = link
+            self.picker.add_parent(pid, seed=info.seed)
+            link.send(wire.Subscribe(self.task_id, self.peer_id))
+            link.reader = asyncio.create_task(self._read_parent(link))
+        self.last_progress = time.monotonic()
+
+    # -- parents --------------------------------------------------------------------------
+
+    async def _read_parent(self, link: ParentLink) -> None:
+        pid = link.info.peer_id
+        try:
+            while True:
+                frames = await link.sock.recv_multipart(copy=False)
+                msg = decode_plain(frames, self.daemon.counters)
+                if msg is None:
+                    continue
+                link.last_seen = time.monotonic()
+                if isinstance(msg, wire.PieceData):
+                    self._on_piece_data(link, msg)
+                elif isinstance(msg, wire.Have):
+                    self.picker.on_have(pid, msg.nums)
+                    self._pump()
+                elif isinstance(msg, wire.PieceMissing):
+                    self.picker.on_missing(pid, msg.num)
+                    self._pump()
+        except asyncio.CancelledError:
+            raise
+        except DfzmqError as e:
+            self.fail(e)
+        except Exception as e:
+            self.log.exception("parent %s reader failed", pid)
+            self.fail(DownloadError(f"internal error: {e}"))
+
+    def _on_piece_data(self, link: ParentLink, msg: wire.PieceData) -> None:
+        pid = link.info.peer_id
+        info = self.manifest.get(msg.num)
+        if msg.num in self.held:
+            self.picker.on_piece(pid, msg.num)
+            return
+        if info is None or msg.digest != info.digest or len(msg.data) != info.length \
+                or digest(msg.data) != info.digest:
+            self.daemon.counters["parent.bad-piece"] += 1
+            self.log.warning("bad piece %d from parent %s: blocking it", msg.num, pid)
+            self.picker.on_failure(pid, msg.num)
+            self._drop_parent(pid, block=True)
+            self._reschedule(f"bad piece from {pid}")
+            return
+        self._store(info, msg.data, source="seed" if link.info.seed else "peer")
+        self.picker.on_piece(pid, msg.num)
+        self._pump()
+
+    def _pump(self) -> None:
+        if self.state != "running":
+            return
+        for pid, num in self.picker.next_requests(time.monotonic()):
+            info = self.manifest[num]
+            self.parents[pid].send(wire.PieceRequest(self.task_id, num, info.digest))
+
+    def _drop_parent(self, pid: str, block: bool) -> None:
+        link = self.parents.pop(pid, None)
+        self.picker.remove_parent(pid)
+        if block:
+            self.blocklist.add(pid)
+        if link is not None:
+            link.send(wire.Unsubscribe(self.task_id))
+            link.close()
+
+    def _reschedule(self, reason: str) -> None:
+        if self.scheduler is not None and self.scheduler.alive:
+            self.scheduler.send(wire.Reschedule(self.task_id, self.peer_id, sorted(self.blocklist), reason))
+        elif not self.parents:
+            self.go_source(f"{reason}; no scheduler")
+        self._pump()
+
+    # -- storing, reporting, finishing ----------------------------------------------------
+
+    def _store(self, info: wire.PieceInfo, data: Any, source: str) -> None:
+        self.daemon.store.put(self.task_id, info, data)
+        self.held[info.num] = info
+        self.manifest.setdefault(info.num, info)
+        self.stats[f"{source}_bytes"] += info.length
+        self.last_progress = time.monotonic()
+        for sink in list(self.sinks):
+            try:
+                sink.write(info, data)
+            except DfzmqError as e:
+                self.sinks.remove(sink)
+                self.fail(e)
+                return
+        if self.hasher is not None:
+            self.hasher.feed(info, data)
+        self.daemon.upload.on_piece(self.task_id, info.num, from_origin=(source == "origin"))
+        self.reports.append(info)
+        if len(self.reports) >= REPORT_BATCH:
+            self._flush_reports()
+        if self.state == "running" and self._all_held():
+            self._spawn(self._finish())
+
+    def _flush_reports(self) -> None:
+        if not self.reports:
+            return
+        if self.scheduler is not None and self.scheduler.alive:
+            self.scheduler.send(wire.PieceReport(
+                self.task_id, self.peer_id, self.reports, self.content_length,
+                "origin" if self.state == "source" else "p2p"))
+        self.reports = []
+
+    async def _finish(self) -> None:
+        if self.state in ("succeeded", "failed"):
+            return
+        self.state = "succeeded"
+        self._flush_reports()
+        for pid in list(self.parents):
+            self._drop_parent(pid, block=False)
+        self._save_meta()
+        errors = []
+        for sink in list(self.sinks):
+            try:
+                sink.finish(self.content_length, self.file_digest)
+            except DfzmqError as e:
+                errors.append(e)
+        self.daemon.upload.on_complete(self.task_id)
+        if self.scheduler is not None:
+            self.scheduler.send(wire.PeerDone(self.task_id, self.peer_id, self.content_length,
+                                              self.file_digest, self.piece_count))
+        self._stop_bg()
+        self.log.info("done: %d bytes in %.2fs (origin %d, seed %d, peers %d, cached %d)",
+                      self.content_length, time.monotonic() - self.started, self.stats["origin_bytes"],
+                      self.stats["seed_bytes"], self.stats["peer_bytes"], self.stats["cached_bytes"])
+        self.daemon.task_finished(self)
+        if not self.done.done():
+            if errors:
+                self.done.set_exception(errors[0])
+            else:
+                self.done.set_result(self.result_stats())
+        await asyncio.to_thread(self.daemon.store.flush)
+
+    def fail(self, err: DfzmqError, report: bool = True) -> None:
+        if self.state in ("succeeded", "failed"):
+            return
+        self.state = "failed"
+        self.log.warning("failed: %s", err)
+        for pid in list(self.parents):
+            self._drop_parent(pid, block=False)
+        for sink in self.sinks:
+            sink.abort()
+        self.sinks.clear()
+        if self.source_task is not None and self.source_task is not asyncio.current_task():
+            self.source_task.cancel()
+        if report and self.scheduler is not None:
+            code = "source" if isinstance(err, SourceError) else type(err).__name__
+            self.scheduler.send(wire.PeerFailed(self.task_id, self.peer_id, str(err), code))
+        self._stop_bg()
+        self.daemon.task_finished(self)
+        if not self.done.done():
+            self.done.set_exception(err)
+            self.done.exception()  # mark retrieved: no client may be waiting
+
+    # -- back to source -------------------------------------------------------------------
+
+    def go_source(self, reason: str) -> None:
+        if self.state in ("source", "succeeded", "failed"):
+            return
+        self.log.info("back to source: %s", reason)
+        self.state = "source"
+        for pid in list(self.parents):
+            self._drop_parent(pid, block=False)
+        self.source_task = asyncio.create_task(self._run_source())
+
+    async def _run_source(self) -> None:
+        self.hasher = OrderedHasher(["blake3"], self._read_stored)
+        for num in sorted(self.held):
+            self.hasher.feed(self.held[num])
+        known = dict(self.manifest)
+        reader = SourceReader(self.url, self.headers, self.cfg.source_connections, self.daemon.http)
+        length = self.content_length if self.complete else -1
+
+        async def on_piece(info: wire.PieceInfo, data: bytes) -> None:
+            if self.content_length < 0 and reader.content_length >= 0:
+                self.content_length = reader.content_length
+                for s in self.sinks:
+                    s.set_length(self.content_length)
+            self._store(info, data, source="origin")
+            if len(self.reports) and time.monotonic() - self.last_report >= REPORT_INTERVAL_S:
+                self._flush_reports()
+                self.last_report = time.monotonic()
+            await asyncio.sleep(0)
+
+        self.last_report = 0.0
+        try:
+            result = await reader.run(known, set(self.held), length, on_piece)
+        except asyncio.CancelledError:
+            raise
+        except DfzmqError as e:
+            self.fail(e)
+            return
+        except Exception as e:
+            self.log.exception("back-to-source failed")
+            self.fail(DownloadError(f"internal error: {e}"))
+            return
+        if self.state != "source":
+            return
+        self.content_length = result.content_length
+        self.etag, self.content_type = result.etag or self.etag, result.content_type or self.content_type
+        self.piece_count = len(self.held)
+        if self.hasher.upto != self.content_length:
+            self.fail(IntegrityError(f"origin gave {self.hasher.upto} bytes, expected {self.content_length}"))
+            return
+        self.file_digest = self.hasher.hexdigest("blake3")
+        self.complete = True
+        for s in self.sinks:
+            s.set_length(self.content_length)
+        self._flush_reports()
+        await self._finish()
+
+    def _read_stored(self, info: wire.PieceInfo) -> bytes:
+        data = self.daemon.store.get(info.digest)
+        if data is None:
+            raise StorageError(f"piece {info.num} vanished from the store")
+        return data
+
+    # -- watchdog -------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        """Heartbeats to parents, dead-parent and stall detection, report flushing."""
+        interval = self.cfg.heartbeat_interval_s
+        last_beat = 0.0
+        while self.state not in ("succeeded", "failed"):
+            await asyncio.sleep(min(REPORT_INTERVAL_S * 2, interval))
+            now = time.monotonic()
+            self._flush_reports()
+            if self.state == "pending":
+                if self.scheduler is None or not self.scheduler.alive:
+                    if now - self.started > self.cfg.schedule_timeout_s or self.scheduler is None:
+                        self.go_source("scheduler unavailable")
+                elif now - self.registered_at > self.cfg.schedule_timeout_s:
+                    self.go_source("scheduler did not answer")
+                continue
+            if self.state != "running":
+                continue
+            if now - last_beat >= interval:
+                last_beat = now
+                for link in self.parents.values():
+                    link.send(wire.Heartbeat(self.peer_id))
+            dead = [pid for pid, l in self.parents.items()
+                    if now - l.last_seen > interval * self.cfg.liveness]
+            for pid in dead:
+                self.log.info("parent %s silent: dropping it", pid)
+                self._drop_parent(pid, block=True)
+            for pid, num in self.picker.expired(now):
+                self.picker.on_failure(pid, num)
+                if self.picker.parents.get(pid) and self.picker.parents[pid].failures >= 2:
+                    self._drop_parent(pid, block=True)
+                    dead.append(pid)
+            if dead:
+                self._reschedule("parents dead or too slow")
+            elif now - self.last_progress > self.cfg.stall_timeout_s:
+                self.log.info("no progress for %.0fs: asking to be rescheduled", now - self.last_progress)
+                self.last_progress = now
+                for pid, st in list(self.picker.parents.items()):
+                    if st.outstanding:
+                        self._drop_parent(pid, block=True)
+                self._reschedule("stalled")
+            elif not self.parents and self.scheduler is not None and not self.scheduler.alive:
+                self.go_source("no parents and no scheduler")
+            self._pump()
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.create_task(coro)
+        self._bg.append(t)
+
+    def _stop_bg(self) -> None:
+        current = asyncio.current_task()
+        for t in self._bg:
+            if t is not current and not t.done():
+                t.cancel()

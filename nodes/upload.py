@@ -1,0 +1,171 @@
+"""The upload server: a ROUTER other peers' DEALERs pull pieces from (the direct pipes).
+
+Children SUBSCRIBE to a task and get HAVE messages: everything this peer holds, then each new
+piece as it is stored, so a child can stream from a parent that is itself still downloading.
+They ask for pieces by digest (PIECE_REQUEST) and get the bytes as their own frame.
+
+Pieces this peer read from the origin are revealed the way BitTorrent's super-seeding does:
+first to one subscriber (round robin), to everyone only `reveal_delay_s` later. By then the
+first child usually holds it and the others fetch it from that child, so the origin-reading
+peer uploads each piece about once and the swarm carries the rest.
+
+It never blocks on a slow child (ROUTER drops past the high-water mark; children's credit
+windows bound what is queued), and never lets a malformed frame stop the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+from dfzmq import net, wire
+from dfzmq.service import Counters, decode_routed
+from nodes.store import PieceStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Subscriber:
+    peer_id: str
+    revealed: set[int] = field(default_factory=set)
+
+
+class UploadServer:
+    def __init__(self, ctx: zmq.asyncio.Context, store: PieceStore, listen: str, advertise_host: str,
+                 held: Callable[[str], dict], counters: Counters, reveal_delay_s: float = 0.25,
+                 curve: net.Curve | None = None) -> None:
+        self.store = store
+        self.held = held  # task_id -> {num: PieceInfo} this peer holds
+        self.counters = counters
+        self.reveal_delay_s = reveal_delay_s
+        self.sock = net.make_socket(ctx, "upload_router", curve)
+        self.addr = net.advertise(net.bind(self.sock, listen), advertise_host or None)
+        self.subs: dict[str, dict[bytes, Subscriber]] = {}
+        self.rr: dict[str, int] = {}
+        self.pending: list[tuple[float, str, int]] = []  # (reveal at, task, num)
+        self.hidden: dict[str, set[int]] = {}  # task -> nums not yet revealed to all
+        self.bytes_uploaded = 0
+        self.corrupt = False  # fault switch for tests only (DFZMQ_TEST_CORRUPT_UPLOADS)
+
+    # -- notifications from the daemon ------------------------------------------------------
+
+    def on_piece(self, task_id: str, num: int, from_origin: bool) -> None:
+        subs = self.subs.get(task_id)
+        if from_origin and self.reveal_delay_s > 0:
+            self.hidden.setdefault(task_id, set()).add(num)
+            self.pending.append((time.monotonic() + self.reveal_delay_s, task_id, num))
+            if subs:
+                idents = list(subs)
+                i = self.rr.get(task_id, 0) % len(idents)
+                self.rr[task_id] = i + 1
+                self._have(task_id, idents[i], [num])
+            return
+        for ident in list(subs or ()):
+            self._have(task_id, ident, [num])
+
+    def on_complete(self, task_id: str) -> None:
+        """The task is complete here: reveal everything to everyone now."""
+        self.hidden.pop(task_id, None)
+        held = self.held(task_id)
+        for ident, sub in list(self.subs.get(task_id, {}).items()):
+            self._have(task_id, ident, [n for n in held if n not in sub.revealed], complete=True)
+
+    def _have(self, task_id: str, ident: bytes, nums: list[int], complete: bool = False) -> None:
+        sub = self.subs.get(task_id, {}).get(ident)
+        if sub is None:
+            return
+        sub.revealed.update(nums)
+        self._send(ident, wire.Have(task_id, nums, complete))
+
+    def _send(self, ident: bytes, msg, payload_copy: bool = True) -> None:
+        try:
+            self.sock.send_multipart([ident, *wire.encode(msg)], flags=zmq.NOBLOCK, copy=payload_copy)
+        except zmq.Again:
+            self.counters["upload.dropped-hwm"] += 1
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        reveal = asyncio.create_task(self._reveal_loop())
+        try:
+            while True:
+                frames = await self.sock.recv_multipart()
+                got = decode_routed(frames, self.counters)
+                if got is None:
+                    continue
+                try:
+                    self.handle(*got)
+                except Exception:  # never let one request stop the server
+                    self.counters["upload.errors"] += 1
+                    log.exception("upload request failed")
+        finally:
+            reveal.cancel()
+
+    def handle(self, ident: bytes, msg) -> None:
+        if isinstance(msg, wire.PieceRequest):
+            self._serve_piece(ident, msg)
+        elif isinstance(msg, wire.Subscribe):
+            self._subscribe(ident, msg)
+        elif isinstance(msg, wire.Heartbeat):
+            self._send(ident, wire.Heartbeat("upload"))
+        elif isinstance(msg, wire.Unsubscribe):
+            self.subs.get(msg.task_id, {}).pop(ident, None)
+        else:
+            self.counters["upload.unexpected"] += 1
+            self._send(ident, wire.Error("bad-request", f"unexpected {type(msg).__name__}"))
+
+    def _subscribe(self, ident: bytes, msg: wire.Subscribe) -> None:
+        subs = self.subs.setdefault(msg.task_id, {})
+        subs[ident] = Subscriber(msg.peer_id)
+        held = self.held(msg.task_id)
+        hidden = self.hidden.get(msg.task_id, set())
+        nums = [n for n in held if n not in hidden]
+        self._have(msg.task_id, ident, nums, complete=self._complete(msg.task_id, held))
+
+    def _complete(self, task_id: str, held: dict) -> bool:
+        meta = self.store.get_task(task_id)
+        return bool(meta and meta.get("complete") and meta.get("piece_count", -1) == len(held))
+
+    def _serve_piece(self, ident: bytes, msg: wire.PieceRequest) -> None:
+        try:
+            data = self.store.get(msg.digest)
+        except ValueError:
+            data = None
+        if data is None:
+            self.counters["upload.missing"] += 1
+            self._send(ident, wire.PieceMissing(msg.task_id, msg.num, "missing"))
+            return
+        if self.corrupt and data:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        self.bytes_uploaded += len(data)
+        self.counters["upload.pieces"] += 1
+        self._send(ident, wire.PieceData(msg.task_id, msg.num, msg.digest, data), payload_copy=False)
+
+    async def _reveal_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            if not self.pending:
+                continue
+            now = time.monotonic()
+            due: dict[str, list[int]] = {}
+            while self.pending and self.pending[0][0] <= now:
+                _, task_id, num = self.pending.pop(0)
+                hidden = self.hidden.get(task_id)
+                if hidden is not None and num in hidden:
+                    hidden.discard(num)
+                    due.setdefault(task_id, []).append(num)
+            for task_id, nums in due.items():
+                for ident, sub in list(self.subs.get(task_id, {}).items()):
+                    fresh = [n for n in nums if n not in sub.revealed]
+                    if fresh:
+                        self._have(task_id, ident, fresh)
+
+    def close(self) -> None:
+        self.sock.close(0)
