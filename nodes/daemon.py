@@ -28,6 +28,7 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
+from brokers.manager.link import MemberLink
 from dfzmq import ids, net, wire
 from dfzmq.config import DaemonConfig
 from dfzmq.errors import DfzmqError, DownloadError
@@ -210,36 +211,71 @@ class Daemon:
         link.start()
 
     async def _manager_loop(self) -> None:
-        """Ask the manager which schedulers are up; keep one link per scheduler."""
+        """Ask the manager which schedulers are up and keep one link per scheduler; a seed peer
+        also registers as a member (MemberLink: heartbeats, reconnect with backoff)."""
         addr = net.tcp(self.cfg.manager)
+        interval = self.cfg.heartbeat_interval_s
+        member = None
+        if self.cfg.seed:
+            member = MemberLink(wire.MemberInfo(self.host_id, "seed", self.upload.addr, hostname=self.hostname,
+                                                version=VERSION, idc=self.cfg.idc, location=self.cfg.location),
+                                interval, self.cfg.liveness)
         first_deadline = time.monotonic() + 2.0
-        while True:
-            sock = net.make_socket(self.ctx, "manager_dealer", self.curve)
-            sock.connect(addr)
-            try:
-                sock.send_multipart(wire.encode(wire.ListSchedulers()))
-                reply = None
-                if await sock.poll(timeout=2000):
-                    reply = decode_plain(await sock.recv_multipart(), self.counters)
-            finally:
+        sock = None
+        next_list = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if sock is None and (member is None or now >= member.retry_at):
+                    sock = net.make_socket(self.ctx, "manager_dealer", self.curve)
+                    sock.connect(addr)
+                    self._send_all(sock, member.start(now) if member else [])
+                if sock is not None:
+                    if now >= next_list:
+                        self._send_all(sock, [wire.ListSchedulers()])
+                        next_list = now + (5.0 if self._schedulers_known.is_set() else 0.5)
+                    if member is not None:
+                        self._send_all(sock, member.on_timer(now))
+                        if member.reconnect_due(now):
+                            sock.close(0)
+                            sock = None
+                            continue
+                if not self._schedulers_known.is_set() and now > first_deadline:
+                    self._schedulers_known.set()  # no manager answer: tasks go to source
+                if sock is None or not await sock.poll(timeout=100):
+                    if sock is None:
+                        await asyncio.sleep(0.1)
+                    continue
+                msg = decode_plain(await sock.recv_multipart(), self.counters)
+                if isinstance(msg, wire.SchedulerList):
+                    await self._update_links(msg)
+                elif msg is not None and member is not None:
+                    self._send_all(sock, member.on_message(msg, time.monotonic()))
+        finally:
+            if sock is not None:
                 sock.close(0)
-            if isinstance(reply, wire.SchedulerList):
-                current = {m.member_id: m.addr for m in reply.schedulers if m.state == "up"}
-                for mid in list(self.links):
-                    if mid not in current:
-                        self.links.pop(mid).close()
-                for mid, maddr in current.items():
-                    if mid not in self.links or self.links[mid].addr != maddr:
-                        if mid in self.links:
-                            self.links.pop(mid).close()
-                        self._add_link(mid, maddr)
-                if current:
-                    # Give the new links a moment to be acknowledged before tasks pick one.
-                    await self._wait_alive(1.0)
-                self._schedulers_known.set()
-            elif time.monotonic() > first_deadline:
-                self._schedulers_known.set()
-            await asyncio.sleep(5.0 if self._schedulers_known.is_set() else 0.2)
+
+    def _send_all(self, sock, msgs: list) -> None:
+        for m in msgs:
+            try:
+                sock.send_multipart(wire.encode(m), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.counters["manager.send-dropped"] += 1
+
+    async def _update_links(self, reply: wire.SchedulerList) -> None:
+        current = {m.member_id: m.addr for m in reply.schedulers if m.state == "up"}
+        for mid in list(self.links):
+            if mid not in current:
+                self.links.pop(mid).close()
+        for mid, maddr in current.items():
+            if mid not in self.links or self.links[mid].addr != maddr:
+                if mid in self.links:
+                    self.links.pop(mid).close()
+                self._add_link(mid, maddr)
+        if current and not self._schedulers_known.is_set():
+            # Give new links a moment to be acknowledged before the first tasks pick one.
+            await self._wait_alive(1.0)
+        self._schedulers_known.set()
 
     async def _wait_alive(self, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s

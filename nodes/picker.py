@@ -139,6 +139,8 @@ class Picker:
         return [n for n in self.manifest if n not in self.have]
 
     def next_requests(self, now: float) -> list[tuple[str, int]]:
+        if not any(self._budget(st) > 0 for st in self.parents.values()):
+            return []
         wanted = [n for n in self.manifest if n not in self.have and n not in self.requested]
         wanted.sort(key=lambda n: (self.counts.get(n, 0), self._tiebreak[n]))
         out: list[tuple[str, int]] = []
@@ -179,6 +181,10 @@ class Picker:
         return out
 
     def _budget(self, st: ParentState) -> int:
+        if st.seed:
+            # A seed's upload is the swarm's scarcest resource: each child keeps only a couple
+            # of requests there, so the seed spreads distinct pieces that children then trade.
+            return 1 if len(st.outstanding) < self.min_window else 0
         used = st.outstanding_bytes(self.manifest)
         if len(st.outstanding) < self.min_window:
             return max(self.window_bytes - used, 1)

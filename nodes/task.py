@@ -96,6 +96,7 @@ class TaskRun:
         self.etag = ""
         self.content_type = ""
         self._bg: list[asyncio.Task] = []
+        self._pump_due = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -279,6 +280,13 @@ class TaskRun:
         self._pump()
 
     def _pump(self) -> None:
+        """Fill the parents' windows, once per loop turn however many messages asked for it."""
+        if not self._pump_due:
+            self._pump_due = True
+            asyncio.get_running_loop().call_soon(self._pump_now)
+
+    def _pump_now(self) -> None:
+        self._pump_due = False
         if self.state != "running":
             return
         for pid, num in self.picker.next_requests(time.monotonic()):

@@ -12,7 +12,9 @@ sees them. `time.monotonic()` is the only clock; the loop never sleeps longer th
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import socket
 import time
 from typing import Any, Callable
 
@@ -20,7 +22,6 @@ import zmq
 
 from brokers.manager.link import MemberLink
 from brokers.scheduler.core import SchedulerCore
-from dfzmq import __version__ as _version
 from dfzmq import net, wire
 from dfzmq.config import SchedulerConfig
 from dfzmq.ids import new_id
@@ -36,119 +37,137 @@ def serve(cfg: SchedulerConfig, ctx: zmq.Context, stop: StopFlag,
           on_ready: Callable[[dict], None] | None = None,
           scheduler_id: str | None = None) -> None:
     """Run a scheduler until `stop` is set. Raises ConfigError when it cannot listen."""
-    sid = scheduler_id or new_id("scheduler")
-    counters = Counters()
-    core = SchedulerCore(sid, cfg.heartbeat_interval_s, cfg.liveness,
-                         max_parents=cfg.max_parents, candidate_parents=cfg.candidate_parents,
-                         counters=counters)
-    router = net.make_socket(ctx, "scheduler_router")
-    pub = net.make_socket(ctx, "events_pub")
-    manager: zmq.Socket | None = None
+    sched = _Scheduler(cfg, ctx, scheduler_id or new_id("scheduler"))
     try:
-        bound = net.bind(router, cfg.listen)
-        pub_bound = net.bind(pub, net.with_port_offset(net.tcp(cfg.listen), 1))
-        host = cfg.advertise or None
-        router_addr, pub_addr = net.advertise(bound, host), net.advertise(pub_bound, host)
-        link = None
-        if cfg.manager:
-            link = MemberLink(
-                wire.MemberInfo(member_id=sid, role="scheduler", addr=router_addr,
-                                events_addr=pub_addr, hostname=_hostname(),
-                                version=_version),
-                cfg.heartbeat_interval_s, cfg.liveness)
+        addrs = sched.bind()
         log.info("scheduler %s serving peers at %s, events at %s, manager %s",
-                 sid, router_addr, pub_addr, cfg.manager or "(none)")
+                 sched.core.scheduler_id, addrs["router"], addrs["pub"],
+                 cfg.manager or "(none)")
         if on_ready is not None:
-            on_ready({"router": router_addr, "pub": pub_addr, "scheduler_id": sid})
-        manager = _loop(cfg, ctx, stop, core, link, router, pub, counters)
+            on_ready(addrs)
+        sched.run(stop)
     finally:
-        for sock in (router, pub, manager):
-            if sock is not None:
-                sock.close(linger=0)
-        log.info("scheduler %s stopped", sid)
+        sched.close()
+        log.info("scheduler %s stopped", sched.core.scheduler_id)
 
 
-def _loop(cfg: SchedulerConfig, ctx: zmq.Context, stop: StopFlag, core: SchedulerCore,
-          link: MemberLink | None, router: zmq.Socket, pub: zmq.Socket,
-          counters: Counters) -> zmq.Socket | None:
-    """The poll loop; returns the manager socket it holds at the end (for closing)."""
-    poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
-    manager: zmq.Socket | None = None
-    try:
+class _Scheduler:
+    """The sockets, the core and the manager link of one running scheduler."""
+
+    def __init__(self, cfg: SchedulerConfig, ctx: zmq.Context, scheduler_id: str) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.counters = Counters()
+        self.core = SchedulerCore(scheduler_id, cfg.heartbeat_interval_s, cfg.liveness,
+                                  max_parents=cfg.max_parents,
+                                  candidate_parents=cfg.candidate_parents,
+                                  counters=self.counters)
+        self.poller = zmq.Poller()
+        self.router = net.make_socket(ctx, "scheduler_router")
+        self.pub = net.make_socket(ctx, "events_pub")
+        self.manager: zmq.Socket | None = None
+        self.link: MemberLink | None = None
+
+    def bind(self) -> dict[str, str]:
+        bound = net.bind(self.router, self.cfg.listen)
+        pub_bound = net.bind(self.pub, net.with_port_offset(net.tcp(self.cfg.listen), 1))
+        host = self.cfg.advertise or None
+        addrs = {"router": net.advertise(bound, host), "pub": net.advertise(pub_bound, host),
+                 "scheduler_id": self.core.scheduler_id}
+        self.poller.register(self.router, zmq.POLLIN)
+        if self.cfg.manager:
+            member = wire.MemberInfo(member_id=self.core.scheduler_id, role="scheduler",
+                                     addr=addrs["router"], events_addr=addrs["pub"],
+                                     hostname=socket.gethostname(), version=_version())
+            self.link = MemberLink(member, self.cfg.heartbeat_interval_s, self.cfg.liveness)
+        return addrs
+
+    def run(self, stop: StopFlag) -> None:
         while not stop:
             now = time.monotonic()
-            if link is not None:
-                if link.reconnect_due(now) and manager is not None:
-                    poller.unregister(manager)
-                    manager.close(linger=0)
-                    manager = None
-                if manager is None and now >= link.retry_at:
-                    manager = net.make_socket(ctx, "manager_dealer")
-                    manager.connect(net.tcp(cfg.manager))
-                    poller.register(manager, zmq.POLLIN)
-                    _send_manager(manager, link.start(now), counters)
-                if manager is not None:
-                    _send_manager(manager, link.on_timer(now), counters)
-            if now >= core.next_deadline():
-                dispatch(core.handle_timer(now), router, pub, counters)
-            deadline = core.next_deadline()
-            if link is not None:
-                deadline = min(deadline, link.next_deadline())
-            timeout_ms = int(min(MAX_POLL_MS, max(0.0, (deadline - time.monotonic()) * 1000)))
-            events = dict(poller.poll(timeout_ms))
-            if router in events:
-                _drain_router(router, pub, core, counters)
-            if manager is not None and manager in events and link is not None:
-                for _ in range(BATCH):
-                    try:
-                        frames = manager.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    msg = decode_plain(frames, counters)
-                    if msg is not None:
-                        _send_manager(manager, link.on_message(msg, time.monotonic()),
-                                      counters)
-    except BaseException:
-        if manager is not None:
-            manager.close(linger=0)
-        raise
-    return manager
+            self._tend_manager(now)
+            if now >= self.core.next_deadline():
+                dispatch(self.core.handle_timer(now), self.router, self.pub, self.counters)
+            deadline = self.core.next_deadline()
+            if self.link is not None:
+                deadline = min(deadline, self.link.next_deadline())
+            wait_ms = (deadline - time.monotonic()) * 1000
+            events = dict(self.poller.poll(int(min(MAX_POLL_MS, max(0.0, wait_ms)) + 1)))
+            if self.router in events:
+                self._drain_router()
+            if self.manager is not None and self.manager in events:
+                self._drain_manager()
 
-
-def _drain_router(router: zmq.Socket, pub: zmq.Socket, core: SchedulerCore,
-                  counters: Counters) -> None:
-    for _ in range(BATCH):
-        try:
-            frames = router.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
+    def _tend_manager(self, now: float) -> None:
+        """Paranoid Pirate towards the manager: heartbeat, and a fresh socket when it is silent."""
+        link = self.link
+        if link is None:
             return
-        decoded = decode_routed(frames, counters)
-        if decoded is None:
-            continue
-        ident, msg = decoded
-        try:
-            actions = core.handle(ident, msg, time.monotonic())
-        except Exception:
-            # The core answers bad requests itself; an exception here is our bug. One peer's
-            # message must not take the scheduler (and every download) down with it.
-            counters["internal-error"] += 1
-            log.exception("scheduler core failed on %s", type(msg).__name__)
-            continue
-        dispatch(actions, router, pub, counters)
+        if link.reconnect_due(now) and self.manager is not None:
+            self.poller.unregister(self.manager)
+            self.manager.close(linger=0)
+            self.manager = None
+        if self.manager is None and now >= link.retry_at:
+            self.manager = net.make_socket(self.ctx, "manager_dealer")
+            self.manager.connect(net.tcp(self.cfg.manager))
+            self.poller.register(self.manager, zmq.POLLIN)
+            self._send_manager(link.start(now))
+        if self.manager is not None:
+            self._send_manager(link.on_timer(now))
+
+    def _drain_router(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            decoded = decode_routed(frames, self.counters)
+            if decoded is None:
+                continue
+            ident, msg = decoded
+            try:
+                actions = self.core.handle(ident, msg, time.monotonic())
+            except Exception:
+                # The core answers bad requests itself; an exception here is our bug. One
+                # peer's message must not take the scheduler (and every download) down.
+                self.counters["internal-error"] += 1
+                log.exception("scheduler core failed on %s", type(msg).__name__)
+                continue
+            dispatch(actions, self.router, self.pub, self.counters)
+
+    def _drain_manager(self) -> None:
+        assert self.manager is not None and self.link is not None
+        for _ in range(BATCH):
+            try:
+                frames = self.manager.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            msg = decode_plain(frames, self.counters)
+            if msg is not None:
+                self._send_manager(self.link.on_message(msg, time.monotonic()))
+
+    def _send_manager(self, msgs: list[Any]) -> None:
+        assert self.manager is not None
+        for msg in msgs:
+            try:
+                self.manager.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
+                self.counters["sent.manager." + type(msg).KIND.decode()] += 1
+            except zmq.Again:
+                # Not connected yet, or the pipe is full: the link repeats itself on its timer.
+                self.counters["dropped.manager"] += 1
+
+    def close(self) -> None:
+        if self.link is not None and self.manager is not None and self.link.registered:
+            # A goodbye spares the manager a liveness timeout; a short linger lets it leave.
+            self._send_manager(self.link.leave())
+            self.manager.close(linger=200)
+            self.manager = None
+        for sock in (self.router, self.pub, self.manager):
+            if sock is not None:
+                sock.close(linger=0)
 
 
-def _send_manager(sock: zmq.Socket, msgs: list[Any], counters: Counters) -> None:
-    for msg in msgs:
-        try:
-            sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
-            counters["sent.manager." + type(msg).KIND.decode()] += 1
-        except zmq.Again:
-            # Nobody connected yet (or the pipe is full): the link re-sends on its timer.
-            counters["dropped.manager"] += 1
-
-
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dfzmq")
+    except importlib.metadata.PackageNotFoundError:
+        return ""

@@ -1,0 +1,228 @@
+"""A local dfzmq cluster of real processes, for tests, the demo and the benchmarks.
+
+`LocalCluster` starts a manager, schedulers, seed peers and peer daemons as separate
+`python -m dfzmq ...` processes on loopback, each with its own data directory, waits until each
+is really serving (not a sleep: it asks them), and stops every process it started, also on
+failure. It talks to services only through their public sockets and the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from dfzmq import net, wire
+
+
+def free_port() -> int:
+    """A port that was free a moment ago, with the next one free too (services use PORT+1)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65000:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+def request(addr: str, msg, timeout_s: float = 2.0):
+    """One request/reply over a fresh DEALER; None on timeout."""
+    ctx = zmq.Context()
+    sock = net.make_socket(ctx, "control_dealer")
+    try:
+        sock.connect(addr)
+        sock.send_multipart(wire.encode(msg))
+        if sock.poll(int(timeout_s * 1000)):
+            return wire.decode(sock.recv_multipart())
+        return None
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    log: Path
+    popen: subprocess.Popen | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def start(self, env: dict[str, str]) -> None:
+        out = open(self.log, "ab")
+        self.popen = subprocess.Popen([sys.executable, "-m", "dfzmq", *self.args], stdout=out,
+                                      stderr=subprocess.STDOUT, env={**env, **self.extra_env},
+                                      start_new_session=True)
+        out.close()
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if not self.alive():
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+class LocalCluster:
+    def __init__(self, root: Path, peers: int = 2, seeds: int = 1, schedulers: int = 1,
+                 interval_s: float = 0.5, log_level: str = "info", extra_daemon_args: list[str] | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.interval_s = interval_s
+        self.log_level = log_level
+        self.manager_port = free_port()
+        self.manager_addr = f"127.0.0.1:{self.manager_port}"
+        self.procs: dict[str, Proc] = {}
+        cfg = self.root / "cluster.toml"
+        cfg.write_text(
+            f"heartbeat_interval_s = {interval_s}\n"
+            "[daemon]\nschedule_timeout_s = 5.0\nstall_timeout_s = 8.0\n"
+        )
+        self.config = cfg
+        self._add("manager", ["manager", "--listen", self.manager_addr, "--data", str(self.root / "manager")])
+        self.scheduler_addrs = []
+        for i in range(schedulers):
+            port = free_port()
+            self.scheduler_addrs.append(f"127.0.0.1:{port}")
+            self._add(f"scheduler{i}", ["scheduler", "--manager", self.manager_addr, "--listen", f"127.0.0.1:{port}"])
+        self.seeds = [f"seed{i}" for i in range(seeds)]
+        self.peers = [f"peer{i}" for i in range(1, peers + 1)]
+        for name in self.seeds + self.peers:
+            args = ["daemon", "--manager", self.manager_addr, "--data", str(self.root / name),
+                    "--listen", "127.0.0.1:0", *(extra_daemon_args or [])]
+            if name.startswith("seed"):
+                args.append("--seed")
+            self._add(name, args)
+
+    def _add(self, name: str, args: list[str]) -> None:
+        self.procs[name] = Proc(name, [*args, "--config", str(self.config), "--log-level", self.log_level],
+                                self.root / f"{name}.log")
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+        env.pop("DFZMQ_DAEMON", None)
+        env.pop("DFZMQ_MANAGER", None)
+        return env
+
+    def control(self, name: str) -> str:
+        return f"ipc://{self.root / name}/control.sock"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 20.0) -> "LocalCluster":
+        env = self.env()
+        try:
+            for p in self.procs.values():
+                p.start(env)
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float = 20.0, names: list[str] | None = None) -> None:
+        deadline = time.monotonic() + timeout_s
+        want_scheds = sum(1 for n in self.procs if n.startswith("scheduler") and self.procs[n].alive())
+        while True:
+            for p in self.procs.values():
+                if p.popen is not None and p.popen.poll() is not None:
+                    raise RuntimeError(f"{p.name} exited ({p.popen.returncode}); log:\n{self.tail(p.name)}")
+            reply = request(f"tcp://{self.manager_addr}", wire.ListSchedulers(), 0.5)
+            ok = isinstance(reply, wire.SchedulerList) and len(reply.schedulers) >= want_scheds
+            for name in names or (self.seeds + self.peers):
+                if not ok:
+                    break
+                st = self.stat(name, 0.5)
+                ok = st is not None and want_scheds > 0 and sum(st["schedulers"].values()) >= want_scheds
+            if ok:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("cluster not ready; " + "; ".join(
+                    f"{n}: {self.tail(n, 3)}" for n in self.procs))
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.stop()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def restart(self, name: str, timeout_s: float = 20.0) -> None:
+        self.procs[name].stop()
+        self.procs[name].start(self.env())
+        if name in self.seeds + self.peers:
+            self.wait_ready(timeout_s, [name])
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.procs[name].log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    # -- clients ----------------------------------------------------------------------------
+
+    def stat(self, name: str, timeout_s: float = 2.0) -> dict | None:
+        reply = request(self.control(name), wire.StatRequest(), timeout_s)
+        return reply.info if isinstance(reply, wire.StatReply) else None
+
+    def fetch_cmd(self, name: str, url: str, output: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "dfzmq", "fetch", url, "-O", str(output), "--daemon",
+                self.control(name), "--quiet", *extra]
+
+    def fetch(self, name: str, url: str, output: Path, *extra: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(self.fetch_cmd(name, url, output, *extra), env=self.env(), capture_output=True,
+                              text=True, timeout=timeout_s)
+
+    def fetch_all(self, names: list[str], url: str, outdir: Path, timeout_s: float = 180) -> dict[str, dict]:
+        """Fetch on several daemons at once through their control sockets; per daemon, the stats
+        (or {"error": ...}) and the wall time."""
+        import threading
+
+        from dfzmq.cli import fetch_via_daemon
+
+        results: dict[str, dict] = {}
+
+        def one(name: str) -> None:
+            req = wire.Download(f"req-{name}", url, str(outdir / f"{name}.out"))
+            t0 = time.monotonic()
+            try:
+                stats = fetch_via_daemon(self.control(name), req, lambda d, t: None)
+                results[name] = {**stats, "wall_s": time.monotonic() - t0}
+            except Exception as e:  # reported to the caller, which asserts
+                results[name] = {"error": str(e), "wall_s": time.monotonic() - t0}
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout_s)
+        return results
