@@ -400,6 +400,15 @@ def test_reannounced_succeeded_peer_serves_new_peers_after_restart():
     assert seed.take() == [] and net.core.counters["back-to-source"] == 0
 
 
+def test_reannounced_succeeded_peer_without_manifest_does_not_complete_the_task():
+    net = FakeNet()
+    a, b = net.host("a"), net.host("b")
+    a.register(state="succeeded", content_length=400)
+    assert not net.core.tasks[TASK].complete
+    b.register()
+    assert b.take(wire.TaskManifest) == [] and b.parents() == [a.peer()]
+
+
 def test_reannounced_running_peer_restores_the_manifest():
     net = FakeNet()
     a, b = net.host("a"), net.host("b")

@@ -371,7 +371,8 @@ class SchedulerCore:
         """A peer re-announces a task it holds whole (typically after a scheduler restart)."""
         task.failed_reason = None  # someone has the content, whatever the origin says now
         self._transition(peer, _E.SUCCEED)
-        if not task.complete:
+        # A claim of "everything" with no manifest cannot complete the task for others.
+        if not task.complete and (msg.pieces or msg.content_length == 0):
             for p in msg.pieces:
                 task.manifest.setdefault(p.num, p)
             task.complete = True
