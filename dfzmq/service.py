@@ -8,38 +8,18 @@ Malformed frames never reach a core: `decode_routed` counts and drops them.
 
 from __future__ import annotations
 
-import collections
 import logging
 import signal
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from dfzmq import wire
+from dfzmq.actions import Counters, Publish, Send  # noqa: F401  (re-exported)
 from dfzmq.errors import LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send `msg` to the ROUTER peer with identity `to`."""
-
-    to: bytes
-    msg: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Publish:
-    """Publish `msg` on the service's PUB socket."""
-
-    msg: Any
-
-
-class Counters(collections.Counter):
-    """Named event counts (`dropped.bad-frame`, `sent.HAVE`, ...), reported by STAT_REQUEST."""
 
 
 def decode_routed(frames: list[Any], counters: Counters) -> tuple[bytes, Any] | None:
@@ -71,7 +51,9 @@ def send_routed(sock: zmq.Socket, to: bytes, msg: Any, counters: Counters) -> No
     except zmq.Again:
         counters["dropped.hwm"] += 1
     except LocalProtocolError:
-        raise
+        # A message our own core built but cannot encode: a bug, but never a reason to stop.
+        counters["error.encode"] += 1
+        log.exception("cannot encode %s", type(msg).__name__)
 
 
 def dispatch(actions: list[Send | Publish], router: zmq.Socket, pub: zmq.Socket | None,

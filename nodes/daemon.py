@@ -118,7 +118,10 @@ class SchedulerLink:
             if not self.alive:
                 self.send(d.host_announce())
         elif isinstance(msg, wire.Error):
-            if msg.code == "unknown-host":
+            if msg.code == "unknown-task" and msg.ref in d.tasks:
+                # The scheduler forgot this peer (restart, expiry): register it again.
+                d.tasks[msg.ref].register()
+            elif msg.code == "unknown-host":
                 # The scheduler restarted or forgot us: introduce ourselves again.
                 self.alive = False
                 self.send(d.host_announce())

@@ -9,7 +9,7 @@ import pytest
 from brokers.manager.core import ManagerCore, Persist
 from brokers.manager.link import MAX_BACKOFF_S, MemberLink
 from dfzmq import wire
-from dfzmq.service import Publish, Send
+from dfzmq.actions import Publish, Send
 
 IVL = 0.1
 LIVE = 3

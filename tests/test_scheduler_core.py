@@ -14,7 +14,7 @@ import pytest
 from brokers.scheduler import scoring
 from brokers.scheduler.core import PeerState, SchedulerCore
 from dfzmq import wire
-from dfzmq.service import Publish, Send
+from dfzmq.actions import Publish, Send
 
 INTERVAL_S = 1.0
 LIVENESS = 3

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dfzmq import wire
-from dfzmq.service import Publish, Send
+from dfzmq.actions import Publish, Send
 
 log = logging.getLogger(__name__)
 

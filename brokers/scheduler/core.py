@@ -4,8 +4,6 @@ Sans-IO, as h11 and aioquic: `SchedulerCore.handle(sender, msg, now)` and `handl
 return `Send` / `Publish` actions, `next_deadline()` says when to call the timer again.
 This module must never import zmq, lmdb, asyncio or a clock, and must never raise on remote
 input: a request that does not fit the model is counted and answered with `wire.Error`.
-(It imports `Send`/`Publish` from `dfzmq.service`, which pulls in pyzmq as a module but
-never uses it here.)
 
 Model, all in memory and rebuilt from peer announcements after a restart:
 - hosts: one per daemon, addressed by the ROUTER identity of its DEALER (several peers of
@@ -42,7 +40,7 @@ from typing import Any
 from brokers.scheduler import scoring
 from dfzmq import wire
 from dfzmq.ids import rendezvous, short
-from dfzmq.service import Publish, Send
+from dfzmq.actions import Publish, Send
 
 log = logging.getLogger(__name__)
 
