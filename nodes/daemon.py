@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -153,6 +154,9 @@ class Daemon:
         self._schedulers_known = asyncio.Event()
         self._bg: list[asyncio.Task] = []
         self.ctx: zmq.asyncio.Context | None = None
+        # One thread does every piece store, output write and whole-file hash, in order, so the
+        # event loop keeps receiving while bytes are copied (both release the GIL).
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfzmq-writer")
         self.started = time.monotonic()
 
     # -- start and stop -------------------------------------------------------------------
@@ -199,6 +203,7 @@ class Daemon:
         await self.http.close()
         self.upload.close()
         self.control.close(0)
+        self.writer.shutdown(wait=True)
         self.store.close()
         self.ctx.term()
 
@@ -369,7 +374,7 @@ class Daemon:
         sink = OutputSink(output, digest)
         run, new = self.require_task(tid, url, headers, tag, application)
         try:
-            run.attach(sink)
+            await run.attach(sink)
         except DfzmqError:
             sink.abort()
             raise

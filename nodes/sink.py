@@ -105,6 +105,7 @@ class OutputSink:
         self.written: set[int] = set()
         self.bytes = 0
         self.closed = False
+        self.error: Exception | None = None  # set when finishing failed
 
     def _read_back(self, info: PieceInfo) -> bytes:
         return os.pread(self.fd, info.length, info.offset)

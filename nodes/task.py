@@ -97,6 +97,7 @@ class TaskRun:
         self.content_type = ""
         self._bg: list[asyncio.Task] = []
         self._pump_due = False
+        self.writing: set[int] = set()  # pieces in the writer thread right now
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -138,12 +139,17 @@ class TaskRun:
             pieces=list(self.held.values()), content_length=self.content_length,
         ))
 
-    def attach(self, sink: OutputSink) -> None:
-        """A client wants this task written to `sink`; it catches up from stored pieces."""
+    async def attach(self, sink: OutputSink) -> None:
+        """A client wants this task written to `sink`; it catches up from stored pieces.
+
+        Runs in the writer thread, like every piece write, so no piece can slip between the
+        catch-up and the sink joining the list."""
+        await self._in_writer(self._catch_up, sink)
+
+    def _catch_up(self, sink: OutputSink) -> None:
         if self.content_length >= 0:
             sink.set_length(self.content_length)
-        for num in sorted(self.held):
-            info = self.held[num]
+        for num, info in sorted(self.daemon.store.manifest(self.task_id).items()):
             data = self.daemon.store.get(info.digest)
             if data is None:
                 raise StorageError(f"piece {num} vanished from the store")
@@ -154,12 +160,26 @@ class TaskRun:
         try:
             await asyncio.shield(self.done)
         except BaseException:
-            sink.abort()
+            await self._in_writer(self._detach, sink, True)
             raise
-        finally:
-            if sink in self.sinks:
-                self.sinks.remove(sink)
+        await self._in_writer(self._detach, sink, False)
         return self.result_stats()
+
+    def _detach(self, sink: OutputSink, abort: bool) -> None:
+        """Writer thread: the client is done with `sink`. A sink that joined after the finish
+        pass is finished here; a sink whose finish failed raises its own error."""
+        if sink in self.sinks:
+            self.sinks.remove(sink)
+        if abort:
+            sink.abort()
+        elif sink.error is not None:
+            raise sink.error
+        elif not sink.closed:
+            sink.finish(self.content_length, self.file_digest)
+
+    def _in_writer(self, fn, *args):
+        """Run `fn` in the daemon's single writer thread (piece stores, output writes, hashing)."""
+        return asyncio.get_running_loop().run_in_executor(self.daemon.writer, fn, *args)
 
     def result_stats(self) -> dict:
         return {
@@ -203,8 +223,7 @@ class TaskRun:
         self.picker.add_manifest(fresh)
         if msg.content_length >= 0 and self.content_length < 0:
             self.content_length = msg.content_length
-            for s in self.sinks:
-                s.set_length(self.content_length)
+            self.daemon.writer.submit(self._set_length)
         if msg.complete and not self.complete:
             self.complete = True
             self.file_digest = msg.file_digest
@@ -264,20 +283,22 @@ class TaskRun:
     def _on_piece_data(self, link: ParentLink, msg: wire.PieceData) -> None:
         pid = link.info.peer_id
         info = self.manifest.get(msg.num)
-        if msg.num in self.held:
-            self.picker.on_piece(pid, msg.num)
+        if msg.num in self.held or msg.num in self.writing:
+            return  # an endgame duplicate; the first copy wins
+        if info is None or msg.digest != info.digest or len(msg.data) != info.length:
+            self._bad_piece(pid, msg.num)
             return
-        if info is None or msg.digest != info.digest or len(msg.data) != info.length \
-                or digest(msg.data) != info.digest:
-            self.daemon.counters["parent.bad-piece"] += 1
-            self.log.warning("bad piece %d from parent %s: blocking it", msg.num, pid)
-            self.picker.on_failure(pid, msg.num)
-            self._drop_parent(pid, block=True)
-            self._reschedule(f"bad piece from {pid}")
-            return
-        self._store(info, msg.data, source="seed" if link.info.seed else "peer")
-        self.picker.on_piece(pid, msg.num)
-        self._pump()
+        source = "seed" if link.info.seed else "peer"
+        self.writing.add(msg.num)
+        fut = self._in_writer(self._write, info, msg.data, True)
+        fut.add_done_callback(lambda f: self._written(f, info, source, pid))
+
+    def _bad_piece(self, pid: str, num: int) -> None:
+        self.daemon.counters["parent.bad-piece"] += 1
+        self.log.warning("bad piece %d from parent %s: blocking it", num, pid)
+        self.picker.on_failure(pid, num)
+        self._drop_parent(pid, block=True)
+        self._reschedule(f"bad piece from {pid}")
 
     def _pump(self) -> None:
         """Fill the parents' windows, once per loop turn however many messages asked for it."""
@@ -311,21 +332,39 @@ class TaskRun:
 
     # -- storing, reporting, finishing ----------------------------------------------------
 
-    def _store(self, info: wire.PieceInfo, data: Any, source: str) -> None:
+    def _write(self, info: wire.PieceInfo, data: Any, verify: bool) -> bool:
+        """Writer thread: verify, store, write to every sink. False if the bytes are bad."""
+        if verify and digest(data) != info.digest:
+            return False
         self.daemon.store.put(self.task_id, info, data)
+        for sink in list(self.sinks):
+            sink.write(info, data)
+        if self.hasher is not None:
+            self.hasher.feed(info, data)
+        return True
+
+    def _written(self, fut: asyncio.Future, info: wire.PieceInfo, source: str, pid: str) -> None:
+        """Back on the loop after a piece from a parent went through the writer."""
+        self.writing.discard(info.num)
+        if self.state in ("succeeded", "failed"):
+            return
+        err = fut.exception()
+        if err is not None:
+            self.fail(err if isinstance(err, DfzmqError) else DownloadError(f"internal error: {err}"))
+            return
+        if not fut.result():
+            self._bad_piece(pid, info.num)
+            return
+        self._stored(info, source)
+        self.picker.on_piece(pid, info.num)
+        self._pump()
+
+    def _stored(self, info: wire.PieceInfo, source: str) -> None:
+        """A piece is in the store and every sink: account for it, announce it, report it."""
         self.held[info.num] = info
         self.manifest.setdefault(info.num, info)
         self.stats[f"{source}_bytes"] += info.length
         self.last_progress = time.monotonic()
-        for sink in list(self.sinks):
-            try:
-                sink.write(info, data)
-            except DfzmqError as e:
-                self.sinks.remove(sink)
-                self.fail(e)
-                return
-        if self.hasher is not None:
-            self.hasher.feed(info, data)
         self.daemon.upload.on_piece(self.task_id, info.num, from_origin=(source == "origin"))
         self.reports.append(info)
         if len(self.reports) >= REPORT_BATCH:
@@ -350,12 +389,7 @@ class TaskRun:
         for pid in list(self.parents):
             self._drop_parent(pid, block=False)
         self._save_meta()
-        errors = []
-        for sink in list(self.sinks):
-            try:
-                sink.finish(self.content_length, self.file_digest)
-            except DfzmqError as e:
-                errors.append(e)
+        await self._in_writer(self._finish_sinks)
         self.daemon.upload.on_complete(self.task_id)
         if self.scheduler is not None:
             self.scheduler.send(wire.PeerDone(self.task_id, self.peer_id, self.content_length,
@@ -366,11 +400,20 @@ class TaskRun:
                       self.stats["seed_bytes"], self.stats["peer_bytes"], self.stats["cached_bytes"])
         self.daemon.task_finished(self)
         if not self.done.done():
-            if errors:
-                self.done.set_exception(errors[0])
-            else:
-                self.done.set_result(self.result_stats())
+            self.done.set_result(self.result_stats())
         await asyncio.to_thread(self.daemon.store.flush)
+
+    def _finish_sinks(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.finish(self.content_length, self.file_digest)
+            except DfzmqError as e:
+                sink.error = e  # that client's output failed; the task itself succeeded
+
+    def _abort_sinks(self) -> None:
+        for sink in self.sinks:
+            sink.abort()
+        self.sinks.clear()
 
     def fail(self, err: DfzmqError, report: bool = True) -> None:
         if self.state in ("succeeded", "failed"):
@@ -379,9 +422,7 @@ class TaskRun:
         self.log.warning("failed: %s", err)
         for pid in list(self.parents):
             self._drop_parent(pid, block=False)
-        for sink in self.sinks:
-            sink.abort()
-        self.sinks.clear()
+        self.daemon.writer.submit(self._abort_sinks)
         if self.source_task is not None and self.source_task is not asyncio.current_task():
             self.source_task.cancel()
         if report and self.scheduler is not None:
@@ -415,9 +456,11 @@ class TaskRun:
         async def on_piece(info: wire.PieceInfo, data: bytes) -> None:
             if self.content_length < 0 and reader.content_length >= 0:
                 self.content_length = reader.content_length
-                for s in self.sinks:
-                    s.set_length(self.content_length)
-            self._store(info, data, source="origin")
+                await self._in_writer(self._set_length)
+            await self._in_writer(self._write, info, data, False)
+            if self.state != "source":
+                return
+            self._stored(info, "origin")
             if len(self.reports) and time.monotonic() - self.last_report >= REPORT_INTERVAL_S:
                 self._flush_reports()
                 self.last_report = time.monotonic()
@@ -445,10 +488,13 @@ class TaskRun:
             return
         self.file_digest = self.hasher.hexdigest("blake3")
         self.complete = True
-        for s in self.sinks:
-            s.set_length(self.content_length)
+        await self._in_writer(self._set_length)
         self._flush_reports()
         await self._finish()
+
+    def _set_length(self) -> None:
+        for s in self.sinks:
+            s.set_length(self.content_length)
 
     def _read_stored(self, info: wire.PieceInfo) -> bytes:
         data = self.daemon.store.get(info.digest)

@@ -1,0 +1,189 @@
+"""Benchmarks that print figures (never timed assertions). `make bench` runs them all.
+
+- warm: a file another peer already holds, `dfzmq fetch` through a daemon, against `curl`
+  reading the same file from `python -m http.server`, alternated in one run (goal >= 0.8).
+- cold: a file nobody holds, fetched through the seed peer, against `curl` straight from the
+  origin (goal >= 0.7).
+- swarm: eight peers fetch one file at once: total time, origin bytes / file size (goal 1.00),
+  peak RSS of each daemon (goal < 150 MB).
+Ratios are measured side by side in the same run because this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.cluster import LocalCluster, free_port  # noqa: E402
+from tools.origin import Origin  # noqa: E402
+
+MiB = 2**20
+
+
+def make(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def curl(url: str, out: Path) -> float:
+    t0 = time.monotonic()
+    subprocess.run(["curl", "-sf", "-o", str(out), url], check=True)
+    return time.monotonic() - t0
+
+
+def dfzmq_fetch(cluster: LocalCluster, peer: str, url: str, out: Path) -> float:
+    t0 = time.monotonic()
+    r = cluster.fetch(peer, url, out)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr)
+    return time.monotonic() - t0
+
+
+def rss(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def bench_warm(root: Path, size: int, rounds: int) -> None:
+    www = root / "www-warm"
+    www.mkdir()
+    make(www / "warm.bin", size)
+    port = free_port()
+    http = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # One fresh peer per round: a peer that already holds the file would only export it.
+        with Origin(www) as origin, LocalCluster(root / "c-warm", peers=1 + rounds, interval_s=1.0,
+                                                 log_level="warning") as c:
+            url = origin.url("warm.bin")
+            dfzmq_fetch(c, "peer1", url, root / "prime.out")  # now the seed and peer1 hold it
+            time.sleep(0.5)
+            for _ in range(50):
+                try:
+                    curl(f"http://127.0.0.1:{port}/warm.bin", root / "probe.out")
+                    break
+                except subprocess.CalledProcessError:
+                    time.sleep(0.1)
+            curl_s, dfz_s = [], []
+            for i in range(rounds):
+                curl_s.append(curl(f"http://127.0.0.1:{port}/warm.bin", root / "curl.out"))
+                dfz_s.append(dfzmq_fetch(c, f"peer{i + 2}", url, root / f"dfz{i}.out"))
+                (root / f"dfz{i}.out").unlink()
+                (root / "curl.out").unlink()
+            c_best, d_best = min(curl_s), min(dfz_s)
+            print(f"warm   {size / MiB:.0f} MiB held by peers: curl<-http.server best {c_best:.2f}s "
+                  f"({size / MiB / c_best:.0f} MiB/s), dfzmq fetch best {d_best:.2f}s "
+                  f"({size / MiB / d_best:.0f} MiB/s); ratio {c_best / d_best:.2f} of curl "
+                  f"(median {statistics.median(curl_s) / statistics.median(dfz_s):.2f}) [goal >= 0.8]")
+    finally:
+        http.terminate()
+        http.wait()
+
+
+def bench_cold(root: Path, size: int, rounds: int) -> None:
+    www = root / "www-cold"
+    www.mkdir()
+    make(www / "cold.bin", size)
+    with Origin(www) as origin, LocalCluster(root / "c-cold", peers=1, interval_s=1.0, log_level="warning") as c:
+        curl_s, dfz_s = [], []
+        for i in range(rounds):
+            curl_s.append(curl(origin.url("cold.bin"), root / "curl.out"))
+            (root / "curl.out").unlink()
+            # A new tag is a new task: nobody holds it, the seed reads the origin again.
+            t0 = time.monotonic()
+            r = subprocess.run(c.fetch_cmd("peer1", origin.url("cold.bin"), root / "cold.out", "--tag", f"r{i}"),
+                               env=c.env(), capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(r.stderr)
+            dfz_s.append(time.monotonic() - t0)
+            (root / "cold.out").unlink()
+        c_best, d_best = min(curl_s), min(dfz_s)
+        print(f"cold   {size / MiB:.0f} MiB via the seed: curl<-origin best {c_best:.2f}s, dfzmq fetch best "
+              f"{d_best:.2f}s; ratio {c_best / d_best:.2f} of curl "
+              f"(median {statistics.median(curl_s) / statistics.median(dfz_s):.2f}) [goal >= 0.7]")
+
+
+def bench_swarm(root: Path, size: int, peers: int) -> None:
+    www = root / "www-swarm"
+    www.mkdir()
+    make(www / "swarm.bin", size)
+    with Origin(www) as origin, LocalCluster(root / "c-swarm", peers=peers, interval_s=1.0,
+                                             log_level="warning") as c:
+        samples: dict[str, dict[str, int]] = {}
+        import threading
+
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                for name in c.seeds + c.peers:
+                    try:
+                        r = rss(c.procs[name].popen.pid)
+                    except OSError:
+                        continue
+                    cur = samples.setdefault(name, {"VmHWM": 0, "RssAnon": 0})
+                    cur["VmHWM"] = max(cur["VmHWM"], r["VmHWM"])
+                    cur["RssAnon"] = max(cur["RssAnon"], r["RssAnon"])
+                stop.wait(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        results = c.fetch_all(c.peers, origin.url("swarm.bin"), root)
+        total = time.monotonic() - t0
+        stop.set()
+        sampler.join()
+        errors = {n: r["error"] for n, r in results.items() if "error" in r}
+        served = origin.bytes_served("swarm.bin")
+        print(f"swarm  {size / MiB:.0f} MiB to {peers} peers at once: {total:.1f}s total, origin bytes / size "
+              f"{served / size:.3f} [goal 1.00], errors {len(errors)}")
+        for name in c.seeds + c.peers:
+            s = samples.get(name, {})
+            print(f"       {name:6s} peak RSS {s.get('VmHWM', 0) / 1e6:6.1f} MB "
+                  f"(anonymous {s.get('RssAnon', 0) / 1e6:6.1f} MB; the rest is LMDB's page cache mapping)")
+        for name in c.peers:
+            (root / f"{name}.out").unlink(missing_ok=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="dfzmq benchmarks")
+    ap.add_argument("which", nargs="*", default=["warm", "cold", "swarm"])
+    ap.add_argument("--warm-mib", type=int, default=1024)
+    ap.add_argument("--cold-mib", type=int, default=512)
+    ap.add_argument("--swarm-mib", type=int, default=256)
+    ap.add_argument("--peers", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="dfzmq-bench-"))
+    try:
+        if "warm" in args.which:
+            bench_warm(root, args.warm_mib * MiB, args.rounds)
+        if "cold" in args.which:
+            bench_cold(root, args.cold_mib * MiB, args.rounds)
+        if "swarm" in args.which:
+            bench_swarm(root, args.swarm_mib * MiB, args.peers)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
