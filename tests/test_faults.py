@@ -97,3 +97,47 @@ def test_one_shot_peer_joins_the_cluster(tmp_path, origin, www, outdir):
         assert r.returncode == 0, r.stderr
         assert (outdir / "b.bin").read_bytes() == data
         assert origin.bytes_served("oneshot.bin") == len(data)  # the one-shot peer used the swarm
+
+
+def test_restarted_scheduler_learns_cached_files_from_peers(tmp_path, origin, www, outdir):
+    data = make_file(www / "reannounce.bin", 2_500_000, seed=25)
+    with LocalCluster(tmp_path / "c", peers=2) as c:
+        r = c.fetch("peer1", origin.url("reannounce.bin"), outdir / "a.bin")
+        assert r.returncode == 0, r.stderr
+        c.procs["scheduler0"].signal(signal.SIGKILL)
+        c.procs["scheduler0"].popen.wait()
+        c.procs["scheduler0"].start(c.env())
+        c.wait_ready()  # daemons reconnected and re-announced their hosts and finished tasks
+        r = c.fetch("peer2", origin.url("reannounce.bin"), outdir / "b.bin")
+        assert r.returncode == 0, r.stderr
+        assert (outdir / "b.bin").read_bytes() == data
+        assert origin.bytes_served("reannounce.bin") == len(data)  # served P2P, not from the origin
+
+
+def test_dfzmq_up_runs_a_working_cluster(tmp_path, origin, www, outdir):
+    from tools.cluster import free_port
+
+    data = make_file(www / "up.bin", 1_000_000, seed=26)
+    port = free_port()
+    env = LocalCluster.env(None)  # the harness's environment, without a cluster
+    up = subprocess.Popen([sys.executable, "-m", "dfzmq", "up", "--data", str(tmp_path / "up"),
+                           "--manager-port", str(port), "--log-level", "warning"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        control = f"ipc://{tmp_path / 'up' / 'peer1'}/control.sock"
+        deadline = time.monotonic() + 30
+        while True:  # the peer daemon is ready once it has a live scheduler
+            from tools.cluster import request
+            reply = request(control, wire.StatRequest(), 0.5)
+            if isinstance(reply, wire.StatReply) and any(reply.info["schedulers"].values()):
+                break
+            assert time.monotonic() < deadline and up.poll() is None, up.stdout.read1().decode()
+            time.sleep(0.2)
+        r = subprocess.run([sys.executable, "-m", "dfzmq", "fetch", origin.url("up.bin"), "-O", str(outdir / "u.bin"),
+                            "--daemon", control, "--quiet"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert (outdir / "u.bin").read_bytes() == data
+        assert origin.bytes_served("up.bin") == len(data)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(15) == 0

@@ -122,7 +122,8 @@ class LocalCluster:
         self.procs[name] = Proc(name, [*args, "--config", str(self.config), "--log-level", self.log_level],
                                 self.root / f"{name}.log")
 
-    def env(self) -> dict[str, str]:
+    def env(self=None) -> dict[str, str]:
+        """The environment for dfzmq processes: this checkout importable, no stray DFZMQ_*."""
         env = dict(os.environ)
         env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
         env.pop("DFZMQ_DAEMON", None)
