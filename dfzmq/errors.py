@@ -38,7 +38,14 @@ class DownloadError(DfzmqError):
 
 
 class SourceError(DownloadError):
-    """The origin refused or failed (HTTP status, DNS, connection, file not found)."""
+    """The origin refused or failed (HTTP status, DNS, connection, file not found).
+
+    `transient` errors (a connection cut mid-body, a timeout, a 5xx answer) are worth a retry;
+    the others (4xx, an unknown host, a bad URL) are the origin's final word."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class IntegrityError(DownloadError):

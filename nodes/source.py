@@ -141,10 +141,12 @@ class SourceReader:
             return await self._run_http(session, known, have, content_length, on_piece)
         except aiohttp.InvalidURL as e:
             raise SourceError(f"invalid URL: {e}") from e
+        except aiohttp.ClientConnectorDNSError as e:
+            raise SourceError(f"cannot resolve {urlsplit(self.url).hostname}: {e.os_error or e}") from e
         except aiohttp.ClientConnectorError as e:
-            raise SourceError(f"cannot reach {urlsplit(self.url).netloc}: {e.os_error or e}") from e
+            raise SourceError(f"cannot reach {urlsplit(self.url).netloc}: {e.os_error or e}", transient=True) from e
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise SourceError(f"origin transfer failed: {type(e).__name__}: {e}") from e
+            raise SourceError(f"origin transfer failed: {type(e).__name__}: {e}", transient=True) from e
         finally:
             if own:
                 await session.close()
@@ -175,7 +177,8 @@ class SourceReader:
 
     def _check_status(self, resp: aiohttp.ClientResponse) -> None:
         if resp.status >= 400:
-            raise SourceError(f"origin answered {resp.status} {resp.reason or ''} for {_safe(self.url)}".strip())
+            raise SourceError(f"origin answered {resp.status} {resp.reason or ''} for {_safe(self.url)}".strip(),
+                              transient=resp.status >= 500 or resp.status in (408, 429))
 
     async def _run_http(self, session, known, have, content_length, on_piece) -> SourceResult:
         meta = SourceResult(content_length)
@@ -234,7 +237,7 @@ class SourceReader:
                 while skipped < req_start:
                     chunk = await resp.content.read(min(1 << 20, req_start - skipped))
                     if not chunk:
-                        raise SourceError("origin body ended early")
+                        raise SourceError("origin body ended early", transient=True)
                     skipped += len(chunk)
                     self.bytes_read += len(chunk)
             elif resp.status != 206:
@@ -244,7 +247,8 @@ class SourceReader:
                 try:
                     data = await resp.content.readexactly(want)
                 except asyncio.IncompleteReadError as e:
-                    raise SourceError(f"origin body ended early at byte {offset + len(e.partial)}") from e
+                    raise SourceError(f"origin body ended early at byte {offset + len(e.partial)}",
+                                      transient=True) from e
                 self.bytes_read += want
                 if i == 0 and prefix:
                     data = prefix + data
@@ -262,7 +266,8 @@ class SourceReader:
                 try:
                     data = await resp.content.readexactly(want)
                 except asyncio.IncompleteReadError as e:
-                    raise SourceError(f"origin body ended early at byte {offset + len(e.partial)}") from e
+                    raise SourceError(f"origin body ended early at byte {offset + len(e.partial)}",
+                                      transient=True) from e
             else:
                 data = await _read_up_to(resp.content, piece_length)
                 if not data:

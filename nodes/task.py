@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 REPORT_INTERVAL_S = 0.05
 REPORT_BATCH = 64
+SOURCE_ATTEMPTS = 3  # tries at the origin for transient failures (cut connection, 5xx)
 
 
 class ParentLink:
@@ -467,17 +468,32 @@ class TaskRun:
             await asyncio.sleep(0)
 
         self.last_report = 0.0
-        try:
-            result = await reader.run(known, set(self.held), length, on_piece)
-        except asyncio.CancelledError:
-            raise
-        except DfzmqError as e:
-            self.fail(e)
-            return
-        except Exception as e:
-            self.log.exception("back-to-source failed")
-            self.fail(DownloadError(f"internal error: {e}"))
-            return
+        attempt = 0
+        while True:
+            try:
+                result = await reader.run(known, set(self.held), length, on_piece)
+                break
+            except asyncio.CancelledError:
+                raise
+            except SourceError as e:
+                attempt += 1
+                if not e.transient or attempt >= SOURCE_ATTEMPTS or self.state != "source":
+                    self.fail(e)
+                    return
+                # A cut connection or a 5xx: try again for what is still missing.
+                self.log.info("origin failed (%s); retry %d in %.1fs", e, attempt, 0.5 * attempt)
+                await asyncio.sleep(0.5 * attempt)
+                known = dict(self.manifest)
+                if self.content_length >= 0:
+                    length = self.content_length
+                reader = SourceReader(self.url, self.headers, self.cfg.source_connections, self.daemon.http)
+            except DfzmqError as e:
+                self.fail(e)
+                return
+            except Exception as e:
+                self.log.exception("back-to-source failed")
+                self.fail(DownloadError(f"internal error: {e}"))
+                return
         if self.state != "source":
             return
         self.content_length = result.content_length

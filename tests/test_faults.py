@@ -141,3 +141,26 @@ def test_dfzmq_up_runs_a_working_cluster(tmp_path, origin, www, outdir):
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(15) == 0
+
+
+def test_transient_origin_error_is_retried(origin, www, outdir):
+    data = make_file(www / "flaky.bin", 700_000, seed=27)
+    origin.set_status("/flaky.bin", 503)
+
+    def heal() -> None:  # the origin recovers once it has refused the first request
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if origin.stats()["paths"].get("/flaky.bin", {}).get("requests", 0) >= 1:
+                break
+            time.sleep(0.01)
+        origin.set_status("/flaky.bin", None)
+
+    t = threading.Thread(target=heal)
+    t.start()
+    try:
+        r = _fetch_cli(origin.url("flaky.bin"), "-O", str(outdir / "f.bin"))
+    finally:
+        t.join()
+        origin.set_status("/flaky.bin", None)
+    assert r.returncode == 0, r.stderr
+    assert (outdir / "f.bin").read_bytes() == data
