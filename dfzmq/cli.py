@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from dfzmq import net, wire
-from dfzmq.config import DaemonConfig, ManagerConfig, SchedulerConfig, load_toml, resolve
+from dfzmq.config import DaemonConfig, ManagerConfig, SchedulerConfig, curve_of, load_toml, resolve
 from dfzmq.errors import ConfigError, DfzmqError, DownloadError, UnavailableError
 from dfzmq.service import StopFlag
 
@@ -83,7 +83,8 @@ def manager(
                       {"listen": listen, "data": data, "advertise": advertise}, load_toml(config))
     stop = StopFlag()
     stop.install_signals()
-    run_guarded(serve, cfg, zmq.Context(), stop, lambda info: _print_ready("manager", info))
+    curve = run_guarded(curve_of, cfg)
+    run_guarded(lambda: serve(cfg, zmq.Context(), stop, lambda info: _print_ready("manager", info), curve=curve))
 
 
 @app.command()
@@ -102,7 +103,8 @@ def scheduler(
                       {"manager": manager, "listen": listen, "advertise": advertise}, load_toml(config))
     stop = StopFlag()
     stop.install_signals()
-    run_guarded(serve, cfg, zmq.Context(), stop, lambda info: _print_ready("scheduler", info))
+    curve = run_guarded(curve_of, cfg)
+    run_guarded(lambda: serve(cfg, zmq.Context(), stop, lambda info: _print_ready("scheduler", info), curve=curve))
 
 
 @app.command()
@@ -131,9 +133,16 @@ def daemon(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_daemon(cfg, stop, lambda info: _print_ready("daemon", info))
+        await run_daemon(cfg, stop, lambda info: _print_ready("daemon", info), curve_of(cfg))
 
     run_guarded(asyncio.run, main())
+
+
+@app.command()
+def keygen() -> None:
+    """Print a new CURVE key pair for a cluster, as TOML to put in every member's config."""
+    pub, sec = zmq.curve_keypair()
+    typer.echo(f'curve_public = "{pub.decode()}"\ncurve_secret = "{sec.decode()}"')
 
 
 # -- fetch ----------------------------------------------------------------------------------------
@@ -209,7 +218,7 @@ def fetch_via_daemon(addr: str, req: wire.Download, progress, patience_s: float 
         ctx.term()
 
 
-def fetch_embedded(req: wire.Download, manager: str | None, progress) -> dict:
+def fetch_embedded(req: wire.Download, manager: str | None, progress, curve=None) -> dict:
     """A one-shot peer in this process: through the cluster with a manager, else from source."""
     from nodes.daemon import Daemon
 
@@ -218,7 +227,7 @@ def fetch_embedded(req: wire.Download, manager: str | None, progress) -> dict:
                        control=f"ipc://{tmp}/control.sock", map_size=1 << 36)
 
     async def go() -> dict:
-        d = Daemon(cfg)
+        d = Daemon(cfg, curve)
         await d.start(use_manager=bool(manager))
         try:
             return await d.download(req.url, req.output, req.digest, req.headers, req.tag,
@@ -252,6 +261,7 @@ def fetch(
     tag: Annotated[str, typer.Option(help="Task tag: same URL, different tag, different task.")] = "",
     application: Annotated[str, typer.Option(help="Application name, part of the task id.")] = "",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    config: ConfigOpt = None,
     log_level: LogOpt = "error",
 ) -> None:
     """Download URL to PATH through the local daemon, a one-shot peer, or straight from source."""
@@ -267,7 +277,8 @@ def fetch(
         if addr:
             stats = run_guarded(fetch_via_daemon, net.tcp(addr) if "://" not in addr else addr, req, progress)
         else:
-            stats = run_guarded(fetch_embedded, req, manager, progress)
+            dcfg = run_guarded(resolve, DaemonConfig, "daemon", {}, load_toml(config))
+            stats = run_guarded(fetch_embedded, req, manager, progress, run_guarded(curve_of, dcfg))
     finally:
         progress.close()
     if err_console.is_terminal and not quiet:

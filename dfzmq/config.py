@@ -28,6 +28,8 @@ class ManagerConfig:
     advertise: str = ""
     heartbeat_interval_s: float = 1.0
     liveness: int = 5  # missed heartbeats before a member is declared down
+    curve_public: str = ""  # the cluster's CURVE key pair (Z85, `dfzmq keygen`): encrypts every link
+    curve_secret: str = ""
 
 
 @dataclass(slots=True)
@@ -39,6 +41,8 @@ class SchedulerConfig:
     liveness: int = 5
     max_parents: int = 6
     candidate_parents: int = 15
+    curve_public: str = ""
+    curve_secret: str = ""
 
 
 @dataclass(slots=True)
@@ -61,9 +65,23 @@ class DaemonConfig:
     schedule_timeout_s: float = 10.0  # no answer from any scheduler for this long: go to source
     stall_timeout_s: float = 15.0  # no piece for this long from any parent: reschedule
     map_size: int = 1 << 40
+    curve_public: str = ""
+    curve_secret: str = ""
 
     def control_addr(self) -> str:
         return self.control or f"ipc://{Path(self.data).resolve()}/control.sock"
+
+
+def curve_of(cfg: Any) -> Any:
+    """The cluster's CURVE keys from a config, or None when the cluster runs in the clear."""
+    from dfzmq.net import Curve
+
+    pub, sec = getattr(cfg, "curve_public", ""), getattr(cfg, "curve_secret", "")
+    if not pub and not sec:
+        return None
+    if len(pub) != 40 or (sec and len(sec) != 40):
+        raise ConfigError("curve_public and curve_secret must be 40-character Z85 keys (dfzmq keygen)")
+    return Curve(pub.encode(), sec.encode())
 
 
 def load_toml(path: Path | None) -> dict[str, Any]:

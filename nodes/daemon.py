@@ -447,8 +447,9 @@ class Daemon:
         }
 
 
-async def run_daemon(cfg: DaemonConfig, stop: asyncio.Event, on_ready: Callable[[dict], None] | None = None) -> None:
-    d = Daemon(cfg)
+async def run_daemon(cfg: DaemonConfig, stop: asyncio.Event, on_ready: Callable[[dict], None] | None = None,
+                     curve: net.Curve | None = None) -> None:
+    d = Daemon(cfg, curve)
     await d.start()
     if on_ready is not None:
         on_ready({"upload": d.upload.addr, "control": d.control_addr, "host_id": d.host_id})

@@ -164,3 +164,18 @@ def test_transient_origin_error_is_retried(origin, www, outdir):
         origin.set_status("/flaky.bin", None)
     assert r.returncode == 0, r.stderr
     assert (outdir / "f.bin").read_bytes() == data
+
+
+def test_curve_encrypted_cluster(tmp_path, origin, www, outdir):
+    """With cluster CURVE keys every link is encrypted: the cluster works, plain clients get nothing."""
+    from tools.cluster import request
+
+    data = make_file(www / "curve.bin", 1_200_000, seed=28)
+    with LocalCluster(tmp_path / "c", peers=2, curve=True) as c:
+        results = c.fetch_all(c.peers, origin.url("curve.bin"), outdir)
+        assert all("error" not in r for r in results.values()), results
+        assert all((outdir / f"{p}.out").read_bytes() == data for p in c.peers)
+        assert origin.bytes_served("curve.bin") == len(data)
+        assert request(f"tcp://{c.scheduler_addrs[0]}", wire.StatRequest(), 1.0) is None
+        assert request(f"tcp://{c.manager_addr}", wire.ListSchedulers(), 1.0) is None
+        assert isinstance(request(f"tcp://{c.manager_addr}", wire.ListSchedulers(), 2.0, c.curve), wire.SchedulerList)

@@ -39,10 +39,10 @@ def free_port() -> int:
     raise RuntimeError("no free port pair")
 
 
-def request(addr: str, msg, timeout_s: float = 2.0):
+def request(addr: str, msg, timeout_s: float = 2.0, curve: net.Curve | None = None):
     """One request/reply over a fresh DEALER; None on timeout."""
     ctx = zmq.Context()
-    sock = net.make_socket(ctx, "control_dealer")
+    sock = net.make_socket(ctx, "control_dealer", curve)
     try:
         sock.connect(addr)
         sock.send_multipart(wire.encode(msg))
@@ -89,7 +89,8 @@ class Proc:
 
 class LocalCluster:
     def __init__(self, root: Path, peers: int = 2, seeds: int = 1, schedulers: int = 1,
-                 interval_s: float = 0.5, log_level: str = "info", extra_daemon_args: list[str] | None = None) -> None:
+                 interval_s: float = 0.5, log_level: str = "info", extra_daemon_args: list[str] | None = None,
+                 curve: bool = False) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.interval_s = interval_s
@@ -98,8 +99,14 @@ class LocalCluster:
         self.manager_addr = f"127.0.0.1:{self.manager_port}"
         self.procs: dict[str, Proc] = {}
         cfg = self.root / "cluster.toml"
+        self.curve = None
+        keys = ""
+        if curve:
+            pub, sec = zmq.curve_keypair()
+            self.curve = net.Curve(pub, sec)
+            keys = f'curve_public = "{pub.decode()}"\ncurve_secret = "{sec.decode()}"\n'
         cfg.write_text(
-            f"heartbeat_interval_s = {interval_s}\n"
+            keys + f"heartbeat_interval_s = {interval_s}\n"
             "[daemon]\nschedule_timeout_s = 5.0\nstall_timeout_s = 8.0\n"
         )
         self.config = cfg
@@ -153,7 +160,7 @@ class LocalCluster:
             for p in self.procs.values():
                 if p.popen is not None and p.popen.poll() is not None:
                     raise RuntimeError(f"{p.name} exited ({p.popen.returncode}); log:\n{self.tail(p.name)}")
-            reply = request(f"tcp://{self.manager_addr}", wire.ListSchedulers(), 0.5)
+            reply = request(f"tcp://{self.manager_addr}", wire.ListSchedulers(), 0.5, self.curve)
             ok = isinstance(reply, wire.SchedulerList) and len(reply.schedulers) >= want_scheds
             for name in names or (self.seeds + self.peers):
                 if not ok:

@@ -35,9 +35,9 @@ BATCH = 1000  # messages drained per socket per turn, so timers and the other so
 
 def serve(cfg: SchedulerConfig, ctx: zmq.Context, stop: StopFlag,
           on_ready: Callable[[dict], None] | None = None,
-          scheduler_id: str | None = None) -> None:
+          scheduler_id: str | None = None, *, curve: net.Curve | None = None) -> None:
     """Run a scheduler until `stop` is set. Raises ConfigError when it cannot listen."""
-    sched = _Scheduler(cfg, ctx, scheduler_id or new_id("scheduler"))
+    sched = _Scheduler(cfg, ctx, scheduler_id or new_id("scheduler"), curve)
     try:
         addrs = sched.bind()
         log.info("scheduler %s serving peers at %s, events at %s, manager %s",
@@ -54,16 +54,17 @@ def serve(cfg: SchedulerConfig, ctx: zmq.Context, stop: StopFlag,
 class _Scheduler:
     """The sockets, the core and the manager link of one running scheduler."""
 
-    def __init__(self, cfg: SchedulerConfig, ctx: zmq.Context, scheduler_id: str) -> None:
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, cfg: SchedulerConfig, ctx: zmq.Context, scheduler_id: str,
+                 curve: net.Curve | None = None) -> None:
+        self.cfg, self.ctx, self.curve = cfg, ctx, curve
         self.counters = Counters()
         self.core = SchedulerCore(scheduler_id, cfg.heartbeat_interval_s, cfg.liveness,
                                   max_parents=cfg.max_parents,
                                   candidate_parents=cfg.candidate_parents,
                                   counters=self.counters)
         self.poller = zmq.Poller()
-        self.router = net.make_socket(ctx, "scheduler_router")
-        self.pub = net.make_socket(ctx, "events_pub")
+        self.router = net.make_socket(ctx, "scheduler_router", curve)
+        self.pub = net.make_socket(ctx, "events_pub", curve)
         self.manager: zmq.Socket | None = None
         self.link: MemberLink | None = None
 
@@ -107,7 +108,7 @@ class _Scheduler:
             self.manager.close(linger=0)
             self.manager = None
         if self.manager is None and now >= link.retry_at:
-            self.manager = net.make_socket(self.ctx, "manager_dealer")
+            self.manager = net.make_socket(self.ctx, "manager_dealer", self.curve)
             self.manager.connect(net.tcp(self.cfg.manager))
             self.poller.register(self.manager, zmq.POLLIN)
             self._send_manager(link.start(now))
