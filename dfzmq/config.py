@@ -65,11 +65,32 @@ class DaemonConfig:
     schedule_timeout_s: float = 10.0  # no answer from any scheduler for this long: go to source
     stall_timeout_s: float = 15.0  # no piece for this long from any parent: reschedule
     map_size: int = 1 << 40
+    # Bandwidth limits in bytes per second ("50MiB", "100M" accepted); 0 = unlimited.
+    download_rate: int = 0  # all downloads of this daemon together (parents and origin)
+    upload_rate: int = 0  # all uploads to other peers together
+    source_rate: int = 0  # back-to-source reads
+    task_download_rate: int = 0  # each task on its own
     curve_public: str = ""
     curve_secret: str = ""
 
     def control_addr(self) -> str:
         return self.control or f"ipc://{Path(self.data).resolve()}/control.sock"
+
+
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def parse_size(value: Any) -> int:
+    """An int, or a string with an optional unit: 10M = 10*1000^2, 10MiB = 10*1024^2 (a 'B'
+    or '/s' after the unit is ignored)."""
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower().removesuffix("/s").removesuffix("b").strip()
+    num = text.rstrip("kmgi")
+    unit = text[len(num):]
+    if unit not in _UNITS:
+        raise ValueError(value)
+    return int(float(num) * _UNITS[unit])
 
 
 def curve_of(cfg: Any) -> Any:
@@ -109,7 +130,7 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
         if isinstance(default, Path):
             return Path(value).expanduser()
         if isinstance(default, int):
-            return int(value)
+            return parse_size(value)
         if isinstance(default, float):
             return float(value)
         return str(value)

@@ -506,6 +506,7 @@ class Reschedule:
     peer_id: str
     blocklist: list[str] = field(default_factory=list)
     reason: str = ""
+    bad: list[str] = field(default_factory=list)  # parents that sent bytes failing verification
 
 
 @message("PEER_LEAVE")

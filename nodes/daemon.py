@@ -34,6 +34,7 @@ from dfzmq import ids, net, wire
 from dfzmq.config import DaemonConfig
 from dfzmq.errors import DfzmqError, DownloadError
 from dfzmq.service import Counters, decode_plain, decode_routed
+from nodes.limits import TokenBucket
 from nodes.sink import OutputSink
 from nodes.store import PieceStore
 from nodes.task import TaskRun
@@ -157,6 +158,8 @@ class Daemon:
         # One thread does every piece store, output write and whole-file hash, in order, so the
         # event loop keeps receiving while bytes are copied (both release the GIL).
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfzmq-writer")
+        self.download_bucket = TokenBucket(cfg.download_rate)
+        self.source_bucket = TokenBucket(cfg.source_rate)
         self.started = time.monotonic()
 
     # -- start and stop -------------------------------------------------------------------
@@ -170,7 +173,7 @@ class Daemon:
         )
         host = self.cfg.advertise or ("127.0.0.1" if self.cfg.listen.startswith("127.") else "")
         self.upload = UploadServer(self.ctx, self.store, self.cfg.listen, host, self.held, self.counters,
-                                   curve=self.curve)
+                                   curve=self.curve, bucket=TokenBucket(self.cfg.upload_rate))
         if os.environ.get("DFZMQ_TEST_CORRUPT_UPLOADS") == "1":
             self.upload.corrupt = True
         self.control = net.make_socket(self.ctx, "control_router")
@@ -439,6 +442,9 @@ class Daemon:
             "seed": self.cfg.seed,
             "upload_addr": self.upload.addr,
             "uploaded_bytes": self.upload.bytes_uploaded,
+            "limiter_wait_s": {"upload": round(self.upload.bucket.waited_s, 3),
+                               "download": round(self.download_bucket.waited_s, 3),
+                               "source": round(self.source_bucket.waited_s, 3)},
             "tasks_active": len(self.tasks),
             "schedulers": {m: l.alive for m, l in self.links.items()},
             "counters": dict(self.counters),

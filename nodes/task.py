@@ -26,6 +26,7 @@ import zmq
 from dfzmq import net, wire
 from dfzmq.errors import DfzmqError, DownloadError, IntegrityError, SourceError, StorageError
 from dfzmq.service import decode_plain
+from nodes.limits import TokenBucket, take_all
 from nodes.picker import Picker
 from nodes.sink import OrderedHasher, OutputSink
 from nodes.source import SourceReader, digest
@@ -85,6 +86,7 @@ class TaskRun:
         self.picker = Picker(window_bytes=self.cfg.window_bytes)
         self.parents: dict[str, ParentLink] = {}
         self.blocklist: set[str] = set()
+        self.bad_parents: set[str] = set()  # sent bytes that failed verification
         self.sinks: list[OutputSink] = []
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.stats = {"origin_bytes": 0, "seed_bytes": 0, "peer_bytes": 0, "cached_bytes": 0}
@@ -99,6 +101,8 @@ class TaskRun:
         self._bg: list[asyncio.Task] = []
         self._pump_due = False
         self.writing: set[int] = set()  # pieces in the writer thread right now
+        self.bucket = TokenBucket(self.cfg.task_download_rate)
+        self.pump_after = 0.0  # download limits: no new requests before this time
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -290,6 +294,10 @@ class TaskRun:
             self._bad_piece(pid, msg.num)
             return
         source = "seed" if link.info.seed else "peer"
+        now = time.monotonic()
+        wait = max(self.daemon.download_bucket.reserve(info.length, now), self.bucket.reserve(info.length, now))
+        if wait > 0:
+            self.pump_after = max(self.pump_after, now + wait)
         self.writing.add(msg.num)
         fut = self._in_writer(self._write, info, msg.data, True)
         fut.add_done_callback(lambda f: self._written(f, info, source, pid))
@@ -299,6 +307,7 @@ class TaskRun:
         self.log.warning("bad piece %d from parent %s: blocking it", num, pid)
         self.picker.on_failure(pid, num)
         self._drop_parent(pid, block=True)
+        self.bad_parents.add(pid)
         self._reschedule(f"bad piece from {pid}")
 
     def _pump(self) -> None:
@@ -310,6 +319,11 @@ class TaskRun:
     def _pump_now(self) -> None:
         self._pump_due = False
         if self.state != "running":
+            return
+        delay = self.pump_after - time.monotonic()
+        if delay > 0:  # over a download limit: ask for more only once the tokens are back
+            self._pump_due = True
+            asyncio.get_running_loop().call_later(delay, self._pump_now)
             return
         for pid, num in self.picker.next_requests(time.monotonic()):
             info = self.manifest[num]
@@ -326,7 +340,8 @@ class TaskRun:
 
     def _reschedule(self, reason: str) -> None:
         if self.scheduler is not None and self.scheduler.alive:
-            self.scheduler.send(wire.Reschedule(self.task_id, self.peer_id, sorted(self.blocklist), reason))
+            self.scheduler.send(wire.Reschedule(self.task_id, self.peer_id, sorted(self.blocklist), reason,
+                                                sorted(self.bad_parents)))
         elif not self.parents:
             self.go_source(f"{reason}; no scheduler")
         self._pump()
@@ -458,6 +473,7 @@ class TaskRun:
             if self.content_length < 0 and reader.content_length >= 0:
                 self.content_length = reader.content_length
                 await self._in_writer(self._set_length)
+            await take_all(info.length, self.daemon.source_bucket, self.daemon.download_bucket, self.bucket)
             await self._in_writer(self._write, info, data, False)
             if self.state != "source":
                 return

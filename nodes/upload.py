@@ -26,6 +26,7 @@ import zmq.asyncio
 
 from dfzmq import net, wire
 from dfzmq.service import Counters, decode_routed
+from nodes.limits import TokenBucket
 from nodes.store import PieceStore
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class Subscriber:
 class UploadServer:
     def __init__(self, ctx: zmq.asyncio.Context, store: PieceStore, listen: str, advertise_host: str,
                  held: Callable[[str], dict], counters: Counters, reveal_delay_s: float = 0.25,
-                 curve: net.Curve | None = None) -> None:
+                 curve: net.Curve | None = None, bucket: TokenBucket | None = None) -> None:
         self.store = store
         self.held = held  # task_id -> {num: PieceInfo} this peer holds
         self.counters = counters
@@ -53,6 +54,10 @@ class UploadServer:
         self.hidden: dict[str, set[int]] = {}  # task -> nums not yet revealed to all
         self.bytes_uploaded = 0
         self.corrupt = False  # fault switch for tests only (DFZMQ_TEST_CORRUPT_UPLOADS)
+        self.bucket = bucket or TokenBucket(0)
+        # With an upload limit, pieces wait here for tokens while the loop keeps answering
+        # heartbeats and subscriptions (a parent that is only slow must not look dead).
+        self.outbox: asyncio.Queue = asyncio.Queue()
 
     # -- notifications from the daemon ------------------------------------------------------
 
@@ -94,6 +99,7 @@ class UploadServer:
 
     async def run(self) -> None:
         reveal = asyncio.create_task(self._reveal_loop())
+        sender = asyncio.create_task(self._send_loop())
         try:
             while True:
                 frames = await self.sock.recv_multipart()
@@ -107,6 +113,7 @@ class UploadServer:
                     log.exception("upload request failed")
         finally:
             reveal.cancel()
+            sender.cancel()
 
     def handle(self, ident: bytes, msg) -> None:
         if isinstance(msg, wire.PieceRequest):
@@ -144,9 +151,22 @@ class UploadServer:
             return
         if self.corrupt and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
-        self.bytes_uploaded += len(data)
+        reply = wire.PieceData(msg.task_id, msg.num, msg.digest, data)
+        if self.bucket.unlimited:
+            self._send_piece(ident, reply)
+        else:
+            self.outbox.put_nowait((ident, reply))
+
+    def _send_piece(self, ident: bytes, reply: wire.PieceData) -> None:
+        self.bytes_uploaded += len(reply.data)
         self.counters["upload.pieces"] += 1
-        self._send(ident, wire.PieceData(msg.task_id, msg.num, msg.digest, data), payload_copy=False)
+        self._send(ident, reply, payload_copy=False)
+
+    async def _send_loop(self) -> None:
+        while True:
+            ident, reply = await self.outbox.get()
+            await self.bucket.take(len(reply.data))
+            self._send_piece(ident, reply)
 
     async def _reveal_loop(self) -> None:
         while True:

@@ -90,7 +90,7 @@ class Proc:
 class LocalCluster:
     def __init__(self, root: Path, peers: int = 2, seeds: int = 1, schedulers: int = 1,
                  interval_s: float = 0.5, log_level: str = "info", extra_daemon_args: list[str] | None = None,
-                 curve: bool = False) -> None:
+                 curve: bool = False, daemon_env: dict[str, dict[str, str]] | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.interval_s = interval_s
@@ -124,6 +124,7 @@ class LocalCluster:
             if name.startswith("seed"):
                 args.append("--seed")
             self._add(name, args)
+            self.procs[name].extra_env = dict((daemon_env or {}).get(name, {}))
 
     def _add(self, name: str, args: list[str]) -> None:
         self.procs[name] = Proc(name, [*args, "--config", str(self.config), "--log-level", self.log_level],

@@ -125,6 +125,7 @@ class Task:
     waiting: list[str] = field(default_factory=list)  # peers waiting for the seed
     peers: set[str] = field(default_factory=set)
     version: int = 0  # bumped whenever the set of possible parents changes
+    bad_peers: set[str] = field(default_factory=set)  # served corrupt bytes: never a parent again
 
 
 @dataclass(slots=True)
@@ -497,6 +498,7 @@ class SchedulerCore:
                 and cand.host_id != child.host_id
                 and cand.peer_id not in child.blocklist
                 and cand.host_id not in child.blocklist
+                and cand.peer_id not in self.tasks[cand.task_id].bad_peers
                 and self._alive(cand.host_id, now))
 
     def _choose_parents(self, child: Peer, task: Task, now: float, keep: list[str]) -> list[str]:
@@ -705,6 +707,15 @@ class SchedulerCore:
         self._transition(peer, _E.RESCHEDULE)
         peer.blocklist.update(msg.blocklist)
         self.counters["reschedule"] += 1
+        fresh_bad = set(msg.bad) - task.bad_peers
+        if fresh_bad:
+            # Corrupt bytes are not a slow link: no child of this task gets that parent again
+            # (the next refresh also takes it out of current parent lists).
+            task.bad_peers |= fresh_bad
+            task.version += 1
+            self.counters["parent-blocked"] += len(fresh_bad)
+            for bad in sorted(fresh_bad):
+                self._publish(out, "parent-blocked", task=task.task_id, peer=bad, by=peer.peer_id)
         if task.failed_reason is not None:
             self._fail_peer(peer, task.failed_reason, out)
             return
