@@ -23,5 +23,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py
 
+# make lab LAB_ARGS="--peers 16 --size-mib 64 --slow-half-up-mbit 20": the shaped network lab (root)
+LAB_ARGS ?= --peers 8 --size-mib 64
+lab: $(STAMP)
+	$(BIN)/python tools/netlab.py run $(LAB_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

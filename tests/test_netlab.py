@@ -1,0 +1,47 @@
+"""The shaped network lab, small: four peers, a 16 MiB file, real processes in namespaces.
+
+It checks what must hold on any machine (every copy right, the origin read once, nothing left
+behind), never how long it took: timing belongs to `make lab`, where it is reported.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+
+import pytest
+
+from tools import netlab
+
+
+def test_bounds_follow_design():
+    spec = netlab.LabSpec(peers=4, size_mib=16, peer_up_mbit=100, peer_down_mbit=100, origin_up_mbit=200)
+    bound_s, plain_s = netlab.bounds(spec)
+    f = 16 * 2**20
+    assert bound_s == pytest.approx(f / 12.5e6)  # the peers' download is the limit
+    assert plain_s == pytest.approx(4 * f / 25e6)
+    slow = netlab.LabSpec(peers=4, size_mib=16, slow_half_up_mbit=20)
+    assert [slow.up_mbit(i) for i in range(5)] == [200, 100, 100, 20, 20]
+
+
+@pytest.mark.timeout(180)
+def test_lab_distributes_every_copy_reading_origin_once():
+    reason = netlab.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"network namespaces cannot be made here: {reason}")
+    spec = netlab.LabSpec(peers=4, size_mib=16, peer_up_mbit=200, peer_down_mbit=200, origin_up_mbit=400)
+    result = netlab.run_lab(spec)
+
+    assert result["ok"], result.get("logs")
+    peers = result["hosts"][1:]
+    assert len(peers) == 4 and all(h["copy_ok"] for h in peers), [(h["host"], h["error"]) for h in peers]
+    assert result["origin_bytes"] <= 1.01 * spec.size
+    left = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+            if n.startswith(result["run_id"] + "-")]
+    assert left == []
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    Console(file=out, width=140, color_system=None).print(netlab.render(result))
+    assert "last / bound" in out.getvalue()

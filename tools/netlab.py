@@ -1,0 +1,688 @@
+"""A shaped multi-host network lab: how fast does dfzmq spread one file over slow, shared links?
+
+`python tools/netlab.py run --peers N --size-mib F [rates]` builds N+1 hosts as network
+namespaces (`dfzl<pid>-h0..hN`), each joined by a veth pair to one Linux bridge that lives in a
+namespace of its own (`dfzl<pid>-br`), with addresses in 10.X.0.0/24 (X random per run). Each
+host's upload is shaped on the egress of its own veth end, its download on the egress of the
+bridge's end (htb, plus netem when `--delay-ms` is given and the kernel has it). Host 0 is the
+origin site: the counting HTTP origin (tools/origin.py), manager, scheduler and a seed peer; hosts
+1..N run one peer daemon each. Every process is the real `python -m dfzmq ...` run with
+`ip netns exec`. All N peers fetch a generated file at once through their daemons' control
+sockets (ipc:// files, reachable from here across namespaces); every copy is checked (sha256).
+
+The report, per run: each host's finish time; the last one over the lower bound
+`max(F/us, F/d, N*F/(us + N*u))` (DESIGN.md, "What fast means here"); the time plain downloads
+from the origin would take, `max(N*F/us, F/d)`; origin bytes / F (the origin's /_stats);
+redundant bytes (what the peers' stats say they stored beyond N*F); bytes on the wire into each
+peer (the bridge port's counters: payload plus TCP/IP and ZeroMQ overhead plus any duplicates);
+and CPU use from /proc/stat and each process's /proc/PID/stat, so a run limited by the two cores
+rather than by the links shows as such. `--json` prints the same as JSON.
+
+What it must never do: touch anything outside what it made. Nothing is created in the root
+namespace (no route, address or link), the subnet exists only inside the lab's namespaces, and
+every namespace, link, process and temp dir of a run is removed on exit, Ctrl-C, SIGTERM or
+failure. `cleanup` removes leftovers of earlier runs by prefix, leaving runs whose process is
+still alive alone unless `--force`. Without root or `ip`, it says why and exits 0 (a skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `tools` and `dfzmq` of this checkout importable
+    sys.path.insert(0, str(ROOT))
+
+from dfzmq import wire  # noqa: E402
+from tools.cluster import request  # noqa: E402
+
+MiB = 2**20
+PREFIX = "dfzl"
+# Fixed ports are safe here: host 0 is a namespace of this run alone.
+MANAGER_PORT, SCHEDULER_PORT, ORIGIN_PORT = 7000, 7010, 8080
+FILE_NAME = "lab.bin"
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or run (not a dfzmq failure: those are in the report)."""
+
+
+# --- the run's parameters and the pure arithmetic ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LabSpec:
+    peers: int = 4
+    size_mib: float = 16
+    peer_up_mbit: float = 100
+    peer_down_mbit: float = 100
+    origin_up_mbit: float = 200
+    slow_half_up_mbit: float | None = None  # the last N//2 peers upload at this rate
+    delay_ms: float = 0  # one-way, added on every host's upload
+    timeout_s: float | None = None  # default: from the plain-download time
+
+    @property
+    def size(self) -> int:
+        return int(self.size_mib * MiB)
+
+    def up_mbit(self, host: int) -> float:
+        if host == 0:
+            return self.origin_up_mbit
+        if self.slow_half_up_mbit is not None and host > self.peers - self.peers // 2:
+            return self.slow_half_up_mbit
+        return self.peer_up_mbit
+
+    def down_mbit(self, host: int) -> float:
+        # the origin site's download carries only acks and control: the seed reads the origin locally
+        return self.origin_up_mbit if host == 0 else self.peer_down_mbit
+
+
+def bytes_per_s(mbit: float) -> float:
+    return mbit * 1e6 / 8
+
+
+def bounds(spec: LabSpec) -> tuple[float, float]:
+    """(lower bound of any distribution, time of plain downloads from the origin), in seconds."""
+    f, n = spec.size, spec.peers
+    us, d = bytes_per_s(spec.origin_up_mbit), bytes_per_s(spec.peer_down_mbit)
+    u = sum(bytes_per_s(spec.up_mbit(i)) for i in range(1, n + 1)) / n
+    return max(f / us, f / d, n * f / (us + n * u)), max(n * f / us, f / d)
+
+
+def read_cpu() -> list[tuple[int, int]]:
+    """(busy, total) jiffies for all cores together, then per core, from /proc/stat."""
+    out = []
+    with open("/proc/stat") as fh:
+        for line in fh:
+            if not line.startswith("cpu"):
+                break
+            v = [int(x) for x in line.split()[1:9]]  # user..steal; guest is inside user
+            out.append((sum(v) - v[3] - v[4], sum(v)))
+    return out
+
+
+def cpu_busy(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[float]:
+    """Percent busy between two samples, all cores first."""
+    return [100.0 * (b1 - b0) / max(1, t1 - t0) for (b0, t0), (b1, t1) in zip(a, b)]
+
+
+def proc_cpu_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            rest = fh.read().rpartition(")")[2].split()
+        return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class CpuMonitor:
+    """Samples /proc/stat twice a second, so the peak of a run is seen, not only its mean."""
+
+    def __init__(self, every_s: float = 0.5) -> None:
+        self.every_s = every_s
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-monitor", daemon=True)
+
+    def __enter__(self) -> "CpuMonitor":
+        self.first = read_cpu()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        prev = self.first
+        while not self._stop.wait(self.every_s):
+            cur = read_cpu()
+            self.peak = max(self.peak, cpu_busy(prev, cur)[0])
+            prev = cur
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.last = read_cpu()
+
+    def busy(self) -> list[float]:
+        return cpu_busy(self.first, self.last)
+
+
+# --- the network: namespaces, veths, one bridge, tc ----------------------------------------------
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise LabError(f"`{' '.join(cmd)}` failed: {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+def unavailable_reason() -> str | None:
+    """Why namespaces cannot be made here, or None when they can."""
+    if os.geteuid() != 0:
+        return f"network namespaces need root (running as uid {os.geteuid()})"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` (iproute2) is not installed"
+    probe = f"{PREFIX}{os.getpid()}-probe"
+    r = sh("ip", "netns", "add", probe, check=False)
+    if r.returncode != 0:
+        return f"cannot create a network namespace: {r.stderr.strip()}"
+    sh("ip", "netns", "del", probe, check=False)
+    return None
+
+
+def pick_subnet() -> int:
+    """A second octet for 10.X.0.0/24 that the root namespace does not route (for clarity only:
+    the lab's subnet lives in its own namespaces and cannot clash)."""
+    used = {int(m) for m in re.findall(r"\b10\.(\d+)\.", sh("ip", "-4", "route", "show", "table", "all").stdout)}
+    free = [x for x in range(64, 255) if x not in used]
+    return random.choice(free or list(range(64, 255)))
+
+
+class Topology:
+    def __init__(self, run_id: str, hosts: int, subnet: int) -> None:
+        self.bridge_ns = f"{run_id}-br"
+        self.ns = [f"{run_id}-h{i}" for i in range(hosts)]
+        self.subnet = subnet
+        self.made: list[str] = []  # namespaces, in creation order
+
+    def ip(self, host: int) -> str:
+        return f"10.{self.subnet}.0.{host + 1}"
+
+    def build(self, spec: LabSpec) -> None:
+        has_netem = spec.delay_ms <= 0 or self._has_netem()
+        if not has_netem:
+            raise LabError("--delay-ms needs the netem qdisc, which this kernel lacks (CONFIG_NET_SCH_NETEM)")
+        self._add_ns(self.bridge_ns)
+        br = ("ip", "-n", self.bridge_ns)
+        sh(*br, "link", "add", "br0", "type", "bridge")
+        sh(*br, "link", "set", "br0", "up")
+        for i, ns in enumerate(self.ns):
+            self._add_ns(ns)
+            host = ("ip", "-n", ns)
+            # created straight inside the two namespaces: nothing ever appears in the root one
+            sh(*br, "link", "add", f"h{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh(*br, "link", "set", f"h{i}", "master", "br0", "up")
+            sh(*host, "link", "set", "eth0", "addrgenmode", "none")  # no IPv6 chatter on the links
+            sh(*host, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
+            sh(*host, "link", "set", "eth0", "up")
+            sh(*host, "link", "set", "lo", "up")
+            self.shape(ns, "eth0", spec.up_mbit(i), spec.delay_ms)
+            self.shape(self.bridge_ns, f"h{i}", spec.down_mbit(i), 0)
+
+    def _add_ns(self, name: str) -> None:
+        sh("ip", "netns", "add", name)
+        self.made.append(name)
+
+    def _has_netem(self) -> bool:
+        probe = f"{self.bridge_ns}-netem"
+        sh("ip", "netns", "add", probe)
+        try:
+            return sh("tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+                      check=False).returncode == 0
+        finally:
+            sh("ip", "netns", "del", probe, check=False)
+
+    @staticmethod
+    def shape(ns: str, dev: str, mbit: float, delay_ms: float) -> None:
+        tc = ("tc", "-n", ns)
+        rate = f"{int(mbit * 1000)}kbit"
+        # one htb class; burst of one GSO super-packet (veths hand 64 KiB skbs to the qdisc)
+        sh(*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1")
+        sh(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", rate,
+           "ceil", rate, "burst", "64k", "cburst", "64k", "quantum", "65536")
+        if delay_ms > 0:
+            sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "netem",
+               "delay", f"{delay_ms}ms", "limit", "100000")
+        else:
+            sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "pfifo", "limit", "1000")
+
+    def counters(self) -> dict[int, tuple[int, int]]:
+        """Per host, (bytes it received, bytes it sent), read at the bridge's end of its veth."""
+        links = json.loads(sh("ip", "-n", self.bridge_ns, "-s", "-j", "link", "show").stdout)
+        out = {}
+        for link in links:
+            m = re.fullmatch(r"h(\d+)", link.get("ifname", ""))
+            if m:
+                s = link["stats64"]
+                out[int(m.group(1))] = (s["tx"]["bytes"], s["rx"]["bytes"])
+        return out
+
+    def teardown(self) -> None:
+        for ns in reversed(self.made):
+            remove_ns(ns)
+        self.made.clear()
+
+
+def remove_ns(ns: str) -> None:
+    """Kill whatever still runs in `ns`, then delete it (its veth ends, and so their peers, go too)."""
+    for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    sh("ip", "netns", "del", ns, check=False)
+
+
+# --- processes inside the namespaces --------------------------------------------------------------
+
+
+@dataclass
+class NsProc:
+    name: str
+    ns: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen | None = None
+
+    def start(self, base_env: dict[str, str]) -> None:
+        with open(self.log, "ab") as out:
+            # `ip netns exec` execs the command: popen.pid is the service itself
+            self.popen = subprocess.Popen(["ip", "netns", "exec", self.ns, *self.argv], stdout=out,
+                                          stderr=subprocess.STDOUT, env={**base_env, **self.env},
+                                          start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if not self.alive():
+            return
+        self.popen.terminate()
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DFZMQ_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def make_file(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 4 * MiB))
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Lab:
+    """One run: the network, the processes, the distribution, the report. `close()` undoes all."""
+
+    def __init__(self, spec: LabSpec, keep: bool = False) -> None:
+        if spec.peers < 1 or spec.size <= 0:
+            raise LabError("need at least one peer and a non-empty file")
+        self.spec = spec
+        self.keep = keep
+        self.run_id = f"{PREFIX}{os.getpid()}"
+        self.work = Path(tempfile.mkdtemp(prefix=f"{self.run_id}-"))
+        self.topo = Topology(self.run_id, spec.peers + 1, pick_subnet())
+        self.procs: dict[str, NsProc] = {}
+        self.daemons: list[str] = []
+
+    def control(self, name: str) -> str:
+        return f"ipc://{self.work / name}/control.sock"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.topo.ip(0)}:{ORIGIN_PORT}/{FILE_NAME}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.topo.build(self.spec)
+        www = self.work / "www"
+        www.mkdir()
+        self.sha256 = make_file(www / FILE_NAME, self.spec.size)
+        h0, ns0 = self.topo.ip(0), self.topo.ns[0]
+        manager = f"{h0}:{MANAGER_PORT}"
+        py = [sys.executable]
+        self._add("origin", ns0, [*py, "-m", "tools.origin", "--root", str(www), "--host", h0,
+                                  "--port", str(ORIGIN_PORT), "--port-file", str(self.work / "origin.port")])
+        self._add("manager", ns0, [*py, "-m", "dfzmq", "manager", "--listen", manager,
+                                   "--data", str(self.work / "manager")])
+        self._add("scheduler", ns0, [*py, "-m", "dfzmq", "scheduler", "--manager", manager,
+                                     "--listen", f"{h0}:{SCHEDULER_PORT}", "--advertise", h0])
+        for i in range(self.spec.peers + 1):
+            name = f"h{i}"
+            ip = self.topo.ip(i)
+            args = [*py, "-m", "dfzmq", "daemon", "--manager", manager, "--data", str(self.work / name),
+                    "--listen", f"{ip}:0", "--advertise", ip]
+            self._add(name, self.topo.ns[i], args + (["--seed"] if i == 0 else []),
+                      {"DFZMQ_HOSTNAME": f"{self.run_id}-{name}"})
+            self.daemons.append(name)
+        env = child_env()
+        for p in self.procs.values():
+            p.start(env)
+        self._wait_ready(timeout_s)
+
+    def _add(self, name: str, ns: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.procs[name] = NsProc(name, ns, argv, self.work / f"{name}.log", env or {})
+
+    def stat(self, name: str, timeout_s: float = 1.0) -> dict | None:
+        reply = request(self.control(name), wire.StatRequest(), timeout_s)
+        return reply.info if isinstance(reply, wire.StatReply) else None
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Ready when the origin wrote its port and every daemon (seed included) holds a live link
+        to a scheduler, which it can only have found through the manager."""
+        deadline = time.monotonic() + timeout_s
+        pending = set(self.daemons)
+        while True:
+            for p in self.procs.values():
+                if not p.alive():
+                    raise LabError(f"{p.name} exited ({p.popen.returncode}); log:\n{p.tail()}")
+            for name in sorted(pending):
+                st = self.stat(name, 0.5)
+                if st is not None and any(st["schedulers"].values()):
+                    pending.discard(name)
+            if not pending and (self.work / "origin.port").exists():
+                return
+            if time.monotonic() > deadline:
+                raise LabError("lab not ready in time; waiting for " + ", ".join(sorted(pending) or ["origin"]))
+            time.sleep(0.2)
+
+    def origin_stats(self) -> dict:
+        code = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+        r = sh("ip", "netns", "exec", self.topo.ns[0], sys.executable, "-c", code,
+               f"http://{self.topo.ip(0)}:{ORIGIN_PORT}/_stats")
+        return json.loads(r.stdout)
+
+    def distribute(self) -> dict:
+        from dfzmq.cli import fetch_via_daemon
+
+        spec = self.spec
+        bound_s, plain_s = bounds(spec)
+        timeout_s = spec.timeout_s or 60 + 4 * plain_s
+        out_dir = self.work / "out"
+        out_dir.mkdir()
+        peers = self.daemons[1:]
+        results: dict[str, dict] = {}
+
+        def one(name: str, t0: float) -> None:
+            req = wire.Download(f"lab-{name}", self.url, str(out_dir / f"{name}.bin"), digest=f"sha256:{self.sha256}")
+            try:
+                stats = fetch_via_daemon(self.control(name), req, lambda done, total: None)
+                results[name] = {**stats, "finish_s": time.monotonic() - t0}
+            except Exception as e:  # reported per host; the run goes on for the others
+                results[name] = {"error": f"{type(e).__name__}: {e}", "finish_s": time.monotonic() - t0}
+
+        wire0 = self.topo.counters()
+        cpu0 = {n: proc_cpu_s(p.popen.pid) for n, p in self.procs.items()}
+        with CpuMonitor() as mon:
+            t0 = time.monotonic()
+            threads = [threading.Thread(target=one, args=(n, t0), daemon=True) for n in peers]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(max(0.0, t0 + timeout_s - time.monotonic()))
+            wall_s = time.monotonic() - t0
+        wire1 = self.topo.counters()
+        cpu1 = {n: proc_cpu_s(p.popen.pid) for n, p in self.procs.items()}
+        origin = self.origin_stats()
+        return self._report(results, origin, wire0, wire1, cpu0, cpu1, mon, wall_s, bound_s, plain_s)
+
+    def _report(self, results, origin, wire0, wire1, cpu0, cpu1, mon, wall_s, bound_s, plain_s) -> dict:
+        spec, f = self.spec, self.spec.size
+        hosts = []
+        for i, name in enumerate(self.daemons):
+            r = results.get(name, {"error": "timed out"} if i else {})
+            st = self.stat(name) or {}
+            row = {
+                "host": name, "ip": self.topo.ip(i), "role": "origin site" if i == 0 else "peer",
+                "up_mbit": spec.up_mbit(i), "down_mbit": spec.down_mbit(i),
+                "finish_s": r.get("finish_s"), "error": r.get("error", ""),
+                "origin_bytes": r.get("origin_bytes", 0), "seed_bytes": r.get("seed_bytes", 0),
+                "peer_bytes": r.get("peer_bytes", 0),
+                "wire_rx_bytes": wire1[i][0] - wire0[i][0], "wire_tx_bytes": wire1[i][1] - wire0[i][1],
+                "uploaded_bytes": st.get("uploaded_bytes"),
+                "cpu_s": round(cpu1[name] - cpu0[name], 2),
+            }
+            if i:
+                out = self.work / "out" / f"{name}.bin"
+                row["copy_ok"] = not row["error"] and out.exists() and sha256_of(out) == self.sha256
+            hosts.append(row)
+        peers = hosts[1:]
+        n = spec.peers
+        finished = [h["finish_s"] for h in peers if h["copy_ok"]]
+        last_s = max(finished) if len(finished) == n else None
+        stored = sum(h["origin_bytes"] + h["seed_bytes"] + h["peer_bytes"] for h in peers)
+        wire_rx = sum(h["wire_rx_bytes"] for h in peers)
+        # Stats count stored pieces only, so a piece received twice shows up in what was sent:
+        # every uploader's piece bytes plus the peers' own origin reads.
+        sent = sum(h["uploaded_bytes"] or 0 for h in hosts) + sum(h["origin_bytes"] for h in peers)
+        busy = mon.busy()
+        return {
+            "ok": last_s is not None,
+            "spec": asdict(spec), "file_bytes": f, "run_id": self.run_id,
+            "subnet": f"10.{self.topo.subnet}.0.0/24",
+            "hosts": hosts,
+            "last_s": last_s, "wall_s": round(wall_s, 3),
+            "bound_s": bound_s, "ratio": last_s / bound_s if last_s else None,
+            "plain_s": plain_s,
+            "origin_bytes": origin.get("total_bytes", 0),
+            "origin_over_f": origin.get("total_bytes", 0) / f,
+            "redundant_bytes": stored - n * f,
+            "redundant_pct": 100.0 * (stored - n * f) / (n * f),
+            "redundant_sent_bytes": sent - n * f,
+            "redundant_sent_pct": 100.0 * (sent - n * f) / (n * f),
+            "wire_rx_over_nf": wire_rx / (n * f),
+            "cpu": {
+                "cores": len(busy) - 1, "busy_pct": round(busy[0], 1),
+                "per_core_pct": [round(b, 1) for b in busy[1:]], "peak_pct": round(mon.peak, 1),
+                "cpu_s": {k: round(cpu1[k] - cpu0[k], 2) for k in ("origin", "manager", "scheduler")},
+                "peer_daemons_cpu_s": round(sum(h["cpu_s"] for h in peers), 2),
+                "seed_cpu_s": hosts[0]["cpu_s"],
+            },
+        }
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {p.name} ({p.ns})\n{p.tail()}" for p in self.procs.values())
+
+    def close(self) -> None:
+        """Stop every process, remove every namespace and (unless kept) the work dir. Signals are
+        ignored meanwhile, so a second Ctrl-C cannot leave half a lab behind."""
+        main = threading.current_thread() is threading.main_thread()
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)} if main else {}
+        try:
+            for p in self.procs.values():
+                try:
+                    p.stop()
+                except OSError:
+                    pass
+            self.topo.teardown()
+            if not self.keep:
+                shutil.rmtree(self.work, ignore_errors=True)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def run_lab(spec: LabSpec, keep: bool = False, log=lambda msg: None) -> dict:
+    """Build the lab, distribute, report, tear down. Raises LabError when the lab itself fails."""
+    lab = Lab(spec, keep)
+    try:
+        log(f"building {spec.peers + 1} hosts ({lab.run_id}-h0..h{spec.peers}) and starting dfzmq")
+        try:
+            lab.start()
+        except LabError as e:
+            raise LabError(f"{e}\n{lab.tails()}") from None
+        log(f"distributing {spec.size_mib:g} MiB to {spec.peers} peers")
+        result = lab.distribute()
+        if not result["ok"]:
+            result["logs"] = lab.tails()
+        if keep:
+            result["work_dir"] = str(lab.work)
+        return result
+    finally:
+        lab.close()
+
+
+def cleanup(force: bool = False) -> tuple[list[str], list[str]]:
+    """Remove namespaces and temp dirs of earlier runs: (removed, left alone because running)."""
+    removed, busy = [], []
+    names = [line.split()[0] for line in sh("ip", "netns", "list", check=False).stdout.splitlines() if line.strip()]
+    dirs = list(Path(tempfile.gettempdir()).glob(f"{PREFIX}*-*"))
+    for item in [*names, *(str(d) for d in dirs)]:
+        m = re.match(rf"{PREFIX}(\d+)-", Path(item).name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if not force and pid != os.getpid() and Path(f"/proc/{pid}").exists():
+            busy.append(item)
+            continue
+        if item.startswith("/"):
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            remove_ns(item)
+        removed.append(item)
+    return removed, busy
+
+
+# --- the view -------------------------------------------------------------------------------------
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / MiB:.1f}"
+
+
+def render(result: dict):
+    """The report as rich renderables (a pure function of the result)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    hosts = Table(title=f"dfzmq lab {result['run_id']}: {result['file_bytes'] / MiB:g} MiB to "
+                        f"{result['spec']['peers']} peers ({result['subnet']})")
+    # MiB columns: what the daemon stored from the origin / the seed / other peers, bytes on its
+    # link in and out, and piece bytes its upload server sent
+    for col in ("host", "up/dn Mbit", "done s", "origin", "seed", "peers", "wire in", "wire out",
+                "sent", "CPU s", "copy"):
+        hosts.add_column(col, justify="left" if col in ("host", "copy") else "right")
+    for h in result["hosts"]:
+        copy = "-" if "copy_ok" not in h else ("ok" if h["copy_ok"] else f"BAD {h['error']}"[:60])
+        hosts.add_row(h["host"] + (" seed" if h["role"] != "peer" else ""),
+                      f"{h['up_mbit']:g}/{h['down_mbit']:g}",
+                      "-" if h["finish_s"] is None else f"{h['finish_s']:.2f}",
+                      _mib(h["origin_bytes"]), _mib(h["seed_bytes"]), _mib(h["peer_bytes"]),
+                      _mib(h["wire_rx_bytes"]), _mib(h["wire_tx_bytes"]), _mib(h["uploaded_bytes"]),
+                      f"{h['cpu_s']:.1f}", copy)
+    summary = Table(show_header=False, box=None)
+    cpu = result["cpu"]
+    last = result["last_s"]
+    for k, v in (
+        ("last host finished", "FAILED" if last is None else f"{last:.2f} s"),
+        ("lower bound", f"{result['bound_s']:.2f} s"),
+        ("last / bound", "-" if result["ratio"] is None else f"{result['ratio']:.2f}"),
+        ("plain downloads from origin", f"{result['plain_s']:.2f} s"),
+        ("origin bytes / F", f"{result['origin_over_f']:.3f}"),
+        ("redundant bytes (stored beyond N*F)", f"{result['redundant_bytes']} ({result['redundant_pct']:.2f}%)"),
+        ("redundant bytes (sent beyond N*F)", f"{result['redundant_sent_bytes']} ({result['redundant_sent_pct']:.2f}%)"),
+        ("wire bytes into peers / N*F", f"{result['wire_rx_over_nf']:.3f} (incl. TCP/IP and ZeroMQ overhead)"),
+        ("CPU busy (all cores, mean / peak)", f"{cpu['busy_pct']:.0f}% / {cpu['peak_pct']:.0f}% "
+                                              f"(per core {', '.join(f'{c:.0f}%' for c in cpu['per_core_pct'])})"),
+        ("CPU s: peers / seed / scheduler / origin", f"{cpu['peer_daemons_cpu_s']:.1f} / {cpu['seed_cpu_s']:.1f} / "
+                                                    f"{cpu['cpu_s']['scheduler']:.1f} / {cpu['cpu_s']['origin']:.1f}"),
+    ):
+        summary.add_row(k, v)
+    return Group(hosts, summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tools/netlab.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="build a lab, distribute one file, report, tear down")
+    run.add_argument("--peers", type=int, default=4)
+    run.add_argument("--size-mib", type=float, default=16)
+    run.add_argument("--peer-up-mbit", type=float, default=100)
+    run.add_argument("--peer-down-mbit", type=float, default=100)
+    run.add_argument("--origin-up-mbit", type=float, default=200)
+    run.add_argument("--slow-half-up-mbit", type=float, default=None, help="upload of the last N//2 peers")
+    run.add_argument("--delay-ms", type=float, default=0, help="one-way delay added on each host's upload")
+    run.add_argument("--timeout-s", type=float, default=None, help="give up on the fetches after this long")
+    run.add_argument("--json", action="store_true", help="print the report as JSON")
+    run.add_argument("--keep", action="store_true", help="keep the work dir (logs, copies)")
+    clean = sub.add_parser("cleanup", help="remove namespaces and temp dirs left by earlier runs")
+    clean.add_argument("--force", action="store_true", help="also those of runs that still seem alive")
+    args = parser.parse_args(argv)
+
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    reason = unavailable_reason()
+    if reason is not None:
+        err.print(f"netlab skipped: {reason}")
+        return 0
+    if args.cmd == "cleanup":
+        removed, busy = cleanup(args.force)
+        for item in removed:
+            err.print(f"removed {item}")
+        for item in busy:
+            err.print(f"left alone (its run is alive; --force to remove): {item}")
+        err.print(f"{len(removed)} removed")
+        return 0
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    # SIGINT too: a shell's background job inherits it ignored, and Ctrl-C must still clean up
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    spec = LabSpec(args.peers, args.size_mib, args.peer_up_mbit, args.peer_down_mbit, args.origin_up_mbit,
+                   args.slow_half_up_mbit, args.delay_ms, args.timeout_s)
+    try:
+        result = run_lab(spec, args.keep, log=lambda m: err.print(f"[dim]{m}[/dim]"))
+    except LabError as e:
+        err.print(f"netlab failed: {e}", markup=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print("netlab interrupted; everything it made is removed")
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        out = Console()
+        if not out.is_terminal:
+            out = Console(width=120)
+        out.print(render(result))
+        if not result["ok"]:
+            err.print(result.get("logs", ""), markup=False)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
