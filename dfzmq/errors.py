@@ -43,9 +43,10 @@ class SourceError(DownloadError):
     `transient` errors (a connection cut mid-body, a timeout, a 5xx answer) are worth a retry;
     the others (4xx, an unknown host, a bad URL) are the origin's final word."""
 
-    def __init__(self, message: str, transient: bool = False) -> None:
+    def __init__(self, message: str, transient: bool = False, final: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        self.final = final  # the origin answered no (a 4xx): no peer will do better
 
 
 class IntegrityError(DownloadError):

@@ -99,7 +99,11 @@ class SchedulerLink:
                         continue
                     last_seen = time.monotonic()
                     backoff = interval
-                    self._handle(msg)
+                    try:
+                        self._handle(msg)
+                    except Exception:  # one bad message must not end the link
+                        d.counters["scheduler.handler-error"] += 1
+                        log.exception("handling %s from the scheduler failed", type(msg).__name__)
             log.warning("scheduler %s at %s silent: reconnecting", self.member_id, self.addr)
             was_alive, self.alive = self.alive, False
             self.sock.close(0)
@@ -153,7 +157,7 @@ class Daemon:
         self.links: dict[str, SchedulerLink] = {}
         self._held: dict[str, dict[int, wire.PieceInfo]] = {}
         self._schedulers_known = asyncio.Event()
-        self._bg: list[asyncio.Task] = []
+        self._bg: set[asyncio.Task] = set()
         self.ctx: zmq.asyncio.Context | None = None
         # One thread does every piece store, output write and whole-file hash, in order, so the
         # event loop keeps receiving while bytes are copied (both release the GIL).
@@ -173,7 +177,8 @@ class Daemon:
         )
         host = self.cfg.advertise or ("127.0.0.1" if self.cfg.listen.startswith("127.") else "")
         self.upload = UploadServer(self.ctx, self.store, self.cfg.listen, host, self.held, self.counters,
-                                   curve=self.curve, bucket=TokenBucket(self.cfg.upload_rate))
+                                   curve=self.curve, bucket=TokenBucket(self.cfg.upload_rate),
+                                   subscriber_ttl_s=max(30.0, 3 * self.cfg.liveness * self.cfg.heartbeat_interval_s))
         if os.environ.get("DFZMQ_TEST_CORRUPT_UPLOADS") == "1":
             self.upload.corrupt = True
         self.control = net.make_socket(self.ctx, "control_router")
@@ -183,13 +188,13 @@ class Daemon:
             if path.exists():
                 path.unlink()
         self.control_addr = net.bind(self.control, control_addr)
-        self._bg.append(asyncio.create_task(self.upload.run()))
-        self._bg.append(asyncio.create_task(self._control_loop()))
+        self._spawn(self.upload.run())
+        self._spawn(self._control_loop())
         if self.cfg.scheduler:
             self._add_link("fixed", net.tcp(self.cfg.scheduler))
             self._schedulers_known.set()
         elif use_manager and self.cfg.manager:
-            self._bg.append(asyncio.create_task(self._manager_loop()))
+            self._spawn(self._manager_loop())
         else:
             self._schedulers_known.set()
         log.info("daemon %s%s: upload %s, control %s", self.host_id, " (seed)" if self.cfg.seed else "",
@@ -200,9 +205,9 @@ class Daemon:
             run.fail(DownloadError("daemon stopping"), report=False)
         for link in self.links.values():
             link.close()
-        for t in self._bg:
+        for t in list(self._bg):
             t.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
+        await asyncio.gather(*list(self._bg), return_exceptions=True)
         await self.http.close()
         self.upload.close()
         self.control.close(0)
@@ -211,6 +216,13 @@ class Daemon:
         self.ctx.term()
 
     # -- schedulers -----------------------------------------------------------------------
+
+    def _spawn(self, coro) -> asyncio.Task:
+        """A background task that forgets itself when done (no list grows per download)."""
+        t = asyncio.create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+        return t
 
     def host_announce(self) -> wire.HostAnnounce:
         return wire.HostAnnounce(self.host_id, self.hostname, self.upload.addr, self.cfg.seed,
@@ -258,10 +270,14 @@ class Daemon:
                         await asyncio.sleep(0.1)
                     continue
                 msg = decode_plain(await sock.recv_multipart(), self.counters)
-                if isinstance(msg, wire.SchedulerList):
-                    await self._update_links(msg)
-                elif msg is not None and member is not None:
-                    self._send_all(sock, member.on_message(msg, time.monotonic()))
+                try:
+                    if isinstance(msg, wire.SchedulerList):
+                        await self._update_links(msg)
+                    elif msg is not None and member is not None:
+                        self._send_all(sock, member.on_message(msg, time.monotonic()))
+                except Exception:  # e.g. a scheduler address we cannot connect to
+                    self.counters["manager.handler-error"] += 1
+                    log.exception("handling %s from the manager failed", type(msg).__name__)
         finally:
             if sock is not None:
                 sock.close(0)
@@ -294,7 +310,11 @@ class Daemon:
             await asyncio.sleep(0.02)
 
     async def schedulers_known(self) -> None:
-        await self._schedulers_known.wait()
+        """Wait until the manager has said which schedulers are up (or it could not be reached)."""
+        try:
+            await asyncio.wait_for(self._schedulers_known.wait(), 5.0)
+        except asyncio.TimeoutError:
+            self._schedulers_known.set()
 
     def scheduler_for(self, task_id: str) -> SchedulerLink | None:
         """The task's scheduler: rendezvous hashing over live schedulers (any known if none live)."""
@@ -335,7 +355,9 @@ class Daemon:
         """The pieces of a task this peer holds (cached view of the store; TaskRuns update it)."""
         h = self._held.get(task_id)
         if h is None:
-            h = self._held[task_id] = self.store.manifest(task_id)
+            h = self.store.manifest(task_id)
+            if h:
+                self._held[task_id] = h  # cached only for tasks that exist here
         return h
 
     def task_finished(self, run: TaskRun) -> None:
@@ -348,6 +370,7 @@ class Daemon:
         if run is not None:
             return run, False
         run = self.tasks[task_id] = TaskRun(self, task_id, url, headers, tag, application)
+        self._held[task_id] = run.held  # one dict, updated by the run, read by the upload server
         return run, True
 
     def seed_trigger(self, msg: wire.SeedTrigger) -> None:
@@ -364,7 +387,7 @@ class Daemon:
             except Exception as e:
                 log.exception("task start failed")
                 run.fail(DownloadError(f"internal error: {e}"))
-        self._bg.append(asyncio.create_task(go()))
+        self._spawn(go())
 
     async def download(self, url: str, output: str, digest: str = "", headers: dict | None = None,
                        tag: str = "", application: str = "",
@@ -378,8 +401,12 @@ class Daemon:
         run, new = self.require_task(tid, url, headers, tag, application)
         try:
             await run.attach(sink)
-        except DfzmqError:
+        except BaseException as e:
             sink.abort()
+            if new:
+                self.task_finished(run)
+            if isinstance(e, Exception) and not isinstance(e, DfzmqError):
+                raise DownloadError(f"internal error: {e}") from e
             raise
         if new:
             self._spawn_start(run)
@@ -408,14 +435,18 @@ class Daemon:
             if got is None:
                 continue
             ident, msg = got
-            if isinstance(msg, wire.Download):
-                self._bg.append(asyncio.create_task(self._serve_download(ident, msg)))
-            elif isinstance(msg, wire.StatRequest):
-                self._reply(ident, wire.StatReply(self.stats()))
-            elif isinstance(msg, wire.Heartbeat):
-                self._reply(ident, wire.Heartbeat(self.host_id))
-            else:
-                self._reply(ident, wire.Error("bad-request", f"unexpected {type(msg).__name__}"))
+            try:
+                if isinstance(msg, wire.Download):
+                    self._spawn(self._serve_download(ident, msg))
+                elif isinstance(msg, wire.StatRequest):
+                    self._reply(ident, wire.StatReply(self.stats()))
+                elif isinstance(msg, wire.Heartbeat):
+                    self._reply(ident, wire.Heartbeat(self.host_id))
+                else:
+                    self._reply(ident, wire.Error("bad-request", f"unexpected {type(msg).__name__}"))
+            except Exception:  # never let one request end the control socket
+                self.counters["control.errors"] += 1
+                log.exception("control request %s failed", type(msg).__name__)
 
     def _reply(self, ident: bytes, msg: Any) -> None:
         try:

@@ -108,6 +108,13 @@ class Picker:
             st.have.discard(num)
             self.counts[num] = self.counts.get(num, 1) - 1
 
+    def cancel(self, pid: str, num: int) -> None:
+        """Forget a request without blame (its duplicate from another parent won)."""
+        st = self.parents.get(pid)
+        if st is not None:
+            st.outstanding.pop(num, None)
+        self._unrequest(num, pid)
+
     def on_failure(self, pid: str, num: int) -> None:
         """Bytes from `pid` failed verification, or the request timed out."""
         st = self.parents.get(pid)

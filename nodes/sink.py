@@ -111,7 +111,7 @@ class OutputSink:
         return os.pread(self.fd, info.length, info.offset)
 
     def set_length(self, content_length: int) -> None:
-        if content_length >= 0:
+        if content_length >= 0 and not self.closed:
             try:
                 os.ftruncate(self.fd, content_length)
             except OSError as e:
@@ -119,7 +119,7 @@ class OutputSink:
                 raise StorageError(f"cannot size {self.path}: {e.strerror}") from e
 
     def write(self, info: PieceInfo, data: Any) -> None:
-        if info.num in self.written:
+        if info.num in self.written or self.closed:
             return
         try:
             view = memoryview(data)

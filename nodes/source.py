@@ -5,7 +5,8 @@ boundaries of a manifest that already exists (a peer that takes over the source 
 restarted peer resuming). It only requests the byte ranges of pieces the peer lacks, so the
 origin serves each byte once per cluster.
 
-HTTP: the first request is a small Range probe (`bytes=0-65535`). A 206 answer tells the size
+HTTP: the first request is a small Range probe (64 KiB from the first piece the peer lacks,
+`bytes=0-65535` for a fresh download). A 206 answer tells the size
 and that ranges work; the rest is then read as up to `connections` Range requests in parallel,
 each covering a contiguous run of pieces. A 200 answer means no range support: the body is
 streamed once and cut as it arrives. No request ever asks for more bytes than it will use,
@@ -18,6 +19,7 @@ pieces go to the `on_piece` callback.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import re
@@ -62,20 +64,36 @@ def digest(data: bytes) -> str:
 
 
 def plan(content_length: int, known: dict[int, PieceInfo]) -> list[tuple[int, int, int]]:
-    """(num, offset, length) of every piece: known boundaries first, then cut at the length
-    of piece 0 (or a chosen length) up to the end."""
-    out = [(p.num, p.offset, p.length) for p in sorted(known.values(), key=lambda p: p.num)]
-    expected_num = 0
-    offset = 0
-    for num, off, length in out:
-        if num != expected_num or off != offset:
-            raise IntegrityError("stored manifest has a gap; cannot resume from the origin")
-        expected_num, offset = num + 1, off + length
-    piece_length = known[0].length if 0 in known and known[0].length else choose_piece_length(content_length)
-    while offset < content_length:
-        length = min(piece_length, content_length - offset)
-        out.append((expected_num, offset, length))
-        expected_num, offset = expected_num + 1, offset + length
+    """(num, offset, length) of every piece up to `content_length`.
+
+    Known manifest entries keep their boundaries (they may have gaps: parallel readers and
+    parents fill pieces in any order); missing pieces are cut at the manifest's piece length,
+    never across the start of the next known piece, or at a chosen length when nothing is known.
+    """
+    if known:
+        # A piece's offset over its number is the cut length too: a manifest that so far holds
+        # only the short last piece must not cut the whole file at that length.
+        piece_length = max([p.length for p in known.values()]
+                           + [p.offset // p.num for p in known.values() if p.num]) or choose_piece_length(content_length)
+        end = max(content_length, max(p.offset + p.length for p in known.values()))
+    else:
+        piece_length = choose_piece_length(content_length)
+        end = content_length
+    starts = sorted(p.offset for p in known.values())
+    out: list[tuple[int, int, int]] = []
+    num = offset = 0
+    while offset < end:
+        p = known.get(num)
+        if p is not None:
+            if p.offset != offset:
+                raise IntegrityError(f"manifest is inconsistent at piece {num}; cannot resume from the origin")
+            length = p.length
+        else:
+            i = bisect.bisect_right(starts, offset)
+            next_start = starts[i] if i < len(starts) else end
+            length = min(piece_length, end - offset, next_start - offset)
+        out.append((num, offset, length))
+        num, offset = num + 1, offset + length
     return out
 
 
@@ -178,22 +196,24 @@ class SourceReader:
     def _check_status(self, resp: aiohttp.ClientResponse) -> None:
         if resp.status >= 400:
             raise SourceError(f"origin answered {resp.status} {resp.reason or ''} for {_safe(self.url)}".strip(),
-                              transient=resp.status >= 500 or resp.status in (408, 429))
+                              transient=resp.status >= 500 or resp.status in (408, 429),
+                              final=400 <= resp.status < 500 and resp.status not in (408, 429))
 
     async def _run_http(self, session, known, have, content_length, on_piece) -> SourceResult:
         meta = SourceResult(content_length)
         self.content_length = content_length
         probe = b""
+        probe_at = _probe_start(known, have)
         if content_length < 0:
-            hdrs = {**self.headers, "Range": f"bytes=0-{PROBE_BYTES - 1}"}
+            hdrs = {**self.headers, "Range": f"bytes={probe_at}-{probe_at + PROBE_BYTES - 1}"}
             async with session.get(self.url, headers=hdrs, allow_redirects=True) as resp:
                 meta.etag = resp.headers.get("ETag", "")
                 meta.content_type = resp.headers.get("Content-Type", "")
                 if resp.status == 416:
                     total = _range_total(resp.headers.get("Content-Range", ""))
-                    if total != 0:
+                    if total != 0 and not 0 < total <= probe_at:
                         raise SourceError(f"origin refused the range probe (416) for {_safe(self.url)}")
-                    meta.content_length = 0
+                    meta.content_length = self.content_length = total  # 0, or every piece held
                     return meta
                 self._check_status(resp)
                 if resp.status == 200:
@@ -214,19 +234,19 @@ class SourceReader:
         missing = [p for p in pieces if p[0] not in have]
         # Bytes already read by the probe belong to the pieces they cover.
         if probe:
-            while missing and missing[0][1] + missing[0][2] <= len(probe):
+            while missing and probe_at <= missing[0][1] and missing[0][1] + missing[0][2] <= probe_at + len(probe):
                 num, offset, length = missing.pop(0)
-                await self._emit(known, num, offset, probe[offset:offset + length], on_piece)
+                await self._emit(known, num, offset, probe[offset - probe_at:offset - probe_at + length], on_piece)
         jobs = groups(missing, self.connections)
-        await asyncio.gather(*(self._range(session, g, known, probe, on_piece) for g in jobs))
+        await asyncio.gather(*(self._range(session, g, known, probe, probe_at, on_piece) for g in jobs))
         return meta
 
-    async def _range(self, session, group, known, probe: bytes, on_piece) -> None:
+    async def _range(self, session, group, known, probe: bytes, probe_at: int, on_piece) -> None:
         start = group[0][1]
         end = group[-1][1] + group[-1][2]
         prefix = b""
-        if start < len(probe):
-            prefix = probe[start:]
+        if probe_at <= start < probe_at + len(probe):
+            prefix = probe[start - probe_at:]
         req_start = start + len(prefix)
         hdrs = {**self.headers, "Range": f"bytes={req_start}-{end - 1}"}
         async with session.get(self.url, headers=hdrs, allow_redirects=True) as resp:
@@ -284,6 +304,16 @@ class SourceReader:
         if prior is not None and (prior.digest != info.digest or prior.offset != offset):
             raise IntegrityError(f"origin content changed: piece {num} differs from the manifest")
         await on_piece(info, data)
+
+
+def _probe_start(known: dict[int, PieceInfo], have: set[int]) -> int:
+    """Where the first piece the peer lacks starts, as far as the manifest tells (else 0), so
+    that the probe reads bytes the peer needs rather than bytes it already holds."""
+    num = offset = 0
+    while num in have and num in known:
+        offset = known[num].offset + known[num].length
+        num += 1
+    return offset
 
 
 async def _read_up_to(stream: aiohttp.StreamReader, n: int) -> bytes:

@@ -48,7 +48,11 @@ class ParentLink:
         self.run = run
         self.info = info
         self.sock = net.make_socket(run.daemon.ctx, "parent_dealer", run.daemon.curve)
-        self.sock.connect(info.addr)
+        try:
+            self.sock.connect(info.addr)
+        except zmq.ZMQError:
+            self.sock.close(0)
+            raise
         self.last_seen = time.monotonic()
         self.reader: asyncio.Task | None = None
 
@@ -61,7 +65,7 @@ class ParentLink:
     def close(self) -> None:
         if self.reader is not None:
             self.reader.cancel()
-        self.sock.close(0)
+        self.sock.close(linger=200)  # let a final UNSUBSCRIBE leave
 
 
 class TaskRun:
@@ -103,6 +107,8 @@ class TaskRun:
         self.writing: set[int] = set()  # pieces in the writer thread right now
         self.bucket = TokenBucket(self.cfg.task_download_rate)
         self.pump_after = 0.0  # download limits: no new requests before this time
+        self.stalls = 0  # stall timeouts in a row without progress
+        self.registered_at = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -125,9 +131,10 @@ class TaskRun:
         if self._all_held():
             await self._finish()
             return
-        self._bg.append(asyncio.create_task(self._watchdog()))
         await self.daemon.schedulers_known()
         self.scheduler = self.daemon.scheduler_for(self.task_id)
+        self.registered_at = time.monotonic()
+        self._bg.append(asyncio.create_task(self._watchdog()))
         if self.scheduler is None:
             self.go_source("no scheduler")
         else:
@@ -140,7 +147,7 @@ class TaskRun:
         self.registered_at = time.monotonic()
         self.scheduler.send(wire.PeerRegister(
             self.task_id, self.peer_id, self.url, self.headers, self.tag, self.application,
-            state="running" if self.held else "pending",
+            state="source" if self.state == "source" else "running" if self.held else "pending",
             pieces=list(self.held.values()), content_length=self.content_length,
         ))
 
@@ -251,7 +258,12 @@ class TaskRun:
         for pid, info in wanted.items():
             if pid in self.parents:
                 continue
-            link = ParentLink(self, info)
+            try:
+                link = ParentLink(self, info)
+            except zmq.ZMQError as e:
+                self.log.warning("cannot connect to parent %s at %s: %s", pid, info.addr, e)
+                self.blocklist.add(pid)
+                continue
             self.parents[pid] = link
             self.picker.add_parent(pid, seed=info.seed)
             link.send(wire.Subscribe(self.task_id, self.peer_id))
@@ -289,7 +301,8 @@ class TaskRun:
         pid = link.info.peer_id
         info = self.manifest.get(msg.num)
         if msg.num in self.held or msg.num in self.writing:
-            return  # an endgame duplicate; the first copy wins
+            self.picker.cancel(pid, msg.num)  # an endgame duplicate; the first copy wins
+            return
         if info is None or msg.digest != info.digest or len(msg.data) != info.length:
             self._bad_piece(pid, msg.num)
             return
@@ -354,7 +367,7 @@ class TaskRun:
             return False
         self.daemon.store.put(self.task_id, info, data)
         for sink in list(self.sinks):
-            sink.write(info, data)
+            self._sink_do(sink, sink.write, info, data)
         if self.hasher is not None:
             self.hasher.feed(info, data)
         return True
@@ -381,6 +394,7 @@ class TaskRun:
         self.manifest.setdefault(info.num, info)
         self.stats[f"{source}_bytes"] += info.length
         self.last_progress = time.monotonic()
+        self.stalls = 0
         self.daemon.upload.on_piece(self.task_id, info.num, from_origin=(source == "origin"))
         self.reports.append(info)
         if len(self.reports) >= REPORT_BATCH:
@@ -401,11 +415,16 @@ class TaskRun:
         if self.state in ("succeeded", "failed"):
             return
         self.state = "succeeded"
-        self._flush_reports()
-        for pid in list(self.parents):
-            self._drop_parent(pid, block=False)
-        self._save_meta()
-        await self._in_writer(self._finish_sinks)
+        try:
+            self._flush_reports()
+            for pid in list(self.parents):
+                self._drop_parent(pid, block=False)
+            self._save_meta()
+            await self._in_writer(self._finish_sinks)
+        except Exception as e:
+            self.state = "finishing"
+            self.fail(e if isinstance(e, DfzmqError) else DownloadError(f"internal error: {e}"))
+            return
         self.daemon.upload.on_complete(self.task_id)
         if self.scheduler is not None:
             self.scheduler.send(wire.PeerDone(self.task_id, self.peer_id, self.content_length,
@@ -436,13 +455,16 @@ class TaskRun:
             return
         self.state = "failed"
         self.log.warning("failed: %s", err)
+        self.daemon.counters["task.failed"] += 1
         for pid in list(self.parents):
             self._drop_parent(pid, block=False)
         self.daemon.writer.submit(self._abort_sinks)
         if self.source_task is not None and self.source_task is not asyncio.current_task():
             self.source_task.cancel()
         if report and self.scheduler is not None:
-            code = "source" if isinstance(err, SourceError) else type(err).__name__
+            # "source" tells the scheduler the origin itself said no (a 4xx): every peer fails.
+            # Our own DNS or connection trouble, or a 5xx after retries, is this peer's failure.
+            code = "source" if isinstance(err, SourceError) and err.final else type(err).__name__
             self.scheduler.send(wire.PeerFailed(self.task_id, self.peer_id, str(err), code))
         self._stop_bg()
         self.daemon.task_finished(self)
@@ -461,10 +483,19 @@ class TaskRun:
             self._drop_parent(pid, block=False)
         self.source_task = asyncio.create_task(self._run_source())
 
+    def _start_hasher(self) -> None:
+        """Writer thread: hash what is already held, in order; later pieces are fed as written."""
+        hasher = OrderedHasher(["blake3"], self._read_stored)
+        for num, info in sorted(self.daemon.store.manifest(self.task_id).items()):
+            hasher.feed(info)
+        self.hasher = hasher
+
     async def _run_source(self) -> None:
-        self.hasher = OrderedHasher(["blake3"], self._read_stored)
-        for num in sorted(self.held):
-            self.hasher.feed(self.held[num])
+        try:
+            await self._in_writer(self._start_hasher)
+        except DfzmqError as e:
+            self.fail(e)
+            return
         known = dict(self.manifest)
         reader = SourceReader(self.url, self.headers, self.cfg.source_connections, self.daemon.http)
         length = self.content_length if self.complete else -1
@@ -515,18 +546,28 @@ class TaskRun:
         self.content_length = result.content_length
         self.etag, self.content_type = result.etag or self.etag, result.content_type or self.content_type
         self.piece_count = len(self.held)
-        if self.hasher.upto != self.content_length:
-            self.fail(IntegrityError(f"origin gave {self.hasher.upto} bytes, expected {self.content_length}"))
+        upto = await self._in_writer(lambda: self.hasher.upto)
+        if upto != self.content_length:
+            self.fail(IntegrityError(f"origin gave {upto} bytes, expected {self.content_length}"))
             return
-        self.file_digest = self.hasher.hexdigest("blake3")
+        self.file_digest = await self._in_writer(lambda: self.hasher.hexdigest("blake3"))
         self.complete = True
         await self._in_writer(self._set_length)
         self._flush_reports()
         await self._finish()
 
     def _set_length(self) -> None:
-        for s in self.sinks:
-            s.set_length(self.content_length)
+        for sink in list(self.sinks):
+            self._sink_do(sink, sink.set_length, self.content_length)
+
+    def _sink_do(self, sink: OutputSink, fn, *args) -> None:
+        """Writer thread: one client's output failing (disk full, say) fails that client only."""
+        try:
+            fn(*args)
+        except DfzmqError as e:
+            sink.error = e
+            sink.abort()
+            self.sinks.remove(sink)
 
     def _read_stored(self, info: wire.PieceInfo) -> bytes:
         data = self.daemon.store.get(info.digest)
@@ -570,6 +611,10 @@ class TaskRun:
             if dead:
                 self._reschedule("parents dead or too slow")
             elif now - self.last_progress > self.cfg.stall_timeout_s:
+                self.stalls += 1
+                if self.stalls >= 2:
+                    self.go_source(f"no progress for {2 * self.cfg.stall_timeout_s:.0f}s")
+                    continue
                 self.log.info("no progress for %.0fs: asking to be rescheduled", now - self.last_progress)
                 self.last_progress = now
                 for pid, st in list(self.picker.parents.items()):
@@ -583,6 +628,7 @@ class TaskRun:
     def _spawn(self, coro) -> None:
         t = asyncio.create_task(coro)
         self._bg.append(t)
+        t.add_done_callback(lambda t: self._bg.remove(t) if t in self._bg else None)
 
     def _stop_bg(self) -> None:
         current = asyncio.current_task()

@@ -41,7 +41,8 @@ class Subscriber:
 class UploadServer:
     def __init__(self, ctx: zmq.asyncio.Context, store: PieceStore, listen: str, advertise_host: str,
                  held: Callable[[str], dict], counters: Counters, reveal_delay_s: float = 0.25,
-                 curve: net.Curve | None = None, bucket: TokenBucket | None = None) -> None:
+                 curve: net.Curve | None = None, bucket: TokenBucket | None = None,
+                 subscriber_ttl_s: float = 30.0) -> None:
         self.store = store
         self.held = held  # task_id -> {num: PieceInfo} this peer holds
         self.counters = counters
@@ -55,6 +56,9 @@ class UploadServer:
         self.bytes_uploaded = 0
         self.corrupt = False  # fault switch for tests only (DFZMQ_TEST_CORRUPT_UPLOADS)
         self.bucket = bucket or TokenBucket(0)
+        # Children heartbeat their parents; one silent this long is gone (its UNSUBSCRIBE lost).
+        self.subscriber_ttl_s = subscriber_ttl_s
+        self.last_heard: dict[bytes, float] = {}
         # With an upload limit, pieces wait here for tokens while the loop keeps answering
         # heartbeats and subscriptions (a parent that is only slow must not look dead).
         self.outbox: asyncio.Queue = asyncio.Queue()
@@ -116,6 +120,7 @@ class UploadServer:
             sender.cancel()
 
     def handle(self, ident: bytes, msg) -> None:
+        self.last_heard[ident] = time.monotonic()
         if isinstance(msg, wire.PieceRequest):
             self._serve_piece(ident, msg)
         elif isinstance(msg, wire.Subscribe):
@@ -123,7 +128,11 @@ class UploadServer:
         elif isinstance(msg, wire.Heartbeat):
             self._send(ident, wire.Heartbeat("upload"))
         elif isinstance(msg, wire.Unsubscribe):
-            self.subs.get(msg.task_id, {}).pop(ident, None)
+            subs = self.subs.get(msg.task_id, {})
+            subs.pop(ident, None)
+            if not subs:
+                self.subs.pop(msg.task_id, None)
+                self.rr.pop(msg.task_id, None)
         else:
             self.counters["upload.unexpected"] += 1
             self._send(ident, wire.Error("bad-request", f"unexpected {type(msg).__name__}"))
@@ -168,12 +177,32 @@ class UploadServer:
             await self.bucket.take(len(reply.data))
             self._send_piece(ident, reply)
 
+    def expire(self, now: float) -> None:
+        """Forget children not heard from for `subscriber_ttl_s`."""
+        gone = {i for i, t in self.last_heard.items() if now - t > self.subscriber_ttl_s}
+        if not gone:
+            return
+        for i in gone:
+            del self.last_heard[i]
+        for task_id in list(self.subs):
+            subs = self.subs[task_id]
+            for i in gone & subs.keys():
+                del subs[i]
+            if not subs:
+                del self.subs[task_id]
+                self.rr.pop(task_id, None)
+        self.counters["upload.subscribers-expired"] += len(gone)
+
     async def _reveal_loop(self) -> None:
+        last_expiry = time.monotonic()
         while True:
             await asyncio.sleep(0.05)
+            now = time.monotonic()
+            if now - last_expiry > 1.0:
+                last_expiry = now
+                self.expire(now)
             if not self.pending:
                 continue
-            now = time.monotonic()
             due: dict[str, list[int]] = {}
             while self.pending and self.pending[0][0] <= now:
                 _, task_id, num = self.pending.pop(0)

@@ -21,8 +21,8 @@ from dfzmq import wire
 from dfzmq.config import ManagerConfig, SchedulerConfig
 from dfzmq.service import StopFlag
 
-IVL = 0.1
-LIVE = 3
+IVL = 0.2  # a host silent for IVL*LIVE is dropped: leave room for a loaded machine
+LIVE = 10
 TIMEOUT_S = 3.0
 NO_MANAGER = "127.0.0.1:1"  # nothing listens on port 1
 

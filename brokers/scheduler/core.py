@@ -328,7 +328,7 @@ class SchedulerCore:
 
     def _on_peer_register(self, host: Host, msg: wire.PeerRegister, now: float,
                           out: list[Action]) -> None:
-        if msg.state not in ("pending", "running", "succeeded"):
+        if msg.state not in ("pending", "running", "source", "succeeded"):
             raise Refused("bad-request", f"unknown peer state {msg.state!r}", msg.task_id)
         if not msg.task_id or not msg.peer_id:
             raise Refused("bad-request", "empty task or peer id", msg.task_id)
@@ -363,6 +363,11 @@ class SchedulerCore:
             self._record_pieces(task, peer, msg.pieces, msg.content_length, out)
         if task.manifest or task.content_length >= 0 or task.complete:
             out.append(Send(host.ident, self._manifest_msg(task, sorted_pieces(task))))
+        if msg.state == "source" and task.source_peer is None and not task.complete:
+            # A peer that was reading the origin when we restarted keeps doing so: no seed
+            # trigger, no second read of the origin.
+            self._make_source(peer, task, now, out, "re-announced source")
+            return
         self._schedule(peer, task, now, out)
 
     def _register_finished(self, task: Task, peer: Peer, msg: wire.PeerRegister,
@@ -667,7 +672,8 @@ class SchedulerCore:
             task.waiting.remove(peer.peer_id)
         self._publish(out, "peer-failed", task_id=task.task_id, peer_id=peer.peer_id,
                       reason=msg.reason, code=msg.code)
-        if msg.code == "source":
+        if msg.code == "source" and not task.complete:
+            # (A complete task is still served peer to peer, whatever the origin says now.)
             self._fail_task(task, msg.reason, now, out)
         elif task.source_peer == peer.peer_id:
             self._lost_source(task, now, out)
@@ -722,6 +728,9 @@ class SchedulerCore:
         if task.source_peer == peer.peer_id and not task.complete:
             self._back_to_source(peer, task, out, "you are the source")
             return
+        if task.manifest or task.content_length >= 0:
+            # Incremental manifest pushes can be lost (a full queue): resend the whole of it.
+            out.append(Send(host.ident, self._manifest_msg(task, sorted_pieces(task))))
         chosen = self._choose_parents(peer, task, now, keep=[])
         if chosen:
             self._assign_parents(peer, task, chosen, out)
