@@ -28,10 +28,17 @@ from dfzmq.errors import StorageError
 from dfzmq.wire import PieceInfo
 
 _NUM = struct.Struct(">I")
+_MAX_TASK_KEY = 500  # LMDB's key limit (511) minus the piece number
 
 
 def _task_key(task_id: str) -> bytes:
-    return bytes.fromhex(task_id) if len(task_id) == 64 else task_id.encode()
+    # Task ids arrive from other peers too: a 64-character id that is not hex is just unknown.
+    if len(task_id) == 64:
+        try:
+            return bytes.fromhex(task_id)
+        except ValueError:
+            pass
+    return task_id.encode()
 
 
 class PieceStore:
@@ -110,6 +117,8 @@ class PieceStore:
         """Every piece of the task this peer holds, by number."""
         prefix = _task_key(task_id)
         out: dict[int, PieceInfo] = {}
+        if not 0 < len(prefix) <= _MAX_TASK_KEY:
+            return out  # no such task could have been stored (LMDB keys are 1..511 bytes)
         with self.env.begin(db=self.manifest_db) as txn:
             cur = txn.cursor()
             if not cur.set_range(prefix):
@@ -123,8 +132,11 @@ class PieceStore:
         return out
 
     def get_task(self, task_id: str) -> dict[str, Any] | None:
+        key = _task_key(task_id)
+        if not 0 < len(key) <= _MAX_TASK_KEY:
+            return None
         with self.env.begin(db=self.tasks_db) as txn:
-            raw = txn.get(_task_key(task_id))
+            raw = txn.get(key)
         return None if raw is None else msgpack.unpackb(raw)
 
     def put_task(self, task_id: str, meta: dict[str, Any]) -> None:

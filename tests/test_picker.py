@@ -1,0 +1,327 @@
+"""nodes/picker.py: which piece to ask of which parent. Pure, so a whole swarm of arrivals,
+failures and departures runs here in milliseconds."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from dfzmq.wire import PieceInfo
+from nodes.picker import Picker
+
+L = 1000
+
+
+def manifest(n: int, length: int = L) -> list[PieceInfo]:
+    return [PieceInfo(i, i * length, length, f"{i:064x}") for i in range(n)]
+
+
+def picker(n: int, window_pieces: int = 4, min_window: int = 2, **kw) -> Picker:
+    p = Picker(window_bytes=window_pieces * L, min_window=min_window, rng=random.Random(0), **kw)
+    p.add_manifest(manifest(n))
+    return p
+
+
+def requested_once(p: Picker) -> None:
+    for num, parents in p.requested.items():
+        assert len(parents) == 1, f"piece {num} requested at {parents}"
+
+
+def test_rarest_first():
+    p = picker(10, window_pieces=5)
+    p.add_parent("A")
+    p.add_parent("B")
+    p.on_have("A", list(range(10)))
+    p.on_have("B", list(range(5)))
+    reqs = p.next_requests(0.0)
+    by = {pid: sorted(n for q, n in reqs if q == pid) for pid in "AB"}
+    assert by["A"] == [5, 6, 7, 8, 9]  # only A has these: A spends its window on them
+    assert by["B"] == [0, 1, 2, 3, 4]
+    requested_once(p)
+
+
+def test_rarest_first_order_within_one_parent():
+    p = picker(6, window_pieces=6)
+    for pid in "ABC":
+        p.add_parent(pid)
+    p.on_have("B", [0, 1, 2, 3])
+    p.on_have("C", [0, 1])
+    p.on_have("A", list(range(6)))  # counts: 0,1 -> 3; 2,3 -> 2; 4,5 -> 1
+    reqs = [n for pid, n in p.next_requests(0.0) if pid == "A"]
+    counts = [p.counts[n] for n in reqs]
+    assert counts == sorted(counts) and set(reqs[:2]) == {4, 5}
+
+
+def test_no_piece_twice_before_endgame_and_windows_hold():
+    rng = random.Random(5)
+    p = picker(200, window_pieces=3)
+    for i in range(8):
+        p.add_parent(f"P{i}")
+        p.on_have(f"P{i}", rng.sample(range(200), 120))
+    p.add_parent("S", seed=True)
+    p.on_have("S", list(range(200)))
+    now = 0.0
+    for _ in range(100):
+        reqs = p.next_requests(now)
+        assert len(reqs) == len(set(n for _, n in reqs))
+        if p.missing() and len(p.requested) < len(p.missing()):
+            requested_once(p)
+        for st in p.parents.values():
+            if st.seed:
+                assert len(st.outstanding) <= p.min_window
+            else:
+                assert st.outstanding_bytes(p.manifest) <= p.window_bytes
+            assert all(n in st.have for n in st.outstanding)  # only asked for what it has
+        # a few arrive
+        for pid, n in rng.sample(reqs, min(len(reqs), 3)):
+            p.on_piece(pid, n)
+        now += 1
+
+
+def test_min_window_lets_big_pieces_through():
+    p = Picker(window_bytes=100, min_window=2, rng=random.Random(0))
+    p.add_manifest(manifest(5, length=1000))  # every piece is bigger than the window
+    p.add_parent("A")
+    p.on_have("A", range(5))
+    reqs = p.next_requests(0.0)
+    assert 1 <= len(reqs) <= 2
+    p.next_requests(0.0)
+    assert len(p.parents["A"].outstanding) <= 2
+
+
+def test_uneven_pieces_respect_the_window():
+    p = Picker(window_bytes=10_000, min_window=1, rng=random.Random(0))
+    lengths = [3000, 500, 7000, 1, 2500, 9999, 100]
+    off = 0
+    pieces = []
+    for i, ln in enumerate(lengths):
+        pieces.append(PieceInfo(i, off, ln, f"{i:064x}"))
+        off += ln
+    p.add_manifest(pieces)
+    p.add_parent("A")
+    p.on_have("A", range(len(lengths)))
+    p.next_requests(0.0)
+    used = p.parents["A"].outstanding_bytes(p.manifest)
+    assert used < p.window_bytes + max(lengths)  # at most one piece over the credit
+    assert len(p.parents["A"].outstanding) < len(lengths)
+
+
+def test_non_seed_parents_preferred_over_the_seed():
+    p = picker(6, window_pieces=10)
+    p.add_parent("S", seed=True)
+    p.add_parent("P")
+    p.on_have("S", range(6))
+    p.on_have("P", range(4))
+    reqs = p.next_requests(0.0)
+    from_seed = {n for pid, n in reqs if pid == "S"}
+    from_peer = {n for pid, n in reqs if pid == "P"}
+    assert from_peer == {0, 1, 2, 3}
+    assert from_seed and from_seed <= {4, 5}  # the seed serves what only it has
+    requested_once(p)
+
+
+def test_seed_serves_what_peers_have_no_room_for():
+    p = picker(6, window_pieces=1, min_window=1)
+    p.add_parent("S", seed=True)
+    p.add_parent("P")
+    p.on_have("S", range(6))
+    p.on_have("P", range(6))
+    reqs = p.next_requests(0.0)
+    assert [pid for pid, _ in reqs].count("P") == 1
+    assert [pid for pid, _ in reqs].count("S") == 1  # seed keeps at most min_window requests
+    requested_once(p)
+
+
+def test_seed_only_swarm_completes():
+    p = picker(5)
+    p.add_parent("S", seed=True)
+    p.on_have("S", range(5))
+    for _ in range(10):
+        for pid, n in p.next_requests(0.0):
+            p.on_piece(pid, n)
+    assert not p.missing()
+
+
+def test_removing_a_parent_frees_its_pieces():
+    p = picker(8, window_pieces=8)
+    p.add_parent("A")
+    p.on_have("A", range(8))
+    first = {n for _, n in p.next_requests(0.0)}
+    assert first == set(range(8))
+    p.add_parent("B")
+    p.on_have("B", range(8))
+    dup = p.next_requests(0.0)
+    assert len(dup) == 1 and dup[0][0] == "B"  # endgame: idle B duplicates one request
+    freed = p.remove_parent("A")
+    assert set(freed) == first
+    assert all(p.counts[n] == 1 for n in range(8))
+    assert set(p.requested) == {dup[0][1]} and p.requested[dup[0][1]] == {"B"}
+    p.cancel(*dup[0])
+    again = p.next_requests(1.0)
+    assert {n for pid, n in again if pid == "B"} == set(range(8))
+    assert p.remove_parent("nobody") == []
+
+
+def test_on_missing():
+    p = picker(4, window_pieces=4)
+    p.add_parent("A")
+    p.add_parent("B")
+    p.on_have("A", [0, 1])
+    p.on_have("B", [0, 1, 2, 3])
+    reqs = p.next_requests(0.0)
+    at_a = [n for pid, n in reqs if pid == "A"]
+    assert at_a
+    n = at_a[0]
+    p.on_missing("A", n)
+    assert n not in p.parents["A"].have and n not in p.parents["A"].outstanding
+    assert p.counts[n] == 1 and n not in p.requested
+    again = p.next_requests(1.0)
+    assert ("B", n) in again and ("A", n) not in again
+    p.on_missing("ghost", 0)  # unknown parents are ignored
+
+
+def test_on_failure_and_expired():
+    p = picker(4, window_pieces=4, piece_timeout_s=10.0)
+    p.add_parent("A")
+    p.on_have("A", range(4))
+    reqs = p.next_requests(100.0)
+    assert p.expired(105.0) == []
+    late = p.expired(110.5)
+    assert sorted(late) == sorted(reqs)
+    for pid, n in late[:2]:
+        p.on_failure(pid, n)
+    st = p.parents["A"]
+    assert st.failures == 2 and len(st.outstanding) == 2
+    retried = p.next_requests(111.0)
+    assert sorted(n for _, n in retried) == sorted(n for _, n in late[:2])
+    assert sorted(p.expired(115.0)) == sorted(late[2:])  # the retries are fresh
+    p.on_failure("ghost", 0)
+
+
+def test_expired_only_reports_old_requests():
+    p = picker(4, window_pieces=1, min_window=1, piece_timeout_s=5.0)
+    p.add_parent("A")
+    p.add_parent("B")
+    p.on_have("A", range(4))
+    p.on_have("B", range(4))
+    (a,) = [r for r in p.next_requests(0.0) if r[0] == "A"]
+    p.on_piece("A", a[1])
+    (b,) = [r for r in p.next_requests(3.0) if r[0] == "A"]
+    assert p.expired(6.0) == [("B", n) for n in p.parents["B"].outstanding]
+    assert set(p.expired(8.5)) == {b, *(("B", n) for n in p.parents["B"].outstanding)}
+
+
+def test_endgame_duplicates_at_most_once():
+    p = picker(3, window_pieces=10)
+    for pid in "ABCDE":
+        p.add_parent(pid)
+        p.on_have(pid, range(3))
+    first = p.next_requests(0.0)
+    assert len(first) == 3 and len({n for _, n in first}) == 3
+    holders = {n: pid for pid, n in first}
+    dups = p.next_requests(1.0)  # everything is requested: idle parents duplicate
+    assert dups
+    for pid, n in dups:
+        assert pid != holders[n]
+    for _ in range(5):
+        p.next_requests(2.0)
+    for n, parents in p.requested.items():
+        assert len(parents) <= 2
+    # the first copy wins and clears every request for it
+    pid, n = dups[0]
+    p.on_piece(pid, n)
+    assert n not in p.requested and all(n not in st.outstanding for st in p.parents.values())
+
+
+def test_cancel_forgets_without_blame():
+    p = picker(2)
+    p.add_parent("A")
+    p.on_have("A", [0, 1])
+    p.next_requests(0.0)
+    p.cancel("A", 0)
+    assert 0 not in p.parents["A"].outstanding and p.parents["A"].failures == 0
+    assert 0 not in p.requested
+
+
+def test_on_piece_from_elsewhere_and_stats():
+    p = picker(3)
+    p.add_parent("A")
+    p.on_have("A", range(3))
+    p.next_requests(0.0)
+    p.on_piece("", 0)  # e.g. already in the store under another task
+    p.on_piece("A", 1)
+    assert p.parents["A"].pieces_received == 1 and p.parents["A"].bytes_received == L
+    assert sorted(p.missing()) == [2]
+
+
+def test_pieces_not_in_the_manifest_are_never_requested():
+    p = picker(2)
+    p.add_parent("A")
+    p.on_have("A", [0, 1, 2, 3])  # HAVE may run ahead of the manifest
+    assert sorted(n for _, n in p.next_requests(0.0)) == [0, 1]
+    p.add_manifest(manifest(4)[2:])
+    assert sorted(n for _, n in p.next_requests(0.0)) == [2, 3]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_swarm_loop_terminates_with_every_piece(seed):
+    """Parents with random holdings, HAVE increments, slow, lying and vanishing parents, a
+    manifest that grows while the download runs: the loop ends holding every piece."""
+    rng = random.Random(seed)
+    n = rng.randrange(1, 120)
+    pieces = manifest(n)
+    p = Picker(window_bytes=rng.choice([1, 3, 8]) * L, min_window=rng.choice([1, 2]),
+               piece_timeout_s=5.0, rng=random.Random(seed))
+    p.add_manifest(pieces[: max(1, n // 2)])
+    p.add_parent("seed", seed=True)
+    p.on_have("seed", range(n))
+    kinds = {}
+    for i in range(rng.randrange(0, 6)):
+        pid = f"p{i}"
+        p.add_parent(pid)
+        p.on_have(pid, rng.sample(range(n), rng.randrange(0, n + 1)))
+        kinds[pid] = rng.choice(["good", "good", "slow", "liar", "corrupt"])
+    inflight: list[tuple[float, str, int]] = []
+    now = 0.0
+    got: Counter[int] = Counter()
+    for step in range(5000):
+        if not p.missing() and len(p.manifest) == n:
+            break
+        if step == 5:
+            p.add_manifest(pieces)
+        if step == 20 and "p0" in p.parents:
+            p.remove_parent("p0")
+            inflight = [r for r in inflight if r[1] != "p0"]
+        for pid, num in p.expired(now):
+            p.on_failure(pid, num)
+            inflight = [r for r in inflight if (r[1], r[2]) != (pid, num)]
+        for pid, num in p.next_requests(now):
+            assert num in p.parents[pid].have and num not in p.have
+            kind = kinds.get(pid, "good")
+            delay = {"good": 0.5, "slow": 30.0, "liar": 0.5, "corrupt": 0.5}[kind]
+            inflight.append((now + delay * rng.uniform(0.5, 1.5), pid, num))
+        inflight.sort()
+        while inflight and inflight[0][0] <= now:
+            _, pid, num = inflight.pop(0)
+            if pid not in p.parents or num not in p.parents[pid].outstanding:
+                continue  # its request was dropped (timeout, endgame winner)
+            kind = kinds.get(pid, "good")
+            if kind == "liar":
+                p.on_missing(pid, num)
+            elif kind == "corrupt":
+                p.on_failure(pid, num)
+            else:
+                got[num] += 1
+                p.on_piece(pid, num)
+        # one side effect of real life: a parent learns a piece while we download
+        if rng.random() < 0.1 and kinds:
+            pid = rng.choice(list(kinds))
+            if pid in p.parents:
+                p.on_have(pid, [rng.randrange(n)])
+        now += 0.25
+        assert all(len(s) <= 2 for s in p.requested.values())  # one endgame duplicate at most
+    assert not p.missing() and p.have == set(range(n))
+    assert set(got) == set(range(n))
+    assert not p.requested
