@@ -62,6 +62,9 @@ class DaemonConfig:
     upload_slots: int = 32
     window_bytes: int = 8 * 1024 * 1024  # outstanding bytes per parent (credit window)
     source_connections: int = 4  # parallel Range requests to the origin
+    source_timeout_s: float = 60.0  # the origin sending nothing for this long is a failure
+    concurrent_tasks: int = 0  # tasks downloading at once (0 = no limit); others wait their turn
+    concurrent_pieces: int = 0  # piece requests outstanding per task (0 = the windows decide)
     schedule_timeout_s: float = 10.0  # no answer from any scheduler for this long: go to source
     stall_timeout_s: float = 15.0  # no piece for this long from any parent: reschedule
     map_size: int = 1 << 40
