@@ -158,6 +158,7 @@ class Daemon:
         self._held: dict[str, dict[int, wire.PieceInfo]] = {}
         self._schedulers_known = asyncio.Event()
         self._bg: set[asyncio.Task] = set()
+        self.task_slots = asyncio.Semaphore(cfg.concurrent_tasks) if cfg.concurrent_tasks > 0 else None
         self.ctx: zmq.asyncio.Context | None = None
         # One thread does every piece store, output write and whole-file hash, in order, so the
         # event loop keeps receiving while bytes are copied (both release the GIL).
@@ -344,10 +345,15 @@ class Daemon:
             ))
 
     def scheduler_lost(self, link: SchedulerLink) -> None:
-        for run in self.tasks.values():
+        """A scheduler went silent: its tasks move to the next live one (rendezvous order) and
+        register there with what they hold, so downloads go on without it."""
+        for run in list(self.tasks.values()):
             if run.scheduler is link:
                 other = self.scheduler_for(run.task_id)
-                run.scheduler = other if other is not link and other is not None and other.alive else link
+                if other is not None and other is not link and other.alive:
+                    log.info("task %s moves to scheduler %s", run.task_id[:12], other.member_id)
+                    run.scheduler = other
+                    run.register()
 
     # -- tasks ----------------------------------------------------------------------------
 
@@ -381,6 +387,9 @@ class Daemon:
     def _spawn_start(self, run: TaskRun) -> None:
         async def go() -> None:
             try:
+                if self.task_slots is not None:
+                    await self.task_slots.acquire()  # released when the run ends
+                    run.done.add_done_callback(lambda _: self.task_slots.release())
                 await run.start()
             except DfzmqError as e:
                 run.fail(e)

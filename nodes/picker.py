@@ -41,8 +41,10 @@ class ParentState:
 
 class Picker:
     def __init__(self, window_bytes: int = 8 << 20, min_window: int = 2,
-                 piece_timeout_s: float = 20.0, rng: random.Random | None = None) -> None:
+                 piece_timeout_s: float = 20.0, rng: random.Random | None = None,
+                 max_outstanding: int = 0) -> None:
         self.window_bytes = window_bytes
+        self.max_outstanding = max_outstanding  # requests in flight for the task; 0 = no cap
         self.min_window = min_window
         self.piece_timeout_s = piece_timeout_s
         self.manifest: dict[int, PieceInfo] = {}
@@ -146,6 +148,15 @@ class Picker:
         return [n for n in self.manifest if n not in self.have]
 
     def next_requests(self, now: float) -> list[tuple[str, int]]:
+        out = self._next_requests(now)
+        if self.max_outstanding > 0:
+            room = self.max_outstanding - sum(len(s) for s in self.requested.values()) + len(out)
+            for pid, num in out[max(0, room):]:
+                self.cancel(pid, num)  # over the cap: not sent after all
+            out = out[:max(0, room)]
+        return out
+
+    def _next_requests(self, now: float) -> list[tuple[str, int]]:
         if not any(self._budget(st) > 0 for st in self.parents.values()):
             return []
         wanted = [n for n in self.manifest if n not in self.have and n not in self.requested]

@@ -135,10 +135,11 @@ class SourceReader:
     """Reads one task from its origin. One instance per back-to-source attempt."""
 
     def __init__(self, url: str, headers: dict[str, str], connections: int = 4,
-                 session: aiohttp.ClientSession | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None, timeout_s: float = 60.0) -> None:
         self.url = url
         self.headers = dict(headers)
         self.connections = max(1, connections)
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(15.0, timeout_s), sock_read=timeout_s)
         self.session = session
         self.bytes_read = 0
         self.content_length = -1  # known once the origin has said (before the first piece)
@@ -163,7 +164,9 @@ class SourceReader:
             raise SourceError(f"cannot resolve {urlsplit(self.url).hostname}: {e.os_error or e}") from e
         except aiohttp.ClientConnectorError as e:
             raise SourceError(f"cannot reach {urlsplit(self.url).netloc}: {e.os_error or e}", transient=True) from e
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except asyncio.TimeoutError as e:
+            raise SourceError(f"origin timed out (nothing for {self.timeout.sock_read:.0f}s)", transient=True) from e
+        except aiohttp.ClientError as e:
             raise SourceError(f"origin transfer failed: {type(e).__name__}: {e}", transient=True) from e
         finally:
             if own:
@@ -206,7 +209,7 @@ class SourceReader:
         probe_at = _probe_start(known, have)
         if content_length < 0:
             hdrs = {**self.headers, "Range": f"bytes={probe_at}-{probe_at + PROBE_BYTES - 1}"}
-            async with session.get(self.url, headers=hdrs, allow_redirects=True) as resp:
+            async with session.get(self.url, headers=hdrs, allow_redirects=True, timeout=self.timeout) as resp:
                 meta.etag = resp.headers.get("ETag", "")
                 meta.content_type = resp.headers.get("Content-Type", "")
                 if resp.status == 416:
@@ -249,7 +252,7 @@ class SourceReader:
             prefix = probe[start - probe_at:]
         req_start = start + len(prefix)
         hdrs = {**self.headers, "Range": f"bytes={req_start}-{end - 1}"}
-        async with session.get(self.url, headers=hdrs, allow_redirects=True) as resp:
+        async with session.get(self.url, headers=hdrs, allow_redirects=True, timeout=self.timeout) as resp:
             self._check_status(resp)
             if resp.status == 200:
                 # The origin stopped honouring ranges: skip to where we need to be.

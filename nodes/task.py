@@ -87,7 +87,7 @@ class TaskRun:
         self.complete = False
         self.file_digest = ""
         self.piece_count = -1
-        self.picker = Picker(window_bytes=self.cfg.window_bytes)
+        self.picker = Picker(window_bytes=self.cfg.window_bytes, max_outstanding=self.cfg.concurrent_pieces)
         self.parents: dict[str, ParentLink] = {}
         self.blocklist: set[str] = set()
         self.bad_parents: set[str] = set()  # sent bytes that failed verification
@@ -497,7 +497,8 @@ class TaskRun:
             self.fail(e)
             return
         known = dict(self.manifest)
-        reader = SourceReader(self.url, self.headers, self.cfg.source_connections, self.daemon.http)
+        reader = SourceReader(self.url, self.headers, self.cfg.source_connections, self.daemon.http,
+                              self.cfg.source_timeout_s)
         length = self.content_length if self.complete else -1
 
         async def on_piece(info: wire.PieceInfo, data: bytes) -> None:
@@ -533,7 +534,8 @@ class TaskRun:
                 known = dict(self.manifest)
                 if self.content_length >= 0:
                     length = self.content_length
-                reader = SourceReader(self.url, self.headers, self.cfg.source_connections, self.daemon.http)
+                reader = SourceReader(self.url, self.headers, self.cfg.source_connections, self.daemon.http,
+                                      self.cfg.source_timeout_s)
             except DfzmqError as e:
                 self.fail(e)
                 return

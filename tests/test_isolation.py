@@ -93,3 +93,129 @@ def test_upload_limit_holds(tmp_path, origin, www, outdir):
         # A loose bound that still fails if the limit is ignored (loopback does this in << 1 s).
         assert elapsed >= 0.8 * (size - rate / 4) / rate, elapsed
         assert c.stat("seed0")["limiter_wait_s"]["upload"] > 0
+
+
+# -- service level ------------------------------------------------------------------------------
+
+
+def test_manager_down_cluster_keeps_working_and_rejoins(tmp_path, origin, www, outdir):
+    from tools.cluster import request
+
+    data = make_file(www / "nomgr.bin", 1_500_000, seed=34)
+    with LocalCluster(tmp_path / "c", peers=2) as c:
+        c.procs["manager"].signal(signal.SIGKILL)
+        c.procs["manager"].popen.wait()
+        results = c.fetch_all(c.peers, origin.url("nomgr.bin"), outdir)
+        assert all("error" not in r for r in results.values()), results
+        assert all((outdir / f"{p}.out").read_bytes() == data for p in c.peers)
+        assert origin.bytes_served("nomgr.bin") == len(data)  # still one origin read, P2P
+        c.procs["manager"].start(c.env())
+        deadline = time.monotonic() + 30
+        while True:  # the scheduler notices, re-registers, and is listed again
+            reply = request(f"tcp://{c.manager_addr}", wire.ListSchedulers(), 0.5)
+            if isinstance(reply, wire.SchedulerList) and reply.schedulers and reply.seeds:
+                break
+            assert time.monotonic() < deadline, "scheduler and seed never rejoined the manager"
+            time.sleep(0.2)
+
+
+def test_two_schedulers_share_tasks_and_survive_one_dying(tmp_path, origin, www, outdir):
+    from dfzmq import ids
+    from tools.cluster import request
+
+    with LocalCluster(tmp_path / "c", peers=2, schedulers=2) as c:
+        files = {f"multi{i}.bin": make_file(www / f"multi{i}.bin", 300_000 + i, seed=40 + i) for i in range(8)}
+        for name, data in files.items():
+            r = c.fetch("peer1", origin.url(name), outdir / name)
+            assert r.returncode == 0, r.stderr
+            assert (outdir / name).read_bytes() == data
+        per_scheduler = [request(f"tcp://{a}", wire.StatRequest(), 2.0).info["tasks"] for a in c.scheduler_addrs]
+        assert all(n > 0 for n in per_scheduler), per_scheduler  # rendezvous spread the tasks
+        # Now a slow download, and its scheduler dies in the middle of it.
+        size = 6 * 1024 * 1024
+        data = make_file(www / "failover.bin", size, seed=49)
+        url = origin.url("failover.bin")
+        listed = request(f"tcp://{c.manager_addr}", wire.ListSchedulers(), 2.0).schedulers
+        owner_id = ids.rendezvous(ids.task_id(url), sorted(m.member_id for m in listed))[0]
+        owner_addr = next(m.addr for m in listed if m.member_id == owner_id)
+        owner = next(n for n, a in zip(["scheduler0", "scheduler1"], c.scheduler_addrs) if owner_addr.endswith(a))
+        origin.set_rate(2 * 1024 * 1024)
+        try:
+            threads = [_fetch_in_thread(c, p, url, outdir / f"{p}.fo") for p in c.peers]
+            deadline = time.monotonic() + 20
+            while origin.bytes_served("failover.bin") < size // 4:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            c.procs[owner].signal(signal.SIGKILL)
+            for t, _ in threads:
+                t.join(120)
+        finally:
+            origin.set_rate(None)
+        for (t, result), p in zip(threads, c.peers):
+            assert "stats" in result, (result, c.tail(p))
+            assert (outdir / f"{p}.fo").read_bytes() == data
+        assert origin.bytes_served("failover.bin") < 2 * size
+
+
+def test_seed_down_mid_download_peers_finish(tmp_path, origin, www, outdir):
+    size = 6 * 1024 * 1024
+    data = make_file(www / "seeddown.bin", size, seed=35)
+    with LocalCluster(tmp_path / "c", peers=2) as c:
+        url = origin.url("seeddown.bin")
+        origin.set_rate(2 * 1024 * 1024)
+        try:
+            threads = [_fetch_in_thread(c, p, url, outdir / f"{p}.sd") for p in c.peers]
+            deadline = time.monotonic() + 20
+            while origin.bytes_served("seeddown.bin") < size // 4:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            c.procs["seed0"].signal(signal.SIGKILL)
+            for t, _ in threads:
+                t.join(120)
+        finally:
+            origin.set_rate(None)
+        for (t, result), p in zip(threads, c.peers):
+            assert "stats" in result, (result, c.tail(p))
+            assert (outdir / f"{p}.sd").read_bytes() == data
+
+
+# -- task level ---------------------------------------------------------------------------------
+
+
+def test_disk_full_fails_that_task_alone(tmp_path, origin, www, outdir):
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        big = make_file(www / "toobig.bin", 3 * 1024 * 1024, seed=36)
+        fine = make_file(www / "fine.bin", 3 * 1024 * 1024, seed=37)
+        with LocalCluster(tmp_path / "c", peers=1) as c:
+            t1, r1 = _fetch_in_thread(c, "peer1", origin.url("toobig.bin"), small / "x.bin")
+            t2, r2 = _fetch_in_thread(c, "peer1", origin.url("fine.bin"), outdir / "fine.bin")
+            t1.join(60)
+            t2.join(60)
+            assert "error" in r1 and "disk full" in str(r1["error"]), r1
+            assert list(small.iterdir()) == []  # no partial file, no temp file
+            assert "stats" in r2 and (outdir / "fine.bin").read_bytes() == fine
+            # the daemon still holds the pieces of the failed output: another path works
+            r = c.fetch("peer1", origin.url("toobig.bin"), outdir / "big.bin")
+            assert r.returncode == 0 and (outdir / "big.bin").read_bytes() == big
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+def test_origin_that_stops_sending_times_out_cleanly(tmp_path, origin, www, outdir):
+    make_file(www / "hang.bin", 2 * 1024 * 1024, seed=38)
+    env = {n: {"DFZMQ_SOURCE_TIMEOUT_S": "1"} for n in ("seed0", "peer1")}
+    with LocalCluster(tmp_path / "c", peers=1, daemon_env=env) as c:
+        origin.set_rate(1)  # one byte a second: the first chunk never leaves
+        try:
+            r = c.fetch("peer1", origin.url("hang.bin"), outdir / "h.bin")
+        finally:
+            origin.set_rate(None)
+        assert r.returncode != 0 and "timed out" in r.stderr, r.stderr
+        assert list(outdir.iterdir()) == []

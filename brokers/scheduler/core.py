@@ -521,6 +521,11 @@ class SchedulerCore:
         rest = [c for c in cands if c.peer_id not in chosen]
         if room <= 0 or not rest:
             return chosen
+        # The load limit: a host whose upload slots are all taken gets no more children (the
+        # source above is the exception: without it an incomplete task cannot finish).
+        rest = [c for c in rest if self._children_of_host(c.host_id) < self.hosts[c.host_id].info.upload_slots]
+        if not rest:
+            return chosen
         if len(rest) > self.candidate_parents:
             rest = self.rng.sample(rest, self.candidate_parents)
         host = self.hosts[child.host_id]
