@@ -73,6 +73,12 @@ class DaemonConfig:
     upload_rate: int = 0  # all uploads to other peers together
     source_rate: int = 0  # back-to-source reads
     task_download_rate: int = 0  # each task on its own
+    # Storage garbage collection (nodes/gc.py). The quota counts piece bytes in the store only.
+    disk_quota: int = 0  # bytes ("50GiB" accepted); 0 = no quota
+    gc_high_watermark: float = 0.9  # usage above this fraction of the quota starts eviction...
+    gc_low_watermark: float = 0.7  # ...which goes on until usage is at or below this fraction
+    task_ttl_s: float = 0.0  # finished tasks not read for this long are evicted; 0 = keep forever
+    gc_interval_s: float = 30.0
     curve_public: str = ""
     curve_secret: str = ""
 

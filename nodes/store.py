@@ -5,7 +5,20 @@ Three databases in one environment:
   in two tasks are stored once.
 - `manifest`: task id + piece number -> (offset, length, digest) for every piece this peer
   holds. What a peer holds of a task is exactly its manifest entries here.
-- `tasks`: task id -> task metadata (url, content length, completeness, file digest, times).
+- `tasks`: task id -> task metadata (url, content length, completeness, file digest, times;
+  `accessed`, set by `touch`, is the last time a client or another peer read the task).
+- `refs`: blake3 digest -> (reference count, piece length): how many manifest entries point at
+  the piece. A piece is deleted exactly when its count reaches zero, so a piece shared by two
+  tasks survives the eviction of either. The same database holds two records whose keys are not
+  32 bytes long and so cannot be digests: `!usage` (bytes of live piece values, a running counter
+  changed in the same transaction as the pieces) and `!schema` (refcounts are complete).
+  A store written before `refs` existed is counted once, when it is opened (`_migrate`).
+
+Usage is a counter of piece bytes rather than LMDB page statistics because a quota is given in
+bytes of files held: it is the same on every page size, equal to what `dfzmq` downloaded, and
+exact to the byte in tests. Page overhead (about 0.1% for MiB-sized pieces), the manifest and
+metadata, and LMDB's free list come on top; the data file never shrinks, its freed pages are
+reused by later pieces.
 
 Every write is one short transaction; read buffers never outlive their transaction (callers
 get copies). The environment is opened with sync off: a crash of the process loses nothing
@@ -28,6 +41,12 @@ from dfzmq.errors import StorageError
 from dfzmq.wire import PieceInfo
 
 _NUM = struct.Struct(">I")
+_REF = struct.Struct(">IQ")  # reference count, piece length
+_U64 = struct.Struct(">Q")
+_USAGE_KEY = b"!usage"
+_SCHEMA_KEY = b"!schema"
+_SCHEMA = b"1"
+DELETE_BATCH = 512  # manifest entries per write transaction in delete_task
 _MAX_TASK_KEY = 500  # LMDB's key limit (511) minus the piece number
 
 
@@ -59,6 +78,8 @@ class PieceStore:
         self.pieces = self.env.open_db(b"pieces")
         self.manifest_db = self.env.open_db(b"manifest")
         self.tasks_db = self.env.open_db(b"tasks")
+        self.refs_db = self.env.open_db(b"refs")
+        self._migrate()
 
     def close(self) -> None:
         self.env.sync(True)
@@ -84,13 +105,10 @@ class PieceStore:
         key = bytes.fromhex(info.digest)
         try:
             with self.env.begin(write=True) as txn:
-                if txn.get(key, db=self.pieces) is None:
-                    txn.put(key, data, db=self.pieces)
-                txn.put(
-                    _task_key(task_id) + _NUM.pack(info.num),
-                    msgpack.packb((info.offset, info.length, info.digest)),
-                    db=self.manifest_db,
-                )
+                if self._link(txn, task_id, info):
+                    delta = self._ref(txn, key, data)
+                    if delta:
+                        self._add_usage(txn, delta)
         except lmdb.MapFullError as e:
             raise StorageError("piece store is full (map_size reached)") from e
         except lmdb.Error as e:
@@ -102,14 +120,203 @@ class PieceStore:
         """Record a piece we already hold under another task (dedup). True if it was there."""
         key = bytes.fromhex(info.digest)
         with self.env.begin(write=True) as txn:
-            if txn.get(key, db=self.pieces) is None:
+            if txn.get(key, db=self.refs_db) is None and not txn.cursor(db=self.pieces).set_key(key):
                 return False
-            txn.put(
-                _task_key(task_id) + _NUM.pack(info.num),
-                msgpack.packb((info.offset, info.length, info.digest)),
-                db=self.manifest_db,
-            )
+            if self._link(txn, task_id, info):
+                self._ref(txn, key, None)
         return True
+
+    # -- reference counts and usage (inside the caller's write transaction) ----------------
+
+    def _link(self, txn: lmdb.Transaction, task_id: str, info: PieceInfo) -> bool:
+        """Write the manifest entry. True if it now references a digest it did not before (the
+        caller adds a reference); an entry that pointed at another digest drops that one."""
+        mkey = _task_key(task_id) + _NUM.pack(info.num)
+        old = txn.get(mkey, db=self.manifest_db)
+        txn.put(mkey, msgpack.packb((info.offset, info.length, info.digest)), db=self.manifest_db)
+        if old is None:
+            return True
+        old_digest = msgpack.unpackb(old)[2]
+        if old_digest == info.digest:  # the same piece again: referenced already, unless dangling
+            return txn.get(bytes.fromhex(old_digest), db=self.refs_db) is None
+        freed = self._unref(txn, bytes.fromhex(old_digest))
+        if freed:
+            self._add_usage(txn, -freed)
+        return True
+
+    def _ref(self, txn: lmdb.Transaction, key: bytes, data: Any) -> int:
+        """One more reference to the piece `key`, storing `data` if the piece is new. Returns
+        the bytes added to the store (0 when the piece was there already)."""
+        rec = txn.get(key, db=self.refs_db)
+        if rec is not None:
+            count, size = _REF.unpack(rec)
+            txn.put(key, _REF.pack(count + 1, size), db=self.refs_db)
+            return 0
+        cur = txn.cursor(db=self.pieces)
+        if cur.set_key(key):  # held without a count (should not happen after _migrate)
+            size = len(cur.value())
+            added = 0
+        else:
+            if data is None:
+                raise StorageError("internal: a reference to a piece that is not stored")
+            size = memoryview(data).nbytes
+            txn.put(key, data, db=self.pieces)
+            added = size
+        txn.put(key, _REF.pack(1, size), db=self.refs_db)
+        return added
+
+    def _unref(self, txn: lmdb.Transaction, key: bytes) -> int:
+        """One reference fewer; the piece is deleted with its last reference. Bytes freed."""
+        rec = txn.get(key, db=self.refs_db)
+        if rec is None:
+            return 0  # a manifest entry whose piece is missing: nothing to free
+        count, size = _REF.unpack(rec)
+        if count > 1:
+            txn.put(key, _REF.pack(count - 1, size), db=self.refs_db)
+            return 0
+        txn.delete(key, db=self.refs_db)
+        txn.delete(key, db=self.pieces)
+        return size
+
+    def _add_usage(self, txn: lmdb.Transaction, delta: int) -> None:
+        raw = txn.get(_USAGE_KEY, db=self.refs_db)
+        usage = _U64.unpack(raw)[0] if raw is not None else 0
+        txn.put(_USAGE_KEY, _U64.pack(max(0, usage + delta)), db=self.refs_db)
+
+    def _migrate(self) -> None:
+        """Count references and usage of a store written before `refs` existed (once, at open;
+        it reads every manifest entry and every piece's length, so it is O(pieces) one time).
+        Pieces that no manifest entry references are deleted: nothing could ever free them."""
+        with self.env.begin(db=self.refs_db) as txn:
+            if txn.get(_SCHEMA_KEY) == _SCHEMA:
+                return
+        try:
+            with self.env.begin(write=True, buffers=True) as txn:
+                txn.drop(self.refs_db, delete=False)
+                counts: dict[bytes, int] = {}
+                for _, value in txn.cursor(db=self.manifest_db):
+                    d = bytes.fromhex(msgpack.unpackb(bytes(value))[2])
+                    counts[d] = counts.get(d, 0) + 1
+                usage = 0
+                orphans = []
+                for key, value in txn.cursor(db=self.pieces):
+                    key = bytes(key)
+                    count = counts.get(key)
+                    if count is None:
+                        orphans.append(key)
+                        continue
+                    usage += len(value)
+                    txn.put(key, _REF.pack(count, len(value)), db=self.refs_db)
+                for key in orphans:
+                    txn.delete(key, db=self.pieces)
+                txn.put(_USAGE_KEY, _U64.pack(usage), db=self.refs_db)
+                txn.put(_SCHEMA_KEY, _SCHEMA, db=self.refs_db)
+        except lmdb.Error as e:
+            raise StorageError(f"cannot count the piece store's references: {e}") from e
+
+    # -- garbage collection support (called in the daemon's writer thread) ------------------
+
+    def usage_bytes(self) -> int:
+        """Bytes of live piece values (each stored piece counted once, however many tasks hold
+        it). O(1): a counter kept in the write transactions, not a scan."""
+        with self.env.begin(db=self.refs_db) as txn:
+            raw = txn.get(_USAGE_KEY)
+        return _U64.unpack(raw)[0] if raw is not None else 0
+
+    def touch(self, task_id: str, when: float | None = None) -> bool:
+        """Record that the task was read (by a client or another peer) at `when` (wall clock,
+        default now). False if there is no such task."""
+        return self.touch_many({task_id: time.time() if when is None else when}) == 1
+
+    def touch_many(self, accessed: dict[str, float]) -> int:
+        """`touch` for many tasks in one write transaction; a time older than the recorded one
+        is ignored. Returns how many tasks exist and were touched."""
+        n = 0
+        try:
+            with self.env.begin(write=True, db=self.tasks_db) as txn:
+                for task_id, when in accessed.items():
+                    key = _task_key(task_id)
+                    if not 0 < len(key) <= _MAX_TASK_KEY:
+                        continue
+                    raw = txn.get(key)
+                    if raw is None:
+                        continue
+                    meta = msgpack.unpackb(raw)
+                    if when > meta.get("accessed", 0):
+                        meta["accessed"] = when
+                        txn.put(key, msgpack.packb(meta))
+                    n += 1
+        except lmdb.Error as e:
+            raise StorageError(f"piece store write failed: {e}") from e
+        return n
+
+    def task_footprints(self) -> list[tuple[dict[str, Any], int, int]]:
+        """(metadata, bytes held, bytes only this task holds) for every task with metadata.
+        The last is what deleting the task alone would free now. Reads every manifest entry:
+        call it only when something must be evicted."""
+        out = []
+        with self.env.begin() as txn:
+            metas = [msgpack.unpackb(v) for _, v in txn.cursor(db=self.tasks_db)]
+            cur = txn.cursor(db=self.manifest_db)
+            for meta in metas:
+                prefix = _task_key(meta.get("task_id", ""))
+                own: dict[bytes, int] = {}
+                held = 0
+                if 0 < len(prefix) <= _MAX_TASK_KEY and cur.set_range(prefix):
+                    for key, value in cur:
+                        if not key.startswith(prefix):
+                            break
+                        if len(key) != len(prefix) + 4:
+                            continue
+                        _, length, digest = msgpack.unpackb(value)
+                        held += length
+                        d = bytes.fromhex(digest)
+                        own[d] = own.get(d, 0) + 1
+                exclusive = 0
+                for d, n in own.items():
+                    rec = txn.get(d, db=self.refs_db)
+                    if rec is not None:
+                        count, size = _REF.unpack(rec)
+                        if count <= n:
+                            exclusive += size
+                out.append((meta, held, exclusive))
+        return out
+
+    def delete_task(self, task_id: str, batch: int = DELETE_BATCH) -> int:
+        """Remove the task's manifest entries, its metadata, and every piece no other task
+        references. Returns the bytes freed. Runs as several short write transactions of
+        `batch` entries each; the metadata goes with the last one, so a crash in between
+        leaves an incomplete task (resumable, and evicted again later), never a complete task
+        with pieces missing."""
+        prefix = _task_key(task_id)
+        if not 0 < len(prefix) <= _MAX_TASK_KEY:
+            return 0
+        freed = 0
+        try:
+            while True:
+                with self.env.begin(write=True) as txn:
+                    cur = txn.cursor(db=self.manifest_db)
+                    found: list[tuple[bytes, str]] = []
+                    if cur.set_range(prefix):
+                        for key, value in cur:
+                            if not key.startswith(prefix) or len(found) >= batch:
+                                break
+                            if len(key) == len(prefix) + 4:
+                                found.append((key, msgpack.unpackb(value)[2]))
+                    step = 0
+                    for key, digest in found:
+                        txn.delete(key, db=self.manifest_db)
+                        step += self._unref(txn, bytes.fromhex(digest))
+                    if step:
+                        self._add_usage(txn, -step)
+                    last = len(found) < batch
+                    if last:
+                        txn.delete(prefix, db=self.tasks_db)
+                freed += step
+                if last:
+                    return freed
+        except lmdb.Error as e:
+            raise StorageError(f"deleting task {task_id[:12]} failed: {e}") from e
 
     # -- manifests and task metadata ------------------------------------------------------
 
