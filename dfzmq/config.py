@@ -60,7 +60,7 @@ class DaemonConfig:
     heartbeat_interval_s: float = 1.0
     liveness: int = 4
     upload_slots: int = 32
-    window_bytes: int = 8 * 1024 * 1024  # outstanding bytes per parent (credit window)
+    window_bytes: int = 1024 * 1024  # outstanding bytes per parent (credit window; at least 2 pieces)
     source_connections: int = 4  # parallel Range requests to the origin
     source_timeout_s: float = 60.0  # the origin sending nothing for this long is a failure
     concurrent_tasks: int = 0  # tasks downloading at once (0 = no limit); others wait their turn

@@ -34,6 +34,7 @@ class ParentState:
     bytes_received: int = 0
     pieces_received: int = 0
     failures: int = 0
+    latency_s: float | None = None  # moving average, request to verified piece
 
     def outstanding_bytes(self, manifest: dict[int, PieceInfo]) -> int:
         return sum(manifest[n].length for n in self.outstanding if n in manifest)
@@ -42,9 +43,16 @@ class ParentState:
 class Picker:
     def __init__(self, window_bytes: int = 8 << 20, min_window: int = 2,
                  piece_timeout_s: float = 20.0, rng: random.Random | None = None,
-                 max_outstanding: int = 0) -> None:
+                 max_outstanding: int = 0, endgame_after_s: float = 1.0) -> None:
         self.window_bytes = window_bytes
         self.max_outstanding = max_outstanding  # requests in flight for the task; 0 = no cap
+        # The endgame only makes sense once the manifest is whole: while the source is still
+        # reading, "everything requested" just means "caught up", and duplicates would be waste.
+        self.complete = False
+        self.duplicates = 0  # endgame duplicate requests made
+        # Only a request this old is duplicated: on a healthy link the first copy is coming,
+        # and a duplicate would cost a piece's worth of someone's upload for nothing.
+        self.endgame_after_s = endgame_after_s
         self.min_window = min_window
         self.piece_timeout_s = piece_timeout_s
         self.manifest: dict[int, PieceInfo] = {}
@@ -86,8 +94,12 @@ class Picker:
                 st.have.add(n)
                 self.counts[n] = self.counts.get(n, 0) + 1
 
-    def on_piece(self, pid: str, num: int) -> None:
+    def on_piece(self, pid: str, num: int, now: float | None = None) -> None:
         """A piece from `pid` verified and stored (or the peer got it some other way)."""
+        st = self.parents.get(pid)
+        if st is not None and now is not None and num in st.outstanding:
+            latency = now - st.outstanding[num]
+            st.latency_s = latency if st.latency_s is None else 0.8 * st.latency_s + 0.2 * latency
         self.have.add(num)
         for other in list(self.requested.get(num, ())):
             st = self.parents.get(other)
@@ -194,7 +206,7 @@ class Picker:
                 self._request(st, n, now)
                 out.append((st.pid, n))
                 budget -= self.manifest[n].length
-        if not out and not [n for n in wanted if n not in taken]:
+        if self.complete and not out and not [n for n in wanted if n not in taken]:
             out.extend(self._endgame(now))
         return out
 
@@ -217,14 +229,23 @@ class Picker:
 
     def _endgame(self, now: float) -> list[tuple[str, int]]:
         out = []
-        pending = sorted(
-            ((min(self.parents[p].outstanding.get(n, now) for p in ps if p in self.parents), n)
-             for n, ps in self.requested.items() if len(ps) == 1),
-        )
-        for _, n in pending:
+        pending = []
+        for n, ps in self.requested.items():
+            if len(ps) != 1:
+                continue
+            holder = self.parents.get(next(iter(ps)))
+            if holder is None:
+                continue
+            asked_at = holder.outstanding.get(n, now)
+            # Late means later than this parent usually is (its queue may be long for good reasons).
+            late_after = max(self.endgame_after_s, 3 * (holder.latency_s or 0.0))
+            if now - asked_at >= late_after:
+                pending.append((asked_at, n))
+        for asked_at, n in sorted(pending):
             for st in self.parents.values():
                 if n in st.have and n not in st.outstanding and not st.outstanding:
                     self._request(st, n, now)
                     out.append((st.pid, n))
+                    self.duplicates += 1
                     break
         return out

@@ -93,7 +93,8 @@ class TaskRun:
         self.bad_parents: set[str] = set()  # sent bytes that failed verification
         self.sinks: list[OutputSink] = []
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.stats = {"origin_bytes": 0, "seed_bytes": 0, "peer_bytes": 0, "cached_bytes": 0}
+        self.stats = {"origin_bytes": 0, "seed_bytes": 0, "peer_bytes": 0, "cached_bytes": 0,
+                      "duplicate_bytes": 0}
         self.reports: list[wire.PieceInfo] = []
         self.last_progress = time.monotonic()
         self.started = time.monotonic()
@@ -108,6 +109,7 @@ class TaskRun:
         self.bucket = TokenBucket(self.cfg.task_download_rate)
         self.pump_after = 0.0  # download limits: no new requests before this time
         self.stalls = 0  # stall timeouts in a row without progress
+        self.done_reported = False  # registered as "succeeded": no PEER_DONE needed
         self.registered_at = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -122,13 +124,23 @@ class TaskRun:
             self.stats["cached_bytes"] = sum(p.length for p in self.held.values())
         self.content_length = meta.get("content_length", -1)
         if meta.get("complete"):
-            self.complete = True
+            self.complete = self.picker.complete = True
             self.file_digest = meta.get("file_digest", "")
             self.piece_count = meta.get("piece_count", -1)
         self.etag = meta.get("etag", "")
         self.content_type = meta.get("content_type", "")
         self._save_meta()
         if self._all_held():
+            # Already whole here (a seed asked for a task it holds, or a client for a cached
+            # file): tell the scheduler we hold it, so others can use us, and finish.
+            await self.daemon.schedulers_known()
+            self.scheduler = self.daemon.scheduler_for(self.task_id)
+            if self.scheduler is not None:
+                self.scheduler.send(wire.PeerRegister(
+                    self.task_id, self.peer_id, self.url, {}, self.tag, self.application,
+                    state="succeeded", pieces=list(self.held.values()),
+                    content_length=self.content_length, file_digest=self.file_digest))
+                self.done_reported = True
             await self._finish()
             return
         await self.daemon.schedulers_known()
@@ -236,6 +248,8 @@ class TaskRun:
         if msg.content_length >= 0 and self.content_length < 0:
             self.content_length = msg.content_length
             self.daemon.writer.submit(self._set_length)
+        if msg.complete:
+            self.picker.complete = True
         if msg.complete and not self.complete:
             self.complete = True
             self.file_digest = msg.file_digest
@@ -302,6 +316,7 @@ class TaskRun:
         info = self.manifest.get(msg.num)
         if msg.num in self.held or msg.num in self.writing:
             self.picker.cancel(pid, msg.num)  # an endgame duplicate; the first copy wins
+            self.stats["duplicate_bytes"] += len(msg.data)
             return
         if info is None or msg.digest != info.digest or len(msg.data) != info.length:
             self._bad_piece(pid, msg.num)
@@ -385,7 +400,7 @@ class TaskRun:
             self._bad_piece(pid, info.num)
             return
         self._stored(info, source)
-        self.picker.on_piece(pid, info.num)
+        self.picker.on_piece(pid, info.num, time.monotonic())
         self._pump()
 
     def _stored(self, info: wire.PieceInfo, source: str) -> None:
@@ -426,7 +441,7 @@ class TaskRun:
             self.fail(e if isinstance(e, DfzmqError) else DownloadError(f"internal error: {e}"))
             return
         self.daemon.upload.on_complete(self.task_id)
-        if self.scheduler is not None:
+        if self.scheduler is not None and not self.done_reported:
             self.scheduler.send(wire.PeerDone(self.task_id, self.peer_id, self.content_length,
                                               self.file_digest, self.piece_count))
         self._stop_bg()

@@ -14,12 +14,20 @@ from nodes.picker import Picker
 L = 1000
 
 
+def _picker(*args, **kwargs) -> Picker:
+    """A picker whose manifest is whole and whose endgame starts at once (unless told)."""
+    kwargs.setdefault("endgame_after_s", 0.0)
+    p = Picker(*args, **kwargs)
+    p.complete = True
+    return p
+
+
 def manifest(n: int, length: int = L) -> list[PieceInfo]:
     return [PieceInfo(i, i * length, length, f"{i:064x}") for i in range(n)]
 
 
 def picker(n: int, window_pieces: int = 4, min_window: int = 2, **kw) -> Picker:
-    p = Picker(window_bytes=window_pieces * L, min_window=min_window, rng=random.Random(0), **kw)
+    p = _picker(window_bytes=window_pieces * L, min_window=min_window, rng=random.Random(0), **kw)
     p.add_manifest(manifest(n))
     return p
 
@@ -81,7 +89,7 @@ def test_no_piece_twice_before_endgame_and_windows_hold():
 
 
 def test_min_window_lets_big_pieces_through():
-    p = Picker(window_bytes=100, min_window=2, rng=random.Random(0))
+    p = _picker(window_bytes=100, min_window=2, rng=random.Random(0))
     p.add_manifest(manifest(5, length=1000))  # every piece is bigger than the window
     p.add_parent("A")
     p.on_have("A", range(5))
@@ -92,7 +100,7 @@ def test_min_window_lets_big_pieces_through():
 
 
 def test_uneven_pieces_respect_the_window():
-    p = Picker(window_bytes=10_000, min_window=1, rng=random.Random(0))
+    p = _picker(window_bytes=10_000, min_window=1, rng=random.Random(0))
     lengths = [3000, 500, 7000, 1, 2500, 9999, 100]
     off = 0
     pieces = []
@@ -272,7 +280,7 @@ def test_swarm_loop_terminates_with_every_piece(seed):
     rng = random.Random(seed)
     n = rng.randrange(1, 120)
     pieces = manifest(n)
-    p = Picker(window_bytes=rng.choice([1, 3, 8]) * L, min_window=rng.choice([1, 2]),
+    p = _picker(window_bytes=rng.choice([1, 3, 8]) * L, min_window=rng.choice([1, 2]),
                piece_timeout_s=5.0, rng=random.Random(seed))
     p.add_manifest(pieces[: max(1, n // 2)])
     p.add_parent("seed", seed=True)
@@ -325,3 +333,18 @@ def test_swarm_loop_terminates_with_every_piece(seed):
     assert not p.missing() and p.have == set(range(n))
     assert set(got) == set(range(n))
     assert not p.requested
+
+
+def test_no_endgame_while_the_manifest_is_still_growing_or_requests_are_young():
+    p = picker(3, window_pieces=10, endgame_after_s=1.0)
+    p.complete = False  # the source is still reading: "all requested" means "caught up"
+    for pid in "AB":
+        p.add_parent(pid)
+        p.on_have(pid, range(3))
+    first = p.next_requests(0.0)
+    assert len(first) == 3
+    assert p.next_requests(5.0) == []  # no duplicates, however long we wait
+    p.complete = True
+    assert p.next_requests(0.5) == []  # requests younger than endgame_after_s are left alone
+    dups = p.next_requests(1.5)
+    assert dups and all(len(p.requested[n]) == 2 for _, n in dups)

@@ -358,6 +358,15 @@ class SchedulerCore:
 
         if msg.state == "succeeded":
             self._register_finished(task, peer, msg, out)
+            # A triggered seed that already held the task answers this way: whoever waited
+            # for it gets it as a parent now.
+            if task.complete:
+                task.seed_deadline = None
+                waiting, task.waiting = list(task.waiting), []
+                for pid in waiting:
+                    other = self.peers.get(pid)
+                    if other is not None and other.state is _P:
+                        self._schedule(other, task, now, out)
             return
         if msg.pieces or msg.content_length >= 0:
             self._record_pieces(task, peer, msg.pieces, msg.content_length, out)
