@@ -24,7 +24,7 @@ import zmq
 from rich.console import Console
 from rich.logging import RichHandler
 
-from dfzmq import net, wire
+from dfzmq import ids, net, wire
 from dfzmq.config import DaemonConfig, ManagerConfig, SchedulerConfig, curve_of, load_toml, resolve
 from dfzmq.errors import ConfigError, DfzmqError, DownloadError, UnavailableError
 from dfzmq.service import StopFlag
@@ -104,7 +104,11 @@ def scheduler(
     stop = StopFlag()
     stop.install_signals()
     curve = run_guarded(curve_of, cfg)
-    run_guarded(lambda: serve(cfg, zmq.Context(), stop, lambda info: _print_ready("scheduler", info), curve=curve))
+    # A stable id (host and address) so a restarted scheduler is the same member, not a new one
+    # next to a ghost of itself in the manager's list.
+    sched_id = None if cfg.listen.endswith(":0") else "scheduler-" + ids.host_id(salt=cfg.listen + cfg.advertise)
+    run_guarded(lambda: serve(cfg, zmq.Context(), stop, lambda info: _print_ready("scheduler", info),
+                              scheduler_id=sched_id, curve=curve))
 
 
 @app.command()

@@ -34,6 +34,7 @@ from dfzmq import ids, net, wire
 from dfzmq.config import DaemonConfig
 from dfzmq.errors import DfzmqError, DownloadError
 from dfzmq.service import Counters, decode_plain, decode_routed
+from nodes.gc import GarbageCollector
 from nodes.limits import TokenBucket
 from nodes.sink import OutputSink
 from nodes.store import PieceStore
@@ -172,6 +173,7 @@ class Daemon:
     async def start(self, use_manager: bool = True) -> None:
         self.ctx = zmq.asyncio.Context()
         self.store = PieceStore(self.data, self.cfg.map_size)
+        self.gc = GarbageCollector(self.store, self.cfg)
         self.http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60),
             auto_decompress=False,
@@ -189,8 +191,11 @@ class Daemon:
             if path.exists():
                 path.unlink()
         self.control_addr = net.bind(self.control, control_addr)
+        self.upload.on_access = self.gc.note_access
         self._spawn(self.upload.run())
         self._spawn(self._control_loop())
+        if self.gc.enabled:
+            self._spawn(self._gc_loop())
         if self.cfg.scheduler:
             self._add_link("fixed", net.tcp(self.cfg.scheduler))
             self._schedulers_known.set()
@@ -357,6 +362,31 @@ class Daemon:
 
     # -- tasks ----------------------------------------------------------------------------
 
+    async def _gc_loop(self) -> None:
+        """Keep the store under its quota and TTL; runs in the writer thread, never evicts a
+        task in use (a running task is in `self.tasks`; collect re-checks before each delete)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.cfg.gc_interval_s)
+            try:
+                res = await loop.run_in_executor(self.writer, self.gc.collect, time.time(), self.tasks.keys())
+            except Exception:
+                self.counters["gc.errors"] += 1
+                log.exception("garbage collection failed")
+                continue
+            for tid in res["evicted"]:
+                self.forget(tid)
+            if res["evicted"]:
+                log.info("gc: evicted %d task(s), freed %d bytes", len(res["evicted"]), res["freed_bytes"])
+
+    def forget(self, task_id: str) -> None:
+        """An evicted task: no cache, no subscribers, and the scheduler no longer counts on us."""
+        self._held.pop(task_id, None)
+        self.upload.forget(task_id)
+        link = self.scheduler_for(task_id)
+        if link is not None:
+            link.send(wire.PeerLeave(task_id, f"{self.host_id}/{task_id[:16]}"))
+
     def held(self, task_id: str) -> dict[int, wire.PieceInfo]:
         """The pieces of a task this peer holds (cached view of the store; TaskRuns update it)."""
         h = self._held.get(task_id)
@@ -408,6 +438,7 @@ class Daemon:
         tid = ids.task_id(url, tag, application)
         sink = OutputSink(output, digest)
         run, new = self.require_task(tid, url, headers, tag, application)
+        self.gc.note_access(tid)
         try:
             await run.attach(sink)
         except BaseException as e:
@@ -490,6 +521,8 @@ class Daemon:
             "counters": dict(self.counters),
             "uptime_s": round(time.monotonic() - self.started, 1),
             **self.store.stats(),
+            "usage_bytes": self.store.usage_bytes(),
+            "gc": {"evicted": self.gc.evicted_total, "freed_bytes": self.gc.freed_total},
         }
 
 

@@ -59,6 +59,7 @@ class UploadServer:
         # Children heartbeat their parents; one silent this long is gone (its UNSUBSCRIBE lost).
         self.subscriber_ttl_s = subscriber_ttl_s
         self.last_heard: dict[bytes, float] = {}
+        self.on_access: Callable[[str], None] = lambda task_id: None  # for the GC's LRU
         # With an upload limit, pieces wait here for tokens while the loop keeps answering
         # heartbeats and subscriptions (a parent that is only slow must not look dead).
         self.outbox: asyncio.Queue = asyncio.Queue()
@@ -137,7 +138,14 @@ class UploadServer:
             self.counters["upload.unexpected"] += 1
             self._send(ident, wire.Error("bad-request", f"unexpected {type(msg).__name__}"))
 
+    def forget(self, task_id: str) -> None:
+        """The task was evicted from the store."""
+        self.subs.pop(task_id, None)
+        self.rr.pop(task_id, None)
+        self.hidden.pop(task_id, None)
+
     def _subscribe(self, ident: bytes, msg: wire.Subscribe) -> None:
+        self.on_access(msg.task_id)
         subs = self.subs.setdefault(msg.task_id, {})
         subs[ident] = Subscriber(msg.peer_id)
         held = self.held(msg.task_id)
@@ -150,6 +158,7 @@ class UploadServer:
         return bool(meta and meta.get("complete") and meta.get("piece_count", -1) == len(held))
 
     def _serve_piece(self, ident: bytes, msg: wire.PieceRequest) -> None:
+        self.on_access(msg.task_id)
         try:
             data = self.store.get(msg.digest)
         except ValueError:

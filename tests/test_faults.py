@@ -107,7 +107,16 @@ def test_restarted_scheduler_learns_cached_files_from_peers(tmp_path, origin, ww
         c.procs["scheduler0"].signal(signal.SIGKILL)
         c.procs["scheduler0"].popen.wait()
         c.procs["scheduler0"].start(c.env())
-        c.wait_ready()  # daemons reconnected and re-announced their hosts and finished tasks
+        c.wait_ready()
+        from tools.cluster import request
+        deadline = time.monotonic() + 20
+        while True:  # within a heartbeat the daemons learn of the restart and re-announce
+            reply = request(f"tcp://{c.scheduler_addrs[0]}", wire.StatRequest(), 1.0)
+            info = reply.info if isinstance(reply, wire.StatReply) else {}
+            if info.get("hosts", 0) >= 3 and info.get("tasks", 0) >= 1:
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.1)
         r = c.fetch("peer2", origin.url("reannounce.bin"), outdir / "b.bin")
         assert r.returncode == 0, r.stderr
         assert (outdir / "b.bin").read_bytes() == data

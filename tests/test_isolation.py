@@ -219,3 +219,29 @@ def test_origin_that_stops_sending_times_out_cleanly(tmp_path, origin, www, outd
             origin.set_rate(None)
         assert r.returncode != 0 and "timed out" in r.stderr, r.stderr
         assert list(outdir.iterdir()) == []
+
+
+# -- storage ------------------------------------------------------------------------------------
+
+
+def test_disk_quota_evicts_least_recently_used_tasks(tmp_path, origin, www, outdir):
+    env = {"peer1": {"DFZMQ_DISK_QUOTA": str(4 * 1024 * 1024), "DFZMQ_GC_INTERVAL_S": "0.3",
+                     "DFZMQ_GC_LOW_WATERMARK": "0.5"}}
+    with LocalCluster(tmp_path / "c", peers=1, daemon_env=env) as c:
+        files = [f"lru{i}.bin" for i in range(3)]
+        data = {f: make_file(www / f, 1_500_000, seed=60 + i) for i, f in enumerate(files)}
+        for f in files:
+            r = c.fetch("peer1", origin.url(f), outdir / f)
+            assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 20
+        while True:  # 4.5 MB held against a 4 MiB quota: the oldest goes, down to half the quota
+            st = c.stat("peer1")
+            if st["gc"]["evicted"] >= 1:
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+        assert st["usage_bytes"] <= 2 * 1024 * 1024
+        # Evicted means gone from this peer only: fetching it again still works (from the seed).
+        r = c.fetch("peer1", origin.url(files[0]), outdir / "again.bin")
+        assert r.returncode == 0 and (outdir / "again.bin").read_bytes() == data[files[0]]
+        assert all(origin.bytes_served(f) == len(data[f]) for f in files)  # origin read once each

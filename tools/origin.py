@@ -415,6 +415,14 @@ class Origin:
         loop, runner = self._loop, self._runner
         if runner is not None:
             asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+
+        async def cancel_rest() -> None:  # a request stuck behind the rate limit, say
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel_rest(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(timeout=10)
         self._thread = self._loop = self._runner = None
