@@ -6,6 +6,9 @@
   origin (goal >= 0.7).
 - swarm: eight peers fetch one file at once: total time, origin bytes / file size (goal 1.00),
   peak RSS of each daemon (goal < 150 MB).
+- limits: measured upload, download and back-to-source rates against configured limits
+  (goal: within 10%).
+- killed: time lost when a parent is killed mid-swarm, against the same run without it.
 Ratios are measured side by side in the same run because this machine is shared and noisy.
 """
 
@@ -163,9 +166,79 @@ def bench_swarm(root: Path, size: int, peers: int) -> None:
             (root / f"{name}.out").unlink(missing_ok=True)
 
 
+def _timed_fetch(c: LocalCluster, peer: str, url: str, out: Path) -> float:
+    t0 = time.monotonic()
+    r = c.fetch(peer, url, out)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr)
+    out.unlink()
+    return time.monotonic() - t0
+
+
+def bench_limits(root: Path, size: int) -> None:
+    rate = 16 * MiB
+    www = root / "www-limits"
+    www.mkdir()
+    for name in ("up.bin", "down.bin", "src.bin"):
+        make(www / name, size)
+    cases = [
+        ("upload", {"seed0": {"DFZMQ_UPLOAD_RATE": str(rate)}}, "up.bin"),
+        ("download", {"peer1": {"DFZMQ_DOWNLOAD_RATE": str(rate)}}, "down.bin"),
+        ("back-to-source", {"seed0": {"DFZMQ_SOURCE_RATE": str(rate)}}, "src.bin"),
+    ]
+    with Origin(www) as origin:
+        for label, env, name in cases:
+            with LocalCluster(root / f"c-{label}", peers=1, interval_s=1.0, log_level="warning",
+                              daemon_env=env) as c:
+                # Warm-up of the CLI and sockets with a tiny file, then the measured transfer.
+                make(www / f"tiny-{label}", 1024)
+                base = _timed_fetch(c, "peer1", origin.url(f"tiny-{label}"), root / "tiny.out")
+                took = _timed_fetch(c, "peer1", origin.url(name), root / "l.out") - base
+                got = size / took
+                print(f"limit  {label:15s} limit {rate / MiB:5.1f} MiB/s, measured {got / MiB:5.1f} MiB/s "
+                      f"over {took:.1f}s: {got / rate:.2f} of the limit [goal 0.90-1.10]")
+
+
+def bench_killed(root: Path, size: int, peers: int = 4) -> None:
+    import signal
+    import threading
+
+    www = root / "www-killed"
+    www.mkdir()
+    make(www / "k.bin", size)
+    times = {}
+    for kill in (False, True):
+        # The seed uploads at a limited rate so the swarm takes a few seconds and peers matter.
+        env = {"seed0": {"DFZMQ_UPLOAD_RATE": str(8 * MiB)}}
+        with Origin(www) as origin, LocalCluster(root / f"c-kill{kill}", peers=peers, interval_s=0.5,
+                                                 log_level="warning", daemon_env=env) as c:
+            victim = c.peers[0]
+            if kill:
+                def strike() -> None:
+                    deadline = time.monotonic() + 30
+                    while time.monotonic() < deadline:
+                        st = c.stat(victim, 0.5) or {}
+                        if st.get("uploaded_bytes", 0) > size // 8:
+                            c.procs[victim].signal(signal.SIGKILL)
+                            return
+                        time.sleep(0.05)
+                threading.Thread(target=strike, daemon=True).start()
+            t0 = time.monotonic()
+            results = c.fetch_all(c.peers, origin.url("k.bin"), root, patience_s=1.0)
+            survivors = [n for n in c.peers if not (kill and n == victim)]
+            bad = [n for n in survivors if "error" in results[n]]
+            times[kill] = max(results[n]["wall_s"] for n in survivors)
+            if bad:
+                print(f"killed errors: {[results[n]['error'] for n in bad]}")
+            for n in c.peers:
+                (root / f"{n}.out").unlink(missing_ok=True)
+    print(f"killed {size / MiB:.0f} MiB to {peers} peers (seed up 8 MiB/s): {times[False]:.1f}s without a fault, "
+          f"{times[True]:.1f}s with a parent killed mid-swarm: {times[True] - times[False]:+.1f}s lost")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="dfzmq benchmarks")
-    ap.add_argument("which", nargs="*", default=["warm", "cold", "swarm"])
+    ap.add_argument("which", nargs="*", default=["warm", "cold", "swarm", "limits", "killed"])
     ap.add_argument("--warm-mib", type=int, default=1024)
     ap.add_argument("--cold-mib", type=int, default=512)
     ap.add_argument("--swarm-mib", type=int, default=256)
@@ -180,6 +253,10 @@ def main() -> int:
             bench_cold(root, args.cold_mib * MiB, args.rounds)
         if "swarm" in args.which:
             bench_swarm(root, args.swarm_mib * MiB, args.peers)
+        if "limits" in args.which:
+            bench_limits(root, 96 * MiB)
+        if "killed" in args.which:
+            bench_killed(root, 64 * MiB)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -214,7 +214,8 @@ class LocalCluster:
         return subprocess.run(self.fetch_cmd(name, url, output, *extra), env=self.env(), capture_output=True,
                               text=True, timeout=timeout_s)
 
-    def fetch_all(self, names: list[str], url: str, outdir: Path, timeout_s: float = 180) -> dict[str, dict]:
+    def fetch_all(self, names: list[str], url: str, outdir: Path, timeout_s: float = 180,
+                  patience_s: float = 60.0) -> dict[str, dict]:
         """Fetch on several daemons at once through their control sockets; per daemon, the stats
         (or {"error": ...}) and the wall time."""
         import threading
@@ -227,7 +228,7 @@ class LocalCluster:
             req = wire.Download(f"req-{name}", url, str(outdir / f"{name}.out"))
             t0 = time.monotonic()
             try:
-                stats = fetch_via_daemon(self.control(name), req, lambda d, t: None)
+                stats = fetch_via_daemon(self.control(name), req, lambda d, t: None, patience_s)
                 results[name] = {**stats, "wall_s": time.monotonic() - t0}
             except Exception as e:  # reported to the caller, which asserts
                 results[name] = {"error": str(e), "wall_s": time.monotonic() - t0}
