@@ -142,6 +142,16 @@ def daemon(
     run_guarded(asyncio.run, main())
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "help_option_names": []})
+def lab(ctx: typer.Context) -> None:
+    """The shaped multi-host network lab (root): `dfzmq lab run --peers 8 --size-mib 64 ...`,
+    `dfzmq lab cleanup`; `dfzmq lab run --help` lists the options."""
+    from tools.netlab import main as lab_main
+
+    raise typer.Exit(lab_main(ctx.args or ["--help"]))
+
+
 @app.command()
 def keygen() -> None:
     """Print a new CURVE key pair for a cluster, as TOML to put in every member's config."""
