@@ -95,6 +95,27 @@ def test_upload_limit_holds(tmp_path, origin, www, outdir):
         assert c.stat("seed0")["limiter_wait_s"]["upload"] > 0
 
 
+def _kill_while_all_fetch(c: LocalCluster, origin, name: str, data: bytes, victim: str, outdir) -> None:
+    """Every peer fetches `name` from a slow origin; `victim` is SIGKILLed once a quarter of the
+    file has left the origin; every peer must still end with the right bytes."""
+    url = origin.url(name)
+    origin.set_rate(2 * 1024 * 1024)
+    try:
+        threads = [_fetch_in_thread(c, p, url, outdir / f"{p}.{name}") for p in c.peers]
+        deadline = time.monotonic() + 20
+        while origin.bytes_served(name) < len(data) // 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        c.procs[victim].signal(signal.SIGKILL)
+        for t, _ in threads:
+            t.join(120)
+    finally:
+        origin.set_rate(None)
+    for (_, result), p in zip(threads, c.peers):
+        assert "stats" in result, (result, c.tail(p))
+        assert (outdir / f"{p}.{name}").read_bytes() == data
+
+
 # -- service level ------------------------------------------------------------------------------
 
 
@@ -139,21 +160,7 @@ def test_two_schedulers_share_tasks_and_survive_one_dying(tmp_path, origin, www,
         owner_id = ids.rendezvous(ids.task_id(url), sorted(m.member_id for m in listed))[0]
         owner_addr = next(m.addr for m in listed if m.member_id == owner_id)
         owner = next(n for n, a in zip(["scheduler0", "scheduler1"], c.scheduler_addrs) if owner_addr.endswith(a))
-        origin.set_rate(2 * 1024 * 1024)
-        try:
-            threads = [_fetch_in_thread(c, p, url, outdir / f"{p}.fo") for p in c.peers]
-            deadline = time.monotonic() + 20
-            while origin.bytes_served("failover.bin") < size // 4:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            c.procs[owner].signal(signal.SIGKILL)
-            for t, _ in threads:
-                t.join(120)
-        finally:
-            origin.set_rate(None)
-        for (t, result), p in zip(threads, c.peers):
-            assert "stats" in result, (result, c.tail(p))
-            assert (outdir / f"{p}.fo").read_bytes() == data
+        _kill_while_all_fetch(c, origin, "failover.bin", data, owner, outdir)
         assert origin.bytes_served("failover.bin") < 2 * size
 
 
@@ -161,22 +168,7 @@ def test_seed_down_mid_download_peers_finish(tmp_path, origin, www, outdir):
     size = 6 * 1024 * 1024
     data = make_file(www / "seeddown.bin", size, seed=35)
     with LocalCluster(tmp_path / "c", peers=2) as c:
-        url = origin.url("seeddown.bin")
-        origin.set_rate(2 * 1024 * 1024)
-        try:
-            threads = [_fetch_in_thread(c, p, url, outdir / f"{p}.sd") for p in c.peers]
-            deadline = time.monotonic() + 20
-            while origin.bytes_served("seeddown.bin") < size // 4:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            c.procs["seed0"].signal(signal.SIGKILL)
-            for t, _ in threads:
-                t.join(120)
-        finally:
-            origin.set_rate(None)
-        for (t, result), p in zip(threads, c.peers):
-            assert "stats" in result, (result, c.tail(p))
-            assert (outdir / f"{p}.sd").read_bytes() == data
+        _kill_while_all_fetch(c, origin, "seeddown.bin", data, "seed0", outdir)
 
 
 # -- task level ---------------------------------------------------------------------------------
