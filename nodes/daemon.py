@@ -191,6 +191,9 @@ class Daemon:
             if path.exists():
                 path.unlink()
         self.control_addr = net.bind(self.control, control_addr)
+        if control_addr.startswith("ipc://"):
+            # The daemon writes files wherever a client asks: only its own user may ask.
+            os.chmod(control_addr[len("ipc://"):], 0o600)
         self.upload.on_access = self.gc.note_access
         self._spawn(self.upload.run())
         self._spawn(self._control_loop())
