@@ -290,19 +290,19 @@ class TaskRun:
         pid = link.info.peer_id
         try:
             while True:
-                frames = await link.sock.recv_multipart(copy=False)
-                msg = decode_plain(frames, self.daemon.counters)
-                if msg is None:
-                    continue
-                link.last_seen = time.monotonic()
-                if isinstance(msg, wire.PieceData):
-                    self._on_piece_data(link, msg)
-                elif isinstance(msg, wire.Have):
-                    self.picker.on_have(pid, msg.nums)
-                    self._pump()
-                elif isinstance(msg, wire.PieceMissing):
-                    self.picker.on_missing(pid, msg.num)
-                    self._pump()
+                for frames in await net.recv_burst(link.sock, copy=False):
+                    msg = decode_plain(frames, self.daemon.counters)
+                    if msg is None:
+                        continue
+                    link.last_seen = time.monotonic()
+                    if isinstance(msg, wire.PieceData):
+                        self._on_piece_data(link, msg)
+                    elif isinstance(msg, wire.Have):
+                        self.picker.on_have(pid, msg.nums)
+                        self._pump()
+                    elif isinstance(msg, wire.PieceMissing):
+                        self.picker.on_missing(pid, msg.num)
+                        self._pump()
         except asyncio.CancelledError:
             raise
         except DfzmqError as e:

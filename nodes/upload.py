@@ -31,6 +31,8 @@ from nodes.store import PieceStore
 
 log = logging.getLogger(__name__)
 
+HAVE_BATCH_S = 0.0  # announcements wait for the end of the loop turn, batched per child
+
 
 @dataclass
 class Subscriber:
@@ -53,6 +55,7 @@ class UploadServer:
         self.rr: dict[str, int] = {}
         self.pending: list[tuple[float, str, int]] = []  # (reveal at, task, num)
         self.hidden: dict[str, set[int]] = {}  # task -> nums not yet revealed to all
+        self.fresh: dict[str, list[int]] = {}  # task -> nums stored since the last HAVE flush
         self.bytes_uploaded = 0
         self.corrupt = False  # fault switch for tests only (DFZMQ_TEST_CORRUPT_UPLOADS)
         self.bucket = bucket or TokenBucket(0)
@@ -77,8 +80,17 @@ class UploadServer:
                 self.rr[task_id] = i + 1
                 self._have(task_id, idents[i], [num])
             return
-        for ident in list(subs or ()):
-            self._have(task_id, ident, [num])
+        if subs:
+            # Batched: one HAVE per child every HAVE_BATCH_S, however many pieces landed meanwhile.
+            if not self.fresh:
+                asyncio.get_running_loop().call_later(HAVE_BATCH_S, self._flush_fresh)
+            self.fresh.setdefault(task_id, []).append(num)
+
+    def _flush_fresh(self) -> None:
+        fresh, self.fresh = self.fresh, {}
+        for task_id, nums in fresh.items():
+            for ident in list(self.subs.get(task_id, ())):
+                self._have(task_id, ident, nums)
 
     def on_complete(self, task_id: str) -> None:
         """The task is complete here: reveal everything to everyone now."""
@@ -107,15 +119,22 @@ class UploadServer:
         sender = asyncio.create_task(self._send_loop())
         try:
             while True:
-                frames = await self.sock.recv_multipart()
-                got = decode_routed(frames, self.counters)
-                if got is None:
-                    continue
                 try:
-                    self.handle(*got)
-                except Exception:  # never let one request stop the server
-                    self.counters["upload.errors"] += 1
-                    log.exception("upload request failed")
+                    burst = await net.recv_burst(self.sock)
+                except zmq.ZMQError as e:  # never let the server die on a receive error
+                    self.counters["upload.recv-errors"] += 1
+                    log.warning("upload receive failed: %s", e)
+                    await asyncio.sleep(0.1)
+                    continue
+                for frames in burst:
+                    got = decode_routed(frames, self.counters)
+                    if got is None:
+                        continue
+                    try:
+                        self.handle(*got)
+                    except Exception:  # never let one request stop the server
+                        self.counters["upload.errors"] += 1
+                        log.exception("upload request failed")
         finally:
             reveal.cancel()
             sender.cancel()
