@@ -93,6 +93,19 @@ class Client:
                     return msg
         raise AssertionError(f"no {cls.__name__} within {timeout_s}s")
 
+    def recv_all(self, classes: set[type], timeout_s: float = TIMEOUT_S) -> dict[type, Any]:
+        """One message of each type in `classes`, in whatever order they come."""
+        deadline = time.monotonic() + timeout_s
+        got: dict[type, Any] = {}
+        while (left := deadline - time.monotonic()) > 0 and len(got) < len(classes):
+            if self.sock.poll(int(left * 1000) + 1):
+                msg = wire.decode(self.sock.recv_multipart())
+                if type(msg) in classes:
+                    got.setdefault(type(msg), msg)
+        missing = [c.__name__ for c in classes if c not in got]
+        assert not missing, f"no {missing} within {timeout_s}s"
+        return got
+
     def stats(self) -> dict:
         self.send(wire.StatRequest())
         return self.recv(wire.StatReply).info
@@ -189,9 +202,12 @@ def test_two_hosts_get_parents_over_real_sockets(ctx):
         a.recv(wire.BackToSource)
         a.send(wire.PieceReport("t" * 64, "pa", [wire.PieceInfo(0, 0, 10, "d0")], 10, "origin"))
         b.send(wire.PeerRegister(task_id="t" * 64, peer_id="pb", url="http://o/f"))
-        m = b.recv(wire.TaskManifest)
+        # a's report and b's registration travel on different sockets: either may be first, so
+        # the manifest may come before or after the parents. Take both, in any order.
+        got = b.recv_all({wire.TaskManifest, wire.PeerParents})
+        m = got[wire.TaskManifest]
         assert [p.num for p in m.pieces] == [0] and m.content_length == 10
-        parents = b.recv(wire.PeerParents).parents
+        parents = got[wire.PeerParents].parents
         assert [(p.peer_id, p.host_id, p.addr) for p in parents] == [
             ("pa", "host-a", "tcp://127.0.0.1:9")]
 
