@@ -19,26 +19,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from dfzmq import net, wire
-from dfzmq.errors import DfzmqError, DownloadError, IntegrityError, SourceError, StorageError
+from dfzmq.errors import DfzmqError, DownloadError, SourceError, StorageError
 from dfzmq.service import decode_plain
-from nodes.limits import TokenBucket, take_all
+from nodes.limits import TokenBucket
 from nodes.picker import Picker
-from nodes.sink import OrderedHasher, OutputSink
-from nodes.source import SourceReader, digest
+from nodes.backsource import REPORT_INTERVAL_S, read_origin
+from nodes.sink import OutputSink
+from nodes.source import digest
 
 if TYPE_CHECKING:
     from nodes.daemon import Daemon, SchedulerLink
 
 log = logging.getLogger(__name__)
 
-REPORT_INTERVAL_S = 0.05
 REPORT_BATCH = 64
-SOURCE_ATTEMPTS = 3  # tries at the origin for transient failures (cut connection, 5xx)
 
 
 class ParentLink:
@@ -100,7 +99,7 @@ class TaskRun:
         self.started = time.monotonic()
         self.scheduler: "SchedulerLink | None" = None
         self.source_task: asyncio.Task | None = None
-        self.hasher: OrderedHasher | None = None
+        self.hasher = None  # the whole-file hasher while reading the origin (nodes/backsource.py)
         self.etag = ""
         self.content_type = ""
         self._bg: list[asyncio.Task] = []
@@ -496,82 +495,7 @@ class TaskRun:
         self.state = "source"
         for pid in list(self.parents):
             self._drop_parent(pid, block=False)
-        self.source_task = asyncio.create_task(self._run_source())
-
-    def _start_hasher(self) -> None:
-        """Writer thread: hash what is already held, in order; later pieces are fed as written."""
-        hasher = OrderedHasher(["blake3"], self._read_stored)
-        for num, info in sorted(self.daemon.store.manifest(self.task_id).items()):
-            hasher.feed(info)
-        self.hasher = hasher
-
-    async def _run_source(self) -> None:
-        try:
-            await self._in_writer(self._start_hasher)
-        except DfzmqError as e:
-            self.fail(e)
-            return
-        known = dict(self.manifest)
-        reader = SourceReader(self.url, self.headers, self.cfg.source_connections, self.daemon.http,
-                              self.cfg.source_timeout_s)
-        length = self.content_length if self.complete else -1
-
-        async def on_piece(info: wire.PieceInfo, data: bytes) -> None:
-            if self.content_length < 0 and reader.content_length >= 0:
-                self.content_length = reader.content_length
-                await self._in_writer(self._set_length)
-            await take_all(info.length, self.daemon.source_bucket, self.daemon.download_bucket, self.bucket)
-            await self._in_writer(self._write, info, data, False)
-            if self.state != "source":
-                return
-            self._stored(info, "origin")
-            if len(self.reports) and time.monotonic() - self.last_report >= REPORT_INTERVAL_S:
-                self._flush_reports()
-                self.last_report = time.monotonic()
-            await asyncio.sleep(0)
-
-        self.last_report = 0.0
-        attempt = 0
-        while True:
-            try:
-                result = await reader.run(known, set(self.held), length, on_piece)
-                break
-            except asyncio.CancelledError:
-                raise
-            except SourceError as e:
-                attempt += 1
-                if not e.transient or attempt >= SOURCE_ATTEMPTS or self.state != "source":
-                    self.fail(e)
-                    return
-                # A cut connection or a 5xx: try again for what is still missing.
-                self.log.info("origin failed (%s); retry %d in %.1fs", e, attempt, 0.5 * attempt)
-                await asyncio.sleep(0.5 * attempt)
-                known = dict(self.manifest)
-                if self.content_length >= 0:
-                    length = self.content_length
-                reader = SourceReader(self.url, self.headers, self.cfg.source_connections, self.daemon.http,
-                                      self.cfg.source_timeout_s)
-            except DfzmqError as e:
-                self.fail(e)
-                return
-            except Exception as e:
-                self.log.exception("back-to-source failed")
-                self.fail(DownloadError(f"internal error: {e}"))
-                return
-        if self.state != "source":
-            return
-        self.content_length = result.content_length
-        self.etag, self.content_type = result.etag or self.etag, result.content_type or self.content_type
-        self.piece_count = len(self.held)
-        upto = await self._in_writer(lambda: self.hasher.upto)
-        if upto != self.content_length:
-            self.fail(IntegrityError(f"origin gave {upto} bytes, expected {self.content_length}"))
-            return
-        self.file_digest = await self._in_writer(lambda: self.hasher.hexdigest("blake3"))
-        self.complete = True
-        await self._in_writer(self._set_length)
-        self._flush_reports()
-        await self._finish()
+        self.source_task = asyncio.create_task(read_origin(self))
 
     def _set_length(self) -> None:
         for sink in list(self.sinks):

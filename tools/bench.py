@@ -223,7 +223,6 @@ def bench_killed(root: Path, size: int, peers: int = 4) -> None:
                             return
                         time.sleep(0.05)
                 threading.Thread(target=strike, daemon=True).start()
-            t0 = time.monotonic()
             results = c.fetch_all(c.peers, origin.url("k.bin"), root, patience_s=1.0)
             survivors = [n for n in c.peers if not (kill and n == victim)]
             bad = [n for n in survivors if "error" in results[n]]

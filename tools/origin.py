@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import email.utils
 import enum
-import json
 import mimetypes
 import os
 import signal
