@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 
+import contextlib
+import queue
+import threading
+
+import zmq
+
+from dfzmq.service import StopFlag
 from tools.cluster import LocalCluster
 from tools.origin import Origin
+
+TIMEOUT_S = 3.0  # how long socket tests wait for any one answer
 
 
 def make_file(path: Path, size: int, seed: int = 0) -> bytes:
@@ -48,3 +57,35 @@ def outdir(tmp_path) -> Path:
 
 def pytest_report_header(config):
     return f"dfzmq tests, pid {os.getpid()}"
+
+
+@pytest.fixture
+def ctx():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@contextlib.contextmanager
+def serving(target, cfg, **kw):
+    """Run a service's serve() in a thread with its own context; yield its on_ready dict."""
+    sctx, stop, ready = zmq.Context(), StopFlag(), queue.Queue()
+
+    def run():
+        try:
+            target(cfg, sctx, stop, ready.put, **kw)
+        except BaseException as e:  # surface startup failures instead of a ready timeout
+            ready.put(e)
+
+    t = threading.Thread(target=run, name=target.__module__, daemon=True)
+    t.start()
+    info = ready.get(timeout=TIMEOUT_S)
+    if isinstance(info, BaseException):
+        raise info
+    try:
+        yield info
+    finally:
+        stop.set()
+        t.join(TIMEOUT_S)
+        assert not t.is_alive(), "serve() did not stop"
+        sctx.term()  # returns only if serve() closed every socket

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import threading
 import time
 
 import msgpack
@@ -17,46 +15,20 @@ from brokers.manager.service import serve
 from dfzmq import wire
 from dfzmq.config import ManagerConfig
 from dfzmq.errors import ConfigError
-from dfzmq.service import StopFlag
+from tests.conftest import TIMEOUT_S, serving
 
 IVL = 0.1
 LIVE = 3
-TIMEOUT_S = 3.0
 
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-def ctx():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
 @contextlib.contextmanager
 def manager(data, listen="127.0.0.1:0"):
-    """Run serve() in a thread with its own context; yield its on_ready dict."""
+    """Run the manager's serve() in a thread; yield its on_ready dict."""
     cfg = ManagerConfig(listen=listen, data=data, heartbeat_interval_s=IVL, liveness=LIVE)
-    sctx, stop, ready = zmq.Context(), StopFlag(), queue.Queue()
-
-    def run():
-        try:
-            serve(cfg, sctx, stop, ready.put)
-        except BaseException as e:  # surface startup failures instead of a ready timeout
-            ready.put(e)
-
-    t = threading.Thread(target=run, name="manager", daemon=True)
-    t.start()
-    info = ready.get(timeout=TIMEOUT_S)
-    if isinstance(info, BaseException):
-        raise info
-    try:
+    with serving(serve, cfg) as info:
         yield info
-    finally:
-        stop.set()
-        t.join(TIMEOUT_S)
-        assert not t.is_alive(), "serve() did not stop"
-        sctx.term()  # returns only if serve() closed every socket
 
 
 def dealer(ctx, addr):

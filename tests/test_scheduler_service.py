@@ -6,10 +6,7 @@ a scheduler must serve peers without one.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
-import threading
 import time
 from typing import Any
 
@@ -19,46 +16,13 @@ import zmq
 
 from dfzmq import wire
 from dfzmq.config import ManagerConfig, SchedulerConfig
-from dfzmq.service import StopFlag
+from tests.conftest import TIMEOUT_S, serving
 
 IVL = 0.2  # a host silent for IVL*LIVE is dropped: leave room for a loaded machine
 LIVE = 10
-TIMEOUT_S = 3.0
 NO_MANAGER = "127.0.0.1:1"  # nothing listens on port 1
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def ctx():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
-@contextlib.contextmanager
-def serving(target, cfg, **kw):
-    """Run a service's serve() in a thread with its own context; yield its on_ready dict."""
-    sctx, stop, ready = zmq.Context(), StopFlag(), queue.Queue()
-
-    def run():
-        try:
-            target(cfg, sctx, stop, ready.put, **kw)
-        except BaseException as e:  # surface startup failures instead of a ready timeout
-            ready.put(e)
-
-    t = threading.Thread(target=run, name=target.__module__, daemon=True)
-    t.start()
-    info = ready.get(timeout=TIMEOUT_S)
-    if isinstance(info, BaseException):
-        raise info
-    try:
-        yield info
-    finally:
-        stop.set()
-        t.join(TIMEOUT_S)
-        assert not t.is_alive(), "serve() did not stop"
-        sctx.term()  # returns only if serve() closed every socket
 
 
 def scheduler(manager: str = NO_MANAGER, **kw: Any):
