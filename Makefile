@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench lab clean
+.PHONY: venv debs demo test bench lab clean
 
 venv: $(STAMP)
 
@@ -14,10 +14,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Debian packages that tests run for real (network namespaces, servers, clients): installed when
+# missing and when we are root (CI is); otherwise the tests that need them say what is missing.
+DEBS := iproute2
+
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "not root: the tests that need$$missing will say so"; fi; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
-test: $(STAMP)
+test: $(STAMP) debs
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -353,6 +353,9 @@ def up(
                 p.kill()
 
 
+# Command groups kept in modules of their own register on `app` when imported (one line each).
+
+
 def main() -> None:
     app()
 
