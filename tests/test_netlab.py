@@ -32,7 +32,7 @@ def test_lab_distributes_every_copy_reading_origin_once():
     spec = netlab.LabSpec(peers=4, size_mib=16, peer_up_mbit=200, peer_down_mbit=200, origin_up_mbit=400)
     result = netlab.run_lab(spec)
 
-    assert result["ok"], result.get("logs")
+    assert result["ok"], (result["problems"], result.get("logs"))
     peers = result["hosts"][1:]
     assert len(peers) == 4 and all(h["copy_ok"] for h in peers), [(h["host"], h["error"]) for h in peers]
     assert result["origin_bytes"] <= 1.01 * spec.size
