@@ -36,6 +36,7 @@ from dfzmq.errors import DfzmqError, DownloadError
 from dfzmq.service import Counters, decode_plain, decode_routed
 from nodes.gc import GarbageCollector
 from nodes.limits import TokenBucket
+from nodes.ops import CONTROL as OPS_CONTROL, DaemonOps
 from nodes.sink import OutputSink
 from nodes.store import PieceStore
 from nodes.task import TaskRun
@@ -167,6 +168,7 @@ class Daemon:
         self.download_bucket = TokenBucket(cfg.download_rate)
         self.source_bucket = TokenBucket(cfg.source_rate)
         self.started = time.monotonic()
+        self.ops = DaemonOps(self)  # cluster settings, jobs and the cache (nodes/ops.py)
 
     # -- start and stop -------------------------------------------------------------------
 
@@ -485,6 +487,8 @@ class Daemon:
                     self._reply(ident, wire.StatReply(self.stats()))
                 elif isinstance(msg, wire.Heartbeat):
                     self._reply(ident, wire.Heartbeat(self.host_id))
+                elif isinstance(msg, OPS_CONTROL):
+                    self._spawn(self.ops.control(ident, msg))
                 else:
                     self._reply(ident, wire.Error("bad-request", f"unexpected {type(msg).__name__}"))
             except Exception:  # never let one request end the control socket
@@ -526,6 +530,7 @@ class Daemon:
             **self.store.stats(),
             "usage_bytes": self.store.usage_bytes(),
             "gc": {"evicted": self.gc.evicted_total, "freed_bytes": self.gc.freed_total},
+            "settings": self.ops.effective(),
         }
 
 
@@ -533,6 +538,8 @@ async def run_daemon(cfg: DaemonConfig, stop: asyncio.Event, on_ready: Callable[
                      curve: net.Curve | None = None) -> None:
     d = Daemon(cfg, curve)
     await d.start()
+    if cfg.manager and not cfg.scheduler:
+        d._spawn(d.ops.follow())  # a long-running daemon follows cluster settings and jobs
     if on_ready is not None:
         on_ready({"upload": d.upload.addr, "control": d.control_addr, "host_id": d.host_id})
     try:

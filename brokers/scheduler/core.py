@@ -31,6 +31,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import logging
 import random
@@ -248,6 +249,8 @@ class SchedulerCore:
             "tasks": len(self.tasks),
             "peers": {s.value: by_state.get(s.value, 0) for s in PeerState},
             "counters": dict(self.counters),
+            "settings": {"max_parents": self.max_parents, "candidate_parents": self.candidate_parents,
+                         **{"weight_" + k: v for k, v in dataclasses.asdict(self.weights).items()}},
         }
 
     def snapshot(self) -> dict[str, Any]:
