@@ -259,7 +259,8 @@ class SchedulerCore:
             "hosts": [
                 {"host_id": h.host_id, "hostname": h.info.hostname, "seed": h.info.seed,
                  "upload_addr": h.info.upload_addr, "idc": h.info.idc,
-                 "location": h.info.location, "peers": len(h.peers)}
+                 "location": h.info.location, "peers": len(h.peers),
+                 "upload_slots": h.info.upload_slots}
                 for h in self.hosts.values()
             ],
             "tasks": [

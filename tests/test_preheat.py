@@ -1,0 +1,237 @@
+"""Preheat jobs on a real cluster (manager, scheduler, seed peer, daemons as processes) and a
+real counting origin: after a preheat, a fetch reads nothing more from the origin. `--image`
+runs against a small registry served by an aiohttp app in this test (the registry API subset a
+pull needs: a multi-platform index, manifests, blobs, and the Bearer-token flow), because
+Debian's docker-registry has no token service of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from aiohttp import web
+
+from dfzmq import ids, wire
+from tests.conftest import make_file
+from tools.cluster import LocalCluster, request
+
+
+@pytest.fixture(scope="module")
+def cl(tmp_path_factory):
+    with LocalCluster(tmp_path_factory.mktemp("preheat"), peers=2, seeds=1) as c:
+        yield c
+
+
+def dfzmq(cl: LocalCluster, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dfzmq", *args, "--manager", cl.manager_addr],
+                          env=cl.env(), capture_output=True, text=True, timeout=timeout_s)
+
+
+def host_of(cl: LocalCluster, name: str) -> str:
+    return cl.stat(name)["host_id"]
+
+
+def test_preheat_then_fetch_reads_nothing_from_origin(cl, www, origin, outdir):
+    data = make_file(www / "model.bin", 3 * 1024 * 1024 + 17, seed=1)
+    url = origin.url("model.bin")
+    r = dfzmq(cl, "preheat", url, "--wait")
+    assert r.returncode == 0, r.stderr
+    assert "succeeded" in r.stdout
+    assert origin.bytes_served("model.bin") == len(data)  # the seed read it, once
+
+    r = cl.fetch("peer1", url, outdir / "model.bin")
+    assert r.returncode == 0, r.stderr
+    assert (outdir / "model.bin").read_bytes() == data
+    assert origin.bytes_served("model.bin") == len(data)  # nothing more
+
+    r = dfzmq(cl, "jobs", "--json")
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)[0]
+    assert job["kind"] == "preheat" and job["state"] == "succeeded" and job["urls"] == [url]
+    assert list(job["hosts"]) == [host_of(cl, "seed0")]  # scope seeds: the seed peers only
+    assert job["finished"] >= job["created"] > 0
+
+
+def test_preheat_scope_all_puts_the_file_on_every_daemon(cl, www, origin, outdir):
+    data = make_file(www / "all.bin", 2 * 1024 * 1024, seed=2)
+    url = origin.url("all.bin")
+    r = dfzmq(cl, "preheat", url, "--scope", "all", "--wait", "--json")
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)
+    assert job["state"] == "succeeded"
+    assert set(job["hosts"]) == {host_of(cl, n) for n in ("seed0", "peer1", "peer2")}
+    assert origin.bytes_served("all.bin") == len(data)  # the origin once for the whole cluster
+    from dfzmq.cli import fetch_via_daemon
+
+    stats = fetch_via_daemon(cl.control("peer2"), wire.Download("r1", url, str(outdir / "all.bin")),
+                             lambda d, t: None)
+    assert (outdir / "all.bin").read_bytes() == data
+    # peer2 already held every piece: served from its own store, nothing from anywhere else
+    assert stats["cached_bytes"] == len(data)
+    assert stats["origin_bytes"] == stats["peer_bytes"] == stats["seed_bytes"] == 0
+    assert origin.bytes_served("all.bin") == len(data)
+
+
+def test_failed_preheat_is_reported_and_exit_code_says_so(cl, origin):
+    r = dfzmq(cl, "preheat", origin.url("missing.bin"), "--wait")
+    assert r.returncode == 3
+    assert "404" in r.stderr and "failed" in r.stdout
+    r = dfzmq(cl, "jobs")
+    assert r.returncode == 0 and "failed" in r.stdout
+
+
+def test_preheat_bad_input(cl):
+    for args in ([], ["not-a-url"], ["http://x/y", "--scope", "nowhere"], ["http://x/y", "--image", "a/b:c"]):
+        r = dfzmq(cl, "preheat", *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert r.stderr.strip().count("\n") == 0 and "error" in r.stderr
+    r = dfzmq(cl, "jobs", "job-doesnotexist")
+    assert r.returncode == 1 and "no job" in r.stderr
+
+
+# -- preheat --image ------------------------------------------------------------------------------
+
+
+class TinyRegistry:
+    """The registry API subset a pull uses, with token auth, on its own loop and thread."""
+
+    TOKEN = "t0ken-for-team-app"
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.manifests: dict[str, tuple[str, bytes]] = {}  # ref -> (media type, body)
+        self.blob_bytes: dict[str, int] = {}
+        self.token_requests: list[dict] = []
+        self.port = 0
+
+    def add_blob(self, data: bytes) -> dict:
+        d = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.blobs[d] = data
+        return {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": len(data)}
+
+    def add_manifest(self, ref: str, doc: dict) -> str:
+        body = json.dumps(doc).encode()
+        d = "sha256:" + hashlib.sha256(body).hexdigest()
+        self.manifests[ref] = self.manifests[d] = (doc["mediaType"], body)
+        return d
+
+    def app(self) -> web.Application:
+        def authorized(req: web.Request) -> bool:
+            return req.headers.get("Authorization") == f"Bearer {self.TOKEN}"
+
+        def challenge() -> web.Response:
+            realm = f"http://127.0.0.1:{self.port}/token"
+            return web.Response(status=401, headers={"WWW-Authenticate":
+                                f'Bearer realm="{realm}",service="tiny",scope="repository:team/app:pull"'})
+
+        async def token(req: web.Request) -> web.Response:
+            self.token_requests.append(dict(req.query))
+            return web.json_response({"token": self.TOKEN})
+
+        async def manifest(req: web.Request) -> web.Response:
+            if not authorized(req):
+                return challenge()
+            got = self.manifests.get(req.match_info["ref"])
+            if got is None:
+                return web.Response(status=404)
+            return web.Response(body=got[1], headers={"Content-Type": got[0],
+                                "Docker-Content-Digest": "sha256:" + hashlib.sha256(got[1]).hexdigest()})
+
+        async def blob(req: web.Request) -> web.StreamResponse:
+            if not authorized(req):
+                return challenge()
+            data = self.blobs.get(req.match_info["digest"])
+            if data is None:
+                return web.Response(status=404)
+            start, end = 0, len(data)
+            rng = req.headers.get("Range", "")
+            status = 200
+            if rng.startswith("bytes="):
+                a, _, b = rng[6:].partition("-")
+                start, end = int(a), min(len(data), int(b) + 1 if b else len(data))
+                status = 206
+            body = data[start:end]
+            self.blob_bytes[req.match_info["digest"]] = self.blob_bytes.get(req.match_info["digest"], 0) + len(body)
+            headers = {"Content-Length": str(len(body)), "Accept-Ranges": "bytes"}
+            if status == 206:
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+            return web.Response(status=status, body=body, headers=headers)
+
+        app = web.Application()
+        app.router.add_get("/token", token)
+        app.router.add_get("/v2/team/app/manifests/{ref}", manifest)
+        app.router.add_get("/v2/team/app/blobs/{digest}", blob)
+        return app
+
+    def __enter__(self) -> "TinyRegistry":
+        ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+
+        async def start() -> None:
+            self.runner = web.AppRunner(self.app())
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+
+        self.thread = threading.Thread(target=lambda: (self.loop.run_until_complete(start()), self.loop.run_forever()),
+                                       daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_preheat_image_picks_the_platform_and_uses_a_token(cl):
+    import random
+
+    with TinyRegistry() as reg:
+        rnd = random.Random(7)
+        per_platform = {}
+        for arch in ("amd64", "arm64"):
+            config = reg.add_blob(json.dumps({"architecture": arch}).encode())
+            layers = [reg.add_blob(rnd.randbytes(n)) for n in (700_000, 300_000)]
+            d = reg.add_manifest(f"m-{arch}", {
+                "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {**config, "mediaType": "application/vnd.oci.image.config.v1+json"},
+                "layers": layers})
+            per_platform[arch] = (d, [config["digest"]] + [l["digest"] for l in layers])
+        reg.add_manifest("1.0", {
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": per_platform[a][0],
+                           "size": 1, "platform": {"os": "linux", "architecture": a}} for a in ("amd64", "arm64")]})
+
+        ref = f"127.0.0.1:{reg.port}/team/app:1.0"
+        r = dfzmq(cl, "preheat", "--image", ref, "--platform", "linux/arm64", "--wait", "--json")
+        assert r.returncode == 0, r.stderr
+        job = json.loads(r.stdout)
+        assert job["state"] == "succeeded" and job["note"].startswith(ref)
+        assert job["headers"] == ["Authorization"]  # names only: the token is not printed
+        assert reg.token_requests and reg.token_requests[0]["scope"] == "repository:team/app:pull"
+        want = per_platform["arm64"][1]
+        # every blob of the chosen platform read once by the seed; none of the other platform
+        assert {d: reg.blob_bytes.get(d, 0) for d in want} == {d: len(reg.blobs[d]) for d in want}
+        assert not any(reg.blob_bytes.get(d) for d in per_platform["amd64"][1][1:])
+        # blobs are tasks named by their digest, as the registry mirror names them
+        sched = request(f"tcp://{cl.scheduler_addrs[0]}", wire.SnapshotRequest(), 3.0)
+        tasks = {t["task_id"]: t for t in sched.info["snapshot"]["tasks"]}
+        for d in want:
+            url = f"http://127.0.0.1:{reg.port}/v2/team/app/blobs/{d}"
+            t = tasks[ids.task_id(url, content_digest=d)]
+            assert t["complete"] and t["content_length"] == len(reg.blobs[d])
+
+        r = dfzmq(cl, "preheat", "--image", ref, "--platform", "linux/s390x")
+        assert r.returncode != 0 and "linux/amd64" in r.stderr and "linux/arm64" in r.stderr
+        r = dfzmq(cl, "preheat", "--image", f"127.0.0.1:{reg.port}/team/app:nope")
+        assert r.returncode != 0 and "not found" in r.stderr
