@@ -14,6 +14,9 @@ Decisions worth knowing:
   not part of it; with no host in scope, creation fails (no empty job that "succeeds").
 - A job is done when every host reported succeeded or failed; it succeeded only if all did.
   A host silent for `presence_s` while its part is open fails that part ("host gone").
+- After a manager restart, hosts get one presence window to ask again before their open
+  parts fail: presence is not stored, and jobs are.
+- The newest MAX_JOBS jobs are kept; older finished ones are dropped when a job is created.
 - Reports are idempotent: a daemon re-sends its result until the job shows it, and a report
   for a host that already finished, or for a finished job, changes nothing.
 - Settings are validated here (dfzmq/settings.py) so `config set` of a bad key or value fails
@@ -42,6 +45,7 @@ KINDS = ("preheat", "cache-rm")
 SCOPES = ("seeds", "all")
 TERMINAL = ("succeeded", "failed")
 MAX_URLS = 10_000
+MAX_JOBS = 1000
 PRESENCE_S = 20.0  # a follower asks every SYNC_INTERVAL_S (5 s); four misses and it is gone
 
 
@@ -52,6 +56,7 @@ class PersistOps:
     seq: int
     config: dict[str, Any] | None = None
     job: wire.JobInfo | None = None
+    drop: tuple[str, ...] = ()  # job ids to delete
 
 
 @dataclass(slots=True)
@@ -78,6 +83,7 @@ class OpsCore:
         self.make_id = make_id
         self.followers: dict[str, _Follower] = {}
         self._next_check = 0.0
+        self._born: float | None = None  # first timer call: hosts' grace window starts
 
     def handles(self, msg: Any) -> bool:
         return isinstance(msg, self.HANDLES)
@@ -108,6 +114,8 @@ class OpsCore:
 
     def handle_timer(self, now: float, wall: float) -> list:
         """Fail the open parts of hosts that stopped asking for snapshots."""
+        if self._born is None:
+            self._born = now
         if now < self._next_check:
             return []
         self._next_check = now + 1.0
@@ -126,7 +134,9 @@ class OpsCore:
 
     def _present(self, host_id: str, now: float) -> bool:
         f = self.followers.get(host_id)
-        return f is not None and now - f.last_seen <= self.presence_s
+        if f is None:
+            return self._born is None or now - self._born <= self.presence_s
+        return now - f.last_seen <= self.presence_s
 
     def _sync(self, sender: bytes, msg: wire.SyncRequest, now: float) -> list:
         if msg.host_id and len(msg.host_id) <= 256 and msg.role in ("daemon", "seed", "scheduler"):
@@ -189,10 +199,20 @@ class OpsCore:
             hostnames={h: self.followers[h].hostname for h in hosts}, note=msg.note[:1024],
             digests={u: d for u, d in msg.digests.items() if u in msg.urls})
         self.jobs[job.job_id] = job
+        drop = self._prune()
         self.seq += 1
         log.info("job %s: %s of %d URL(s) on %d host(s)", job.job_id, job.kind, len(job.urls), len(hosts))
-        return [PersistOps(self.seq, job=job), Publish(wire.JobUpdate(self.seq, job)),
+        return [PersistOps(self.seq, job=job, drop=drop), Publish(wire.JobUpdate(self.seq, job)),
                 Send(sender, wire.JobState(job))]
+
+    def _prune(self) -> tuple[str, ...]:
+        if len(self.jobs) <= MAX_JOBS:
+            return ()
+        finished = sorted((j for j in self.jobs.values() if j.state != "running"), key=lambda j: j.created)
+        drop = tuple(j.job_id for j in finished[:len(self.jobs) - MAX_JOBS])
+        for job_id in drop:
+            del self.jobs[job_id]
+        return drop
 
     def _report(self, sender: bytes, msg: wire.JobReport, now: float, wall: float) -> list:
         job = self.jobs.get(msg.job_id)

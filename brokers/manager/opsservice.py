@@ -59,7 +59,8 @@ class Ops:
             config = next((a.config for a in reversed(persist) if a.config is not None), None)
             jobs = {a.job.job_id: a.job for a in persist if a.job is not None}
             try:
-                self.store.write(max(a.seq for a in persist), config, list(jobs.values()))
+                drop = [j for a in persist for j in a.drop]
+                self.store.write(max(a.seq for a in persist), config, list(jobs.values()), drop)
             except lmdb.Error as e:
                 self.counters["error.store"] += 1
                 log.error("manager job store write failed (state kept in memory): %s", e)

@@ -59,8 +59,11 @@ class OpsStore:
                 log.warning("skipping unreadable job record %r: %s", key, e)
         return out
 
-    def write(self, seq: int, config: dict[str, Any] | None, jobs: list[wire.JobInfo]) -> None:
+    def write(self, seq: int, config: dict[str, Any] | None, jobs: list[wire.JobInfo],
+              drop: list[str] = ()) -> None:
         with self._env.begin(write=True) as txn:
+            for job_id in drop:
+                txn.delete(job_id.encode(), db=self._jobs)
             if config is not None:
                 txn.drop(self._config, delete=False)
                 for k, v in config.items():
