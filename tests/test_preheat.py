@@ -235,3 +235,22 @@ def test_preheat_image_picks_the_platform_and_uses_a_token(cl):
         assert r.returncode != 0 and "linux/amd64" in r.stderr and "linux/arm64" in r.stderr
         r = dfzmq(cl, "preheat", "--image", f"127.0.0.1:{reg.port}/team/app:nope")
         assert r.returncode != 0 and "not found" in r.stderr
+
+
+def test_a_job_survives_a_manager_restart(cl, www, origin):
+    data = make_file(www / "slow.bin", 4 * 1024 * 1024, seed=11)
+    origin.set_rate(2 * 1024 * 1024)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "dfzmq", "preheat", origin.url("slow.bin"), "--wait",
+                              "--manager", cl.manager_addr], env=cl.env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while origin.bytes_served("slow.bin") == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cl.restart("manager")  # jobs are in the manager's LMDB; reports are sent until shown
+        out, err = p.communicate(timeout=120)
+    finally:
+        origin.set_rate(None)
+    assert p.returncode == 0, err
+    assert "succeeded" in out
+    assert origin.bytes_served("slow.bin") == len(data)
