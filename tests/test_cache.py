@@ -5,13 +5,12 @@ a clear error; rm works locally and cluster-wide."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import blake3
 import pytest
 
+from tests.clirun import run_cli
 from tests.conftest import make_file
 from tools.cluster import LocalCluster
 
@@ -22,9 +21,8 @@ def cl(tmp_path_factory):
         yield c
 
 
-def cache(cl: LocalCluster, name: str, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dfzmq", "cache", *args, "--daemon", cl.control(name)],
-                          env=cl.env(), capture_output=True, text=True, timeout=timeout_s)
+def cache(cl: LocalCluster, name: str, *args: str):
+    return run_cli("cache", *args, "--daemon", cl.control(name))
 
 
 def test_import_export_stat(cl, tmp_path):
@@ -99,8 +97,7 @@ def test_rm_local_then_cluster_wide(cl, tmp_path):
     assert json.loads(cache(cl, "peer2", "stat", cid, "--json").stdout)["held"] is False
     assert cache(cl, "peer2", "rm", cid).returncode == 1  # nothing left here to remove
 
-    r = subprocess.run([sys.executable, "-m", "dfzmq", "cache", "rm", cid, "--cluster", "--manager",
-                        cl.manager_addr], env=cl.env(), capture_output=True, text=True, timeout=120)
+    r = run_cli("cache", "rm", cid, "--cluster", "--manager", cl.manager_addr)
     assert r.returncode == 0 and "succeeded" in r.stdout, r.stderr
     r = cache(cl, "peer3", "export", cid, "-O", str(tmp_path / "c3"))
     assert r.returncode == 3 and "no peer in the cluster holds" in r.stderr

@@ -6,13 +6,12 @@ and bad keys or values fail with one line and a non-zero exit."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
 
 from dfzmq import wire
+from tests.clirun import run_cli
 from tests.conftest import make_file
 from tools.cluster import LocalCluster, request
 
@@ -28,9 +27,8 @@ def cl(tmp_path_factory):
         yield c
 
 
-def dfzmq(cl: LocalCluster, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dfzmq", *args, "--manager", cl.manager_addr],
-                          env=cl.env(), capture_output=True, text=True, timeout=60)
+def dfzmq(cl: LocalCluster, *args: str):
+    return run_cli(*args, "--manager", cl.manager_addr)
 
 
 def eventually(fn, timeout_s: float = SOON_S):

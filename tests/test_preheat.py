@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from dfzmq import ids, wire
+from tests.clirun import run_cli
 from tests.conftest import make_file
 from tools.cluster import LocalCluster, request
 
@@ -28,9 +29,8 @@ def cl(tmp_path_factory):
         yield c
 
 
-def dfzmq(cl: LocalCluster, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dfzmq", *args, "--manager", cl.manager_addr],
-                          env=cl.env(), capture_output=True, text=True, timeout=timeout_s)
+def dfzmq(cl: LocalCluster, *args: str):
+    return run_cli(*args, "--manager", cl.manager_addr)
 
 
 def host_of(cl: LocalCluster, name: str) -> str:
