@@ -312,14 +312,15 @@ def cache_export(cache_id: str, output: Annotated[Path, typer.Option("--output",
 
 
 @cache_app.command("stat")
-def cache_stat(cache_id: str, daemon: DaemonOpt = None, as_json: JsonOpt = False) -> None:
-    """Who holds cache entry ID, and its size."""
+def cache_stat(cache_id: str, daemon: DaemonOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Who holds cache entry ID, and its size (the local daemon, then the entry's scheduler)."""
     info = run_guarded(_cache, daemon, wire.CacheStat(uuid.uuid4().hex, cache_id), 5.0)
+    _, curve = run_guarded(_manager, None, config)  # the cluster's CURVE key, if any
     holders: list[dict] = []
     sched = info.get("scheduler") or {}
     if sched.get("addr"):
         try:
-            reply = ask(sched["addr"], wire.SnapshotRequest(), timeout_s=5.0)
+            reply = ask(sched["addr"], wire.SnapshotRequest(), curve, timeout_s=5.0)
             snap = reply.info.get("snapshot", {}) if isinstance(reply, wire.StatReply) else {}
         except DfzmqError:
             snap = {}

@@ -19,7 +19,8 @@ with a final error, so an export fails cluster-wide with a clear message instead
 The id defaults to the file's blake3 (so the same content gets the same id everywhere); an id
 of one's own may not be reused for other content until it is removed.
 `rm` removes the local copy and tells the scheduler this host no longer has it; the CLI's
-`--cluster` makes it a manager job for every daemon.
+`--cluster` makes it a manager job for every daemon. Imported entries are pieces and tasks like
+any other: the daemon's storage GC (quota, TTL) may evict them too.
 """
 
 from __future__ import annotations
