@@ -87,6 +87,11 @@ def test_scheduler_weights_and_parents(cl):
     assert eventually(lambda: scheduler_settings(cl)["max_parents"] == 2)
     r = dfzmq(cl, "config", "get", "--json")
     assert json.loads(r.stdout) == {"weight_seed": 0.5, "max_parents": 2}
+    # a member registering now is welcomed with them too
+    mgr = f"tcp://{cl.manager_addr}"
+    welcome = request(mgr, wire.MemberRegister(wire.MemberInfo("probe", "seed", "tcp://127.0.0.1:9")), 3.0)
+    request(mgr, wire.MemberLeave("probe"), 1.0)
+    assert welcome.config == {"weight_seed": 0.5, "max_parents": 2}
     assert dfzmq(cl, "config", "get", "max_parents").stdout.strip() == "2"
     r = dfzmq(cl, "config", "get")
     assert r.returncode == 0 and "weight_seed" in r.stdout and "download_rate" in r.stdout

@@ -56,6 +56,7 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
         log.info("manager %s ready: router %s, pub %s, %d members restored",
                  store.cluster_id, addrs["router"], addrs["pub"], len(core.members()))
         ops = Ops(cfg.data, addrs["pub"], counters)  # settings and jobs (brokers/manager/ops.py)
+        core.config = ops.core.config
         if on_ready is not None:
             on_ready({**addrs, "cluster_id": store.cluster_id})
         _loop(core, router, pub, store, counters, stop, ops)
@@ -89,6 +90,7 @@ def _loop(core: ManagerCore, router: zmq.Socket, pub: zmq.Socket, store: Manager
                 ident, msg = got
                 if ops is not None and ops.handles(msg):
                     ops.handle(ident, msg, router, pub)
+                    core.config = ops.core.config  # members get the settings on registering too
                     continue
                 _apply(_guard(core.handle, counters, ident, msg, time.monotonic()),
                        router, pub, store, counters)
