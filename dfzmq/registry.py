@@ -11,7 +11,8 @@ read them (a Bearer token when the registry asked for one).
   default insecure list) or when `plain_http` says so.
 - Authentication: anonymous first; a 401 with `WWW-Authenticate: Bearer realm=...,service=...,
   scope=...` is answered by asking the realm for a token (anonymously, or with basic
-  credentials when given) and retrying with `Authorization: Bearer TOKEN`. The token travels in
+  credentials when given) and retrying with `Authorization: Bearer TOKEN`; a `Basic` challenge
+  is answered with the credentials themselves, when given. The token travels in
   the job to the daemons (registries give short-lived pull tokens; the manager keeps jobs, so
   `dfzmq jobs` never shows header values).
 - Manifest lists / OCI indexes: the entry for `--platform` os/arch[/variant] is chosen; none
@@ -133,6 +134,9 @@ class _Client:
         raise SourceError(f"registry {self.ref.registry} refused the token it issued (401)", final=True)
 
     async def _login(self, challenge: str) -> None:
+        if challenge.strip().lower().startswith("basic") and self.auth is not None:
+            self.headers["Authorization"] = self.auth.encode()  # a registry with plain basic auth
+            return
         params = parse_challenge(challenge)
         realm = params.pop("realm", "")
         if not realm:
