@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -254,3 +255,84 @@ def test_a_job_survives_a_manager_restart(cl, www, origin):
     assert p.returncode == 0, err
     assert "succeeded" in out
     assert origin.bytes_served("slow.bin") == len(data)
+
+
+def _push(base: str, repo: str, data: bytes) -> str:
+    """Upload a blob to a real registry (monolithic upload); its digest."""
+    import urllib.request
+
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    req = urllib.request.Request(f"{base}/v2/{repo}/blobs/uploads/", method="POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        location = resp.headers["Location"]
+    sep = "&" if "?" in location else "?"
+    url = location if location.startswith("http") else base + location
+    req = urllib.request.Request(f"{url}{sep}digest={d}", data=data, method="PUT",
+                                 headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 201
+    return d
+
+
+def test_preheat_image_from_debian_docker_registry(cl, tmp_path):
+    """The real thing: Debian's docker-registry (distribution 2.x, anonymous), an image pushed
+    through its API, preheated; its access log shows each blob's bytes were served once."""
+    import random
+    import shutil
+    import urllib.request
+
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        pytest.skip("Debian package docker-registry is not installed (make test installs it)")
+    from tools.cluster import free_port
+
+    port = free_port()
+    (tmp_path / "config.yml").write_text(
+        f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n")
+    log = open(tmp_path / "registry.log", "wb")
+    proc = subprocess.Popen([exe, "serve", str(tmp_path / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/v2/", timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "registry.log").read_text()
+                time.sleep(0.1)
+        rnd = random.Random(12)
+        layers = [rnd.randbytes(n) for n in (900_000, 250_000)]
+        config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+        blobs = {_push(base, "team/app", b): b for b in [config, *layers]}
+        digests = list(blobs)
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digests[0], "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d,
+                        "size": len(blobs[d])} for d in digests[1:]]}).encode()
+        req = urllib.request.Request(f"{base}/v2/team/app/manifests/1.0", data=manifest, method="PUT",
+                                     headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 201
+
+        r = dfzmq(cl, "preheat", "--image", f"127.0.0.1:{port}/team/app:1.0", "--wait")
+        assert r.returncode == 0, r.stderr
+        assert "3 blobs" in r.stderr and "succeeded" in r.stdout
+        sched = request(f"tcp://{cl.scheduler_addrs[0]}", wire.SnapshotRequest(), 3.0)
+        tasks = {t["task_id"]: t for t in sched.info["snapshot"]["tasks"]}
+        for d, data in blobs.items():
+            t = tasks[ids.task_id(f"{base}/v2/team/app/blobs/{d}", content_digest=d)]
+            assert t["complete"] and t["content_length"] == len(data)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+    # the access log: bytes the registry sent per blob, over every GET (probe and ranges)
+    sent: dict[str, int] = {}
+    for line in (tmp_path / "registry.log").read_text(errors="replace").splitlines():
+        m = re.search(r'"GET /v2/team/app/blobs/(sha256:[0-9a-f]{64}) HTTP/[\d.]+" (\d{3}) (\d+)', line)
+        if m and m.group(2) in ("200", "206"):
+            sent[m.group(1)] = sent.get(m.group(1), 0) + int(m.group(3))
+    assert sent == {d: len(b) for d, b in blobs.items()}
