@@ -129,19 +129,23 @@ def job_dict(job: wire.JobInfo) -> dict:
 
 
 def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+    return time.strftime("%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
 def jobs_table(jobs: list[wire.JobInfo]) -> Table:
-    table = Table("job", "kind", "state", "scope", "hosts done", "what", "created", "finished")
+    table = Table(box=None, pad_edge=False)
+    for name in ("job", "kind", "state", "scope", "hosts done", "created", "took"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("what", overflow="fold")
     for j in jobs:
         done = sum(1 for s in j.hosts.values() if s in ("succeeded", "failed"))
         failed = sum(1 for s in j.hosts.values() if s == "failed")
         style = {"succeeded": "green", "failed": "red"}.get(j.state, "yellow")
         what = j.note or (j.urls[0] + (f" (+{len(j.urls) - 1})" if len(j.urls) > 1 else ""))
+        took = f"{j.finished - j.created:.1f}s" if j.finished else "-"
         table.add_row(j.job_id, j.kind, f"[{style}]{j.state}[/]", j.scope,
-                      f"{done}/{len(j.hosts)}" + (f" ({failed} failed)" if failed else ""),
-                      what, _when(j.created), _when(j.finished))
+                      f"{done}/{len(j.hosts)}" + (f", {failed} failed" if failed else ""),
+                      _when(j.created), took, what)
     return table
 
 
@@ -167,7 +171,7 @@ def _finish_job(job: wire.JobInfo, as_json: bool) -> None:
         _dump(job_dict(job))
     else:
         for h, err in sorted(job.errors.items()):
-            err_console.print(f"  {job.hostnames.get(h) or h}: {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"  {h}: {err}", highlight=False, soft_wrap=True)
         typer.echo(f"job {job.job_id} {job.state}")
     if job.state == "failed":
         raise typer.Exit(3)
@@ -185,7 +189,7 @@ def jobs(job_id: Annotated[Optional[str], typer.Argument(help="One job, with its
             _dump(job_dict(job))
             return
         out.print(jobs_table([job]))
-        hosts = Table("host", "hostname", "state", "error")
+        hosts = Table("host", "hostname", "state", "error", box=None, pad_edge=False)
         for h, s in sorted(job.hosts.items()):
             hosts.add_row(h, job.hostnames.get(h, ""), s, job.errors.get(h, ""))
         out.print(hosts)
@@ -339,7 +343,7 @@ def cache_stat(cache_id: str, daemon: DaemonOpt = None, as_json: JsonOpt = False
     if not as_json:
         typer.echo(f"{cache_id}: {info['content_length']} bytes, held here: {'yes' if info['held'] else 'no'}")
         for h in holders:
-            typer.echo(f"  {h['hostname'] or '?'}  {h['host_id']}")
+            typer.echo(f"  {h['host_id']}")
 
 
 @cache_app.command("rm")
