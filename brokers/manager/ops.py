@@ -9,6 +9,11 @@ repairs a lost update and doubles as their presence: the manager knows which dae
 peers are alive from these requests, without them having to register as members.
 
 Decisions worth knowing:
+- Jobs reach daemons from the manager directly (the PUB and the snapshots every daemon follows
+  for settings anyway), not through schedulers and SeedTrigger: the manager then knows every
+  host a job is for and hears from each, and the scheduler core stays a scheduler. A daemon
+  carries out a preheat as a normal download into its store, so the scheduler still decides
+  who reads the origin (one seed) and who gets pieces from whom.
 - A job names its hosts when it is created: the seed peers (scope "seeds") or every daemon
   (scope "all") that asked for a snapshot within `presence_s`. A host that joins later is
   not part of it; with no host in scope, creation fails (no empty job that "succeeds").
@@ -119,6 +124,8 @@ class OpsCore:
         if now < self._next_check:
             return []
         self._next_check = now + 1.0
+        for host_id in [h for h, f in self.followers.items() if now - f.last_seen > 10 * self.presence_s]:
+            del self.followers[host_id]  # long gone (or never real): forget
         out: list = []
         for job in [j for j in self.jobs.values() if j.state == "running"]:
             gone = {h: "host gone (no contact with the manager)" for h, st in job.hosts.items()
