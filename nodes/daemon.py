@@ -36,11 +36,11 @@ from dfzmq.errors import DfzmqError, DownloadError
 from dfzmq.service import Counters, decode_plain, decode_routed
 from nodes.gc import GarbageCollector
 from nodes.limits import TokenBucket
-from nodes.ops import CONTROL as OPS_CONTROL, DaemonOps
 from nodes.sink import OutputSink
 from nodes.store import PieceStore
 from nodes.task import TaskRun
 from nodes.upload import UploadServer
+from nodes.ops import CONTROL as OPS_CONTROL, DaemonOps  # settings, jobs, cache
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -165,10 +165,10 @@ class Daemon:
         # One thread does every piece store, output write and whole-file hash, in order, so the
         # event loop keeps receiving while bytes are copied (both release the GIL).
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfzmq-writer")
+        self.ops = DaemonOps(self)  # cluster settings, jobs and the cache (nodes/ops.py)
         self.download_bucket = TokenBucket(cfg.download_rate)
         self.source_bucket = TokenBucket(cfg.source_rate)
         self.started = time.monotonic()
-        self.ops = DaemonOps(self)  # cluster settings, jobs and the cache (nodes/ops.py)
 
     # -- start and stop -------------------------------------------------------------------
 
@@ -524,13 +524,13 @@ class Daemon:
                                "download": round(self.download_bucket.waited_s, 3),
                                "source": round(self.source_bucket.waited_s, 3)},
             "tasks_active": len(self.tasks),
+            "settings": self.ops.effective(),  # in force now, and the cluster's part
             "schedulers": {m: l.alive for m, l in self.links.items()},
             "counters": dict(self.counters),
             "uptime_s": round(time.monotonic() - self.started, 1),
             **self.store.stats(),
             "usage_bytes": self.store.usage_bytes(),
             "gc": {"evicted": self.gc.evicted_total, "freed_bytes": self.gc.freed_total},
-            "settings": self.ops.effective(),
         }
 
 

@@ -21,8 +21,8 @@ from typing import Any, Callable
 import zmq
 
 from brokers.manager.link import MemberLink
+from brokers.scheduler.follow import SettingsFollower  # cluster settings from the manager
 from brokers.scheduler.core import SchedulerCore
-from brokers.scheduler.follow import SettingsFollower
 from dfzmq import net, wire
 from dfzmq.config import SchedulerConfig
 from dfzmq.ids import new_id
@@ -95,8 +95,6 @@ class _Scheduler:
             deadline = self.core.next_deadline()
             if self.link is not None:
                 deadline = min(deadline, self.link.next_deadline())
-            if self.settings is not None:
-                deadline = min(deadline, self.settings.next_deadline())
             wait_ms = (deadline - time.monotonic()) * 1000
             events = dict(self.poller.poll(int(min(MAX_POLL_MS, max(0.0, wait_ms)) + 1)))
             if self.router in events:
