@@ -336,3 +336,23 @@ def test_preheat_image_from_debian_docker_registry(cl, tmp_path):
         if m and m.group(2) in ("200", "206"):
             sent[m.group(1)] = sent.get(m.group(1), 0) + int(m.group(3))
     assert sent == {d: len(b) for d, b in blobs.items()}
+
+
+def test_a_seed_restarted_mid_job_finishes_its_part(cl, www, origin):
+    data = make_file(www / "resume.bin", 4 * 1024 * 1024, seed=13)
+    origin.set_rate(2 * 1024 * 1024)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "dfzmq", "preheat", origin.url("resume.bin"), "--wait",
+                              "--manager", cl.manager_addr], env=cl.env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while origin.bytes_served("resume.bin") < 1024 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cl.restart("seed0")  # the job still names it: the restarted daemon picks it up again
+        out, err = p.communicate(timeout=120)
+    finally:
+        origin.set_rate(None)
+    assert p.returncode == 0, err
+    assert "succeeded" in out
+    # it resumed from the pieces it kept rather than reading the whole file again
+    assert len(data) <= origin.bytes_served("resume.bin") < 1.6 * len(data)
