@@ -1,8 +1,9 @@
 """Preheat jobs on a real cluster (manager, scheduler, seed peer, daemons as processes) and a
 real counting origin: after a preheat, a fetch reads nothing more from the origin. `--image`
-runs against a small registry served by an aiohttp app in this test (the registry API subset a
-pull needs: a multi-platform index, manifests, blobs, and the Bearer-token flow), because
-Debian's docker-registry has no token service of its own."""
+runs against Debian's docker-registry (anonymous, an image pushed through its API) and against
+a small registry served by an aiohttp app in this test for what docker-registry cannot do
+alone: a multi-platform index and the Bearer-token flow (it has no token service of its own).
+Jobs survive a manager restart and a seed restarted mid-job."""
 
 from __future__ import annotations
 
