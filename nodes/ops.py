@@ -271,6 +271,7 @@ class DaemonOps:
                                "content_length": size, "complete": True, "file_digest": file_digest,
                                "piece_count": pieces, "etag": "", "content_type": ""})
         d._held.pop(tid, None)  # a stale view from an earlier failed export
+        d.gc.note_access(tid)  # freshly imported: the last thing LRU eviction should take
         run, new = d.require_task(tid, cache_url(cache_id), {}, "", "")
         if new:
             d._spawn_start(run)  # holds it whole: registers with the scheduler as succeeded
