@@ -354,6 +354,7 @@ def up(
 
 
 # Command groups kept in modules of their own register on `app` when imported (one line each).
+import dfzmq.cli_ops  # noqa: E402,F401  config, preheat, jobs, cache
 
 
 def main() -> None:

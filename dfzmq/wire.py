@@ -621,3 +621,167 @@ class Event:
     name: str  # "peer-registered", "task-done", "back-to-source", ...
     fields: dict[str, Any] = field(default_factory=dict)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster operations (issue 6 part B): cluster-wide settings, jobs (preheat, cache removal),
+# the local cache. The manager keeps settings and jobs in its LMDB and publishes every change
+# on its PUB with a sequence number of their own (`seq` below counts these updates only):
+# followers (daemons, seeds, schedulers) take a SyncState snapshot over the ROUTER, then apply
+# ConfigUpdate / JobUpdate with a higher seq, and ask again now and then in case one was lost.
+
+
+@record
+class JobInfo:
+    """A manager job: what to do, on which hosts, and how far each host got."""
+
+    job_id: str
+    kind: str  # "preheat" | "cache-rm"
+    urls: list[str]
+    scope: str  # "seeds" | "all"
+    state: str  # "running" | "succeeded" | "failed"
+    created: float  # wall-clock seconds (time.time())
+    finished: float = 0.0
+    hosts: dict[str, str] = field(default_factory=dict)  # host id -> pending|running|succeeded|failed
+    errors: dict[str, str] = field(default_factory=dict)  # host id -> one-line error
+    headers: dict[str, str] = field(default_factory=dict)  # for the origin (a registry token)
+    tag: str = ""
+    application: str = ""
+    hostnames: dict[str, str] = field(default_factory=dict)  # host id -> hostname
+    note: str = ""  # what the user asked for, e.g. the image reference
+    # url -> "sha256:HEX" where the content digest is the task's identity (registry blobs, as
+    # the registry mirror names them: the same blob through any registry is one task)
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+@message("SYNC_REQUEST")
+class SyncRequest:
+    """Follower -> manager: my snapshot, please. Also says the host is alive (jobs of scope
+    "all" go to the hosts that asked recently)."""
+
+    host_id: str
+    role: str  # "daemon" | "seed" | "scheduler"
+    hostname: str = ""
+
+
+@message("SYNC_STATE")
+class SyncState:
+    seq: int
+    config: dict[str, Any]
+    jobs: list[JobInfo] = field(default_factory=list)  # running jobs only
+    events_addr: str = ""  # the manager's PUB, where updates follow
+
+
+@message("CONFIG_UPDATE")
+class ConfigUpdate:
+    """Published: the whole current set of cluster settings (small, so never a delta)."""
+
+    seq: int
+    config: dict[str, Any]
+
+
+@message("JOB_UPDATE")
+class JobUpdate:
+    """Published: a job was created or changed."""
+
+    seq: int
+    job: JobInfo
+
+
+@message("CONFIG_GET")
+class ConfigGet:
+    """CLI -> manager. Answered with ConfigState."""
+
+
+@message("CONFIG_SET")
+class ConfigSet:
+    """CLI -> manager: set (or with `unset`, remove) one cluster setting. Answered with
+    ConfigState, or Error("bad-request") naming what is wrong."""
+
+    key: str
+    value: Any = None
+    unset: bool = False
+
+
+@message("CONFIG_STATE")
+class ConfigState:
+    seq: int
+    config: dict[str, Any]
+
+
+@message("JOB_CREATE")
+class JobCreate:
+    """CLI -> manager. Answered with JobState, or Error."""
+
+    kind: str
+    urls: list[str]
+    scope: str = "seeds"
+    headers: dict[str, str] = field(default_factory=dict)
+    tag: str = ""
+    application: str = ""
+    note: str = ""
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+@message("JOB_GET")
+class JobGet:
+    job_id: str
+
+
+@message("JOB_LIST")
+class JobList:
+    limit: int = 100
+
+
+@message("JOB_STATE")
+class JobState:
+    job: JobInfo
+
+
+@message("JOB_LIST_REPLY")
+class JobListReply:
+    jobs: list[JobInfo]
+
+
+@message("JOB_REPORT")
+class JobReport:
+    """Daemon -> manager: how its part of a job went (sent again until the job says so)."""
+
+    job_id: str
+    host_id: str
+    state: str  # "running" | "succeeded" | "failed"
+    error: str = ""
+    hostname: str = ""
+
+
+# Local client -> daemon control socket: the cache (like Dragonfly's dfcache). Export is a
+# plain DOWNLOAD of the cache URL (cache:///ID).
+
+
+@message("CACHE_IMPORT")
+class CacheImport:
+    """Store the file at `path` (on the daemon's host) under `cache_id` ("" = its blake3)."""
+
+    request_id: str
+    path: str
+    cache_id: str = ""
+
+
+@message("CACHE_STAT")
+class CacheStat:
+    request_id: str
+    cache_id: str
+
+
+@message("CACHE_REMOVE")
+class CacheRemove:
+    request_id: str
+    cache_id: str
+
+
+@message("CACHE_RESULT")
+class CacheResult:
+    request_id: str
+    ok: bool
+    error: str = ""
+    info: dict[str, Any] = field(default_factory=dict)

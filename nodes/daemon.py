@@ -40,6 +40,7 @@ from nodes.sink import OutputSink
 from nodes.store import PieceStore
 from nodes.task import TaskRun
 from nodes.upload import UploadServer
+from nodes.ops import CONTROL as OPS_CONTROL, DaemonOps  # settings, jobs, cache
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -164,6 +165,7 @@ class Daemon:
         # One thread does every piece store, output write and whole-file hash, in order, so the
         # event loop keeps receiving while bytes are copied (both release the GIL).
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfzmq-writer")
+        self.ops = DaemonOps(self)  # cluster settings, jobs and the cache (nodes/ops.py)
         self.download_bucket = TokenBucket(cfg.download_rate)
         self.source_bucket = TokenBucket(cfg.source_rate)
         self.started = time.monotonic()
@@ -485,6 +487,8 @@ class Daemon:
                     self._reply(ident, wire.StatReply(self.stats()))
                 elif isinstance(msg, wire.Heartbeat):
                     self._reply(ident, wire.Heartbeat(self.host_id))
+                elif isinstance(msg, OPS_CONTROL):
+                    self._spawn(self.ops.control(ident, msg))
                 else:
                     self._reply(ident, wire.Error("bad-request", f"unexpected {type(msg).__name__}"))
             except Exception:  # never let one request end the control socket
@@ -520,6 +524,7 @@ class Daemon:
                                "download": round(self.download_bucket.waited_s, 3),
                                "source": round(self.source_bucket.waited_s, 3)},
             "tasks_active": len(self.tasks),
+            "settings": self.ops.effective(),  # in force now, and the cluster's part
             "schedulers": {m: l.alive for m, l in self.links.items()},
             "counters": dict(self.counters),
             "uptime_s": round(time.monotonic() - self.started, 1),
@@ -533,6 +538,8 @@ async def run_daemon(cfg: DaemonConfig, stop: asyncio.Event, on_ready: Callable[
                      curve: net.Curve | None = None) -> None:
     d = Daemon(cfg, curve)
     await d.start()
+    if cfg.manager and not cfg.scheduler:
+        d._spawn(d.ops.follow())  # a long-running daemon follows cluster settings and jobs
     if on_ready is not None:
         on_ready({"upload": d.upload.addr, "control": d.control_addr, "host_id": d.host_id})
     try:

@@ -149,6 +149,8 @@ class SourceReader:
         scheme = urlsplit(self.url).scheme.lower()
         if scheme == "file":
             return await self._run_file(known, have, on_piece)
+        if scheme == "cache":  # `dfzmq cache import` entries have no origin (nodes/ops.py)
+            raise SourceError(f"{self.url}: no peer in the cluster holds this cache entry", final=True)
         if scheme not in ("http", "https"):
             raise SourceError(f"unsupported URL scheme {scheme!r} in {self.url}")
         own = self.session is None

@@ -74,6 +74,7 @@ class ManagerCore:
         self.events_addr = events_addr
         self.seq = seq
         self.counters = counters if counters is not None else collections.Counter()
+        self.config: dict[str, Any] = {}  # cluster settings, sent in MemberWelcome (brokers/manager/ops.py)
         self._members: dict[str, _Member] = {}
         self._idents: dict[bytes, str] = {}
         for info in members:
@@ -163,7 +164,7 @@ class ManagerCore:
             self._members[old_owner].ident = None
         m.ident = sender
         self._idents[sender] = info.member_id
-        welcome = Send(sender, wire.MemberWelcome(self.cluster_id, self.interval_s, {}))
+        welcome = Send(sender, wire.MemberWelcome(self.cluster_id, self.interval_s, dict(self.config)))
         # A new member, one coming back up, or one with a new address: everyone must know.
         changed = self._set(m, info, force=is_new)
         return [welcome, *changed]

@@ -22,6 +22,7 @@ import lmdb
 import zmq
 
 from brokers.manager.core import ManagerCore, Persist
+from brokers.manager.opsservice import Ops
 from brokers.manager.store import ManagerStore
 from dfzmq import net
 from dfzmq.config import ManagerConfig
@@ -38,7 +39,7 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
           curve: net.Curve | None = None) -> None:
     """Run the manager until `stop` is set. Raises ConfigError / StorageError on startup."""
     store = ManagerStore(cfg.data)
-    router = pub = None
+    router = pub = ops = None
     try:
         router = net.make_socket(ctx, "manager_router", curve)
         pub = net.make_socket(ctx, "manager_pub", curve)
@@ -54,10 +55,14 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
                            seq=store.seq(), counters=counters)
         log.info("manager %s ready: router %s, pub %s, %d members restored",
                  store.cluster_id, addrs["router"], addrs["pub"], len(core.members()))
+        ops = Ops(cfg.data, addrs["pub"], counters)  # settings and jobs (brokers/manager/ops.py)
+        core.config = ops.core.config
         if on_ready is not None:
             on_ready({**addrs, "cluster_id": store.cluster_id})
-        _loop(core, router, pub, store, counters, stop)
+        _loop(core, router, pub, store, counters, stop, ops)
     finally:
+        if ops is not None:
+            ops.close()
         for sock in (router, pub):
             if sock is not None:
                 sock.close(linger=0)
@@ -66,11 +71,12 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
 
 
 def _loop(core: ManagerCore, router: zmq.Socket, pub: zmq.Socket, store: ManagerStore,
-          counters: Counters, stop: StopFlag) -> None:
+          counters: Counters, stop: StopFlag, ops: Ops | None = None) -> None:
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
     while not stop:
-        wait_s = core.next_deadline() - time.monotonic()
+        deadline = core.next_deadline() if ops is None else min(core.next_deadline(), ops.next_deadline())
+        wait_s = deadline - time.monotonic()
         timeout_ms = max(0, min(MAX_POLL_MS, int(wait_s * 1000) + 1))
         if poller.poll(timeout_ms):
             for _ in range(RECV_BATCH):
@@ -82,11 +88,17 @@ def _loop(core: ManagerCore, router: zmq.Socket, pub: zmq.Socket, store: Manager
                 if got is None:
                     continue
                 ident, msg = got
+                if ops is not None and ops.handles(msg):
+                    ops.handle(ident, msg, router, pub)
+                    core.config = ops.core.config  # members get the settings on registering too
+                    continue
                 _apply(_guard(core.handle, counters, ident, msg, time.monotonic()),
                        router, pub, store, counters)
         now = time.monotonic()
         if now >= core.next_deadline():
             _apply(_guard(core.handle_timer, counters, now), router, pub, store, counters)
+        if ops is not None:
+            ops.tick(router, pub)
 
 
 def _guard(fn: Callable[..., list], counters: Counters, *args: Any) -> list:

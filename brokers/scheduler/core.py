@@ -31,6 +31,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import logging
 import random
@@ -248,6 +249,8 @@ class SchedulerCore:
             "tasks": len(self.tasks),
             "peers": {s.value: by_state.get(s.value, 0) for s in PeerState},
             "counters": dict(self.counters),
+            "settings": {"max_parents": self.max_parents, "candidate_parents": self.candidate_parents,
+                         **{"weight_" + k: v for k, v in dataclasses.asdict(self.weights).items()}},
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -256,7 +259,8 @@ class SchedulerCore:
             "hosts": [
                 {"host_id": h.host_id, "hostname": h.info.hostname, "seed": h.info.seed,
                  "upload_addr": h.info.upload_addr, "idc": h.info.idc,
-                 "location": h.info.location, "peers": len(h.peers)}
+                 "location": h.info.location, "peers": len(h.peers),
+                 "upload_slots": h.info.upload_slots}
                 for h in self.hosts.values()
             ],
             "tasks": [

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import zmq
 
 from brokers.manager.link import MemberLink
+from brokers.scheduler.follow import SettingsFollower  # cluster settings from the manager
 from brokers.scheduler.core import SchedulerCore
 from dfzmq import net, wire
 from dfzmq.config import SchedulerConfig
@@ -67,6 +68,7 @@ class _Scheduler:
         self.pub = net.make_socket(ctx, "events_pub", curve)
         self.manager: zmq.Socket | None = None
         self.link: MemberLink | None = None
+        self.settings: SettingsFollower | None = None  # cluster settings from the manager
 
     def bind(self) -> dict[str, str]:
         bound = net.bind(self.router, self.cfg.listen)
@@ -80,6 +82,8 @@ class _Scheduler:
                                      addr=addrs["router"], events_addr=addrs["pub"],
                                      hostname=socket.gethostname(), version=_version())
             self.link = MemberLink(member, self.cfg.heartbeat_interval_s, self.cfg.liveness)
+            self.settings = SettingsFollower(self.core, self.cfg.manager, self.ctx, self.poller,
+                                             self.counters, self.curve)
         return addrs
 
     def run(self, stop: StopFlag) -> None:
@@ -97,6 +101,8 @@ class _Scheduler:
                 self._drain_router()
             if self.manager is not None and self.manager in events:
                 self._drain_manager()
+            if self.settings is not None:
+                self.settings.tend(events, time.monotonic())
 
     def _tend_manager(self, now: float) -> None:
         """Paranoid Pirate towards the manager: heartbeat, and a fresh socket when it is silent."""
@@ -157,6 +163,8 @@ class _Scheduler:
                 self.counters["dropped.manager"] += 1
 
     def close(self) -> None:
+        if self.settings is not None:
+            self.settings.close()
         if self.link is not None and self.manager is not None and self.link.registered:
             # A goodbye spares the manager a liveness timeout; a short linger lets it leave.
             self._send_manager(self.link.leave())

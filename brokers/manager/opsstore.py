@@ -1,0 +1,77 @@
+"""Durable state of the manager's cluster operations (brokers/manager/ops.py) in LMDB: the
+cluster settings, the jobs and the seq of their updates.
+
+An environment of its own at DATA/ops (next to the membership store, which it never touches):
+- `meta`: b"seq";
+- `config`: setting name -> msgpack value;
+- `jobs`: job id -> msgpack map of JobInfo fields (a map, so older and newer records load).
+Short transactions; open after any fork; never touches sockets or clocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from dfzmq import wire
+from dfzmq.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(wire.JobInfo))
+
+
+class OpsStore:
+    def __init__(self, path: Path, map_size: int = 1 << 32) -> None:
+        path = Path(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(str(path), map_size=map_size, max_dbs=4, subdir=True)
+        except (OSError, lmdb.Error) as e:
+            raise StorageError(f"cannot open the manager's job store at {path}: {e}") from e
+        self._meta = self._env.open_db(b"meta")
+        self._config = self._env.open_db(b"config")
+        self._jobs = self._env.open_db(b"jobs")
+
+    def seq(self) -> int:
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(b"seq")
+        return int(bytes(raw).decode()) if raw is not None else 0
+
+    def config(self) -> dict[str, Any]:
+        with self._env.begin(db=self._config) as txn:
+            return {bytes(k).decode(): msgpack.unpackb(v, raw=False) for k, v in txn.cursor()}
+
+    def jobs(self) -> list[wire.JobInfo]:
+        with self._env.begin(db=self._jobs) as txn:
+            rows = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+        out = []
+        for key, value in rows:
+            try:
+                fields = msgpack.unpackb(value, raw=False)
+                out.append(wire.JobInfo(**{k: v for k, v in fields.items() if k in _JOB_FIELDS}))
+            except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as e:
+                log.warning("skipping unreadable job record %r: %s", key, e)
+        return out
+
+    def write(self, seq: int, config: dict[str, Any] | None, jobs: list[wire.JobInfo],
+              drop: list[str] = ()) -> None:
+        with self._env.begin(write=True) as txn:
+            for job_id in drop:
+                txn.delete(job_id.encode(), db=self._jobs)
+            if config is not None:
+                txn.drop(self._config, delete=False)
+                for k, v in config.items():
+                    txn.put(k.encode(), msgpack.packb(v, use_bin_type=True), db=self._config)
+            for job in jobs:
+                fields = {f: getattr(job, f) for f in _JOB_FIELDS}
+                txn.put(job.job_id.encode(), msgpack.packb(fields, use_bin_type=True), db=self._jobs)
+            txn.put(b"seq", str(seq).encode(), db=self._meta)
+
+    def close(self) -> None:
+        self._env.close()
