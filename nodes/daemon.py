@@ -161,6 +161,7 @@ class Daemon:
         self._bg: set[asyncio.Task] = set()
         self.task_slots = asyncio.Semaphore(cfg.concurrent_tasks) if cfg.concurrent_tasks > 0 else None
         self.ctx: zmq.asyncio.Context | None = None
+        self.proxy = None  # nodes/proxy.ProxyServer when proxy_listen is set
         # One thread does every piece store, output write and whole-file hash, in order, so the
         # event loop keeps receiving while bytes are copied (both release the GIL).
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfzmq-writer")
@@ -195,6 +196,11 @@ class Daemon:
             # The daemon writes files wherever a client asks: only its own user may ask.
             os.chmod(control_addr[len("ipc://"):], 0o600)
         self.upload.on_access = self.gc.note_access
+        self.proxy = None
+        if self.cfg.proxy_listen:  # the HTTP proxy and registry mirror (issue 4)
+            from nodes.proxy import ProxyServer
+            self.proxy = ProxyServer(self)
+            await self.proxy.start()
         self._spawn(self.upload.run())
         self._spawn(self._control_loop())
         if self.gc.enabled:
@@ -217,6 +223,8 @@ class Daemon:
         for t in list(self._bg):
             t.cancel()
         await asyncio.gather(*list(self._bg), return_exceptions=True)
+        if self.proxy is not None:
+            await self.proxy.close()
         await self.http.close()
         self.upload.close()
         self.control.close(0)
@@ -350,6 +358,7 @@ class Daemon:
                 tid, f"{self.host_id}/{tid[:16]}", meta.get("url", ""), {}, meta.get("tag", ""),
                 meta.get("application", ""), state="succeeded", pieces=list(held.values()),
                 content_length=meta.get("content_length", -1), file_digest=meta.get("file_digest", ""),
+                meta=meta.get("origin_meta") or {},
             ))
 
     def scheduler_lost(self, link: SchedulerLink) -> None:
@@ -515,6 +524,7 @@ class Daemon:
             "host_id": self.host_id,
             "seed": self.cfg.seed,
             "upload_addr": self.upload.addr,
+            "proxy_addr": self.proxy.addr if self.proxy is not None else "",
             "uploaded_bytes": self.upload.bytes_uploaded,
             "limiter_wait_s": {"upload": round(self.upload.bucket.waited_s, 3),
                                "download": round(self.download_bucket.waited_s, 3),
@@ -534,7 +544,8 @@ async def run_daemon(cfg: DaemonConfig, stop: asyncio.Event, on_ready: Callable[
     d = Daemon(cfg, curve)
     await d.start()
     if on_ready is not None:
-        on_ready({"upload": d.upload.addr, "control": d.control_addr, "host_id": d.host_id})
+        on_ready({"upload": d.upload.addr, "control": d.control_addr, "host_id": d.host_id,
+                  **({"proxy": d.proxy.addr} if d.proxy is not None else {})})
     try:
         await stop.wait()
     finally:
