@@ -356,6 +356,7 @@ def up(
 
 
 # Command groups kept in modules of their own register on `app` when imported (one line each).
+import dfzmq.cli_init  # noqa: E402,F401  (dfzmq init containerd|docker)
 
 
 def main() -> None:
