@@ -1,13 +1,21 @@
 """The registry mirror with real servers and clients: Debian's `docker-registry` (distribution
-v2) as the upstream, with its own authentication, an image built here and pushed with `skopeo`,
+v2) as the upstream, with its own authentication (htpasswd's basic challenge, or the bearer
+token flow with a token server run here that signs JWTs with `openssl`, as Docker Hub's auth
+service does), an image built here and pushed with `skopeo`,
 then `skopeo copy` of it through the mirrors of three daemons at once. Every copy verifies
 (skopeo checks every blob against its digest), and the registry's access log shows that it
 served each blob's bytes once for the whole cluster."""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import re
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 import socket
 import subprocess
 import time
@@ -41,12 +49,92 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path) -> None:
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    """A docker-registry on a free loopback port with htpasswd (basic challenge) auth."""
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """A registry token service (docker's token auth spec): basic credentials in, a JWT signed
+    with RS256 (by `openssl dgst`) out, granting what the scope asks for the repository."""
+
+    def __init__(self, root: Path, service: str, issuer: str) -> None:
+        self.key, self.cert = root / "token.key", root / "token.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
+                        "-out", str(self.cert), "-days", "2", "-subj", "/CN=dfzmq-test-token"],
+                       capture_output=True, check=True)
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
+                             capture_output=True, check=True).stdout
+        self.x5c = base64.b64encode(der).decode()
+        self.service, self.issuer = service, issuer
+        self.issued = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                auth = self.headers.get("Authorization", "")
+                want = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+                if auth != want:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                q = parse_qs(urlsplit(self.path).query)
+                body = json.dumps({"token": server.token(q.get("scope", [])), "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.realm = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def token(self, scopes: list[str]) -> str:
+        access = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        head = b64url(json.dumps({"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}).encode())
+        claims = b64url(json.dumps({"iss": self.issuer, "sub": USER, "aud": self.service, "exp": now + 600,
+                                    "nbf": now - 60, "iat": now, "jti": os.urandom(8).hex(),
+                                    "access": access}).encode())
+        signed = f"{head}.{claims}".encode()
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signed,
+                             capture_output=True, check=True).stdout
+        self.issued += 1
+        return f"{head}.{claims}.{b64url(sig)}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module", params=["htpasswd", "token"])
+def registry(request, tmp_path_factory):
+    """A docker-registry on a free loopback port with htpasswd (basic challenge) or token auth."""
     root = tmp_path_factory.mktemp("registry")
-    htpasswd = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], capture_output=True, text=True, check=True)
-    (root / "htpasswd").write_text(htpasswd.stdout)
+    tokens = None
+    if request.param == "htpasswd":
+        htpasswd = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], capture_output=True, text=True, check=True)
+        (root / "htpasswd").write_text(htpasswd.stdout)
+        auth = f"""  htpasswd:
+    realm: dfzmq-test
+    path: {root / "htpasswd"}
+"""
+    else:
+        tokens = TokenServer(root, "dfzmq-registry", "dfzmq-test-issuer")
+        auth = f"""  token:
+    realm: {tokens.realm}
+    service: dfzmq-registry
+    issuer: dfzmq-test-issuer
+    rootcertbundle: {tokens.cert}
+"""
     port = free_port()
     (root / "config.yml").write_text(f"""version: 0.1
 log:
@@ -57,20 +145,19 @@ storage:
 http:
   addr: 127.0.0.1:{port}
 auth:
-  htpasswd:
-    realm: dfzmq-test
-    path: {root / "htpasswd"}
-""")
+{auth}""")
     log = root / "registry.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
         wait_port(port, proc, log)
-        yield f"127.0.0.1:{port}", log
+        yield f"127.0.0.1:{port}", log, tokens
     finally:
         proc.terminate()
         proc.wait(10)
+        if tokens is not None:
+            tokens.close()
 
 
 def skopeo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -86,7 +173,7 @@ def blob_bytes_served(log: Path) -> Counter:
 
 
 def test_skopeo_copies_through_three_mirrors_each_blob_served_once(registry, tmp_path):
-    reg, reg_log = registry
+    reg, reg_log, tokens = registry
     blobs = make_image(tmp_path / "oci", "v1", (3 * 1024 * 1024, 700 * 1024), seed=7)
     r = skopeo("copy", "--dest-tls-verify=false", "--dest-creds", f"{USER}:{PASSWORD}",
                f"oci:{tmp_path / 'oci'}:v1", f"docker://{reg}/team/app:v1")
@@ -116,5 +203,7 @@ def test_skopeo_copies_through_three_mirrors_each_blob_served_once(registry, tmp
             assert counters.get("registry.blob", 0) == len(blobs), counters
         logs = "".join(c.tail(n, 10_000) for n in c.procs)
     assert PASSWORD not in logs
+    if tokens is not None:
+        assert tokens.issued >= 3  # each client went through the bearer token flow
     served = blob_bytes_served(reg_log)
     assert served == Counter(blobs), f"registry served {dict(served)}, blobs are {blobs}"
