@@ -65,6 +65,10 @@ class ClientGone(Exception):
     """The client closed its connection (or sent something we cannot parse)."""
 
 
+class BadRequest(ClientGone):
+    """The client sent bytes that are not HTTP/1.1: answered 400 (when we still can), counted."""
+
+
 class Exchange:
     """One HTTP connection from a client: h11 state plus the stream under it."""
 
@@ -79,7 +83,7 @@ class Exchange:
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as e:
-                raise ClientGone(f"bad request: {e}") from e
+                raise BadRequest(f"bad request: {e}") from e
             if event is not h11.NEED_DATA:
                 return event
             data = await asyncio.wait_for(self.reader.read(CHUNK), timeout_s)
@@ -194,6 +198,14 @@ class ProxyServer:
                 if ex.conn.our_state is not h11.DONE or ex.conn.their_state is not h11.DONE:
                     break
                 ex.conn.start_next_cycle()
+        except BadRequest as e:
+            self.counters["proxy.bad-request"] += 1
+            log.debug("proxy: %s", e)
+            if not ex.started:
+                try:
+                    await ex.simple(400, "dfzmq proxy: bad request")
+                except (h11.LocalProtocolError, ConnectionError):
+                    pass
         except (ClientGone, ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 h11.LocalProtocolError):
             pass
@@ -328,6 +340,8 @@ class ProxyServer:
         fwd = [(n, v) for n, v in httprules.end_to_end(headers) if n.lower() != "host"]
         fwd += list(extra)
         has_body = ex.conn.their_state is h11.SEND_BODY
+        if has_body and ex.conn.they_are_waiting_for_100_continue:
+            await ex.send(h11.InformationalResponse(status_code=100, headers=[]))
         names = {n.lower() for n, _ in fwd}
         skip = [h for h in ("User-Agent", "Accept-Encoding", "Accept") if h.lower() not in names]
         self.counters["proxy.passthrough"] += 1

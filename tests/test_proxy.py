@@ -103,6 +103,7 @@ def test_unmatched_urls_pass_through_untouched(site, proxies, tmp_path):
     assert origin.bytes_served("/plain/d.bin") == 2 * SIZE  # each request went to the origin
     # A request body passes through too (the origin's control endpoint takes JSON).
     r = subprocess.run(["curl", "-sS", "-x", f"http://{px['peer1']}", "-X", "POST", "-H", "Content-Type: application/json",
+                        "-H", "Expect: 100-continue",
                         "--data-binary", '{"statuses": {}}', "-w", "%{http_code}", "-o", "/dev/null",
                         origin.url("_config")], capture_output=True, text=True, env=client_env())
     assert r.stdout == "200", r.stderr
@@ -264,3 +265,20 @@ def test_pip_installs_a_wheel_through_the_proxy(proxies, tmp_path):
     finally:
         http.terminate()
         http.wait()
+
+
+def test_malformed_requests_are_answered_400_and_counted(proxies):
+    c, px = proxies
+    host, port = px["peer1"].split(":")
+    before = c.stat("peer1")["counters"].get("proxy.bad-request", 0)
+    with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as s:
+        s.sendall(b"\x16\x03\x01 this is not HTTP\r\n\r\n")  # e.g. a TLS hello to a plain port
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 400")
+    assert c.stat("peer1")["counters"]["proxy.bad-request"] == before + 1
+    # The proxy still serves others.
+    with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 404")
