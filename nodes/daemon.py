@@ -145,6 +145,18 @@ class SchedulerLink:
             d.counters["scheduler.unexpected"] += 1
 
 
+class _InUse:
+    """A live view of the tasks GC must not evict: running ones, and ones a proxy client is
+    still reading (a finished task streams from the store after its run ended)."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+
+    def __contains__(self, task_id: object) -> bool:
+        d = self.daemon
+        return task_id in d.tasks or (d.proxy is not None and task_id in d.proxy.streaming)
+
+
 class Daemon:
     def __init__(self, cfg: DaemonConfig, curve: net.Curve | None = None) -> None:
         self.cfg = cfg
@@ -199,8 +211,13 @@ class Daemon:
         self.proxy = None
         if self.cfg.proxy_listen:  # the HTTP proxy and registry mirror (issue 4)
             from nodes.proxy import ProxyServer
-            self.proxy = ProxyServer(self)
-            await self.proxy.start()
+            try:
+                self.proxy = ProxyServer(self)
+                await self.proxy.start()
+            except BaseException:  # a bad rule or a busy port: a one-line error, nothing left open
+                self.proxy = None
+                await self.http.close()
+                raise
         self._spawn(self.upload.run())
         self._spawn(self._control_loop())
         if self.gc.enabled:
@@ -381,7 +398,7 @@ class Daemon:
         while True:
             await asyncio.sleep(self.cfg.gc_interval_s)
             try:
-                res = await loop.run_in_executor(self.writer, self.gc.collect, time.time(), self.tasks.keys())
+                res = await loop.run_in_executor(self.writer, self.gc.collect, time.time(), _InUse(self))
             except Exception:
                 self.counters["gc.errors"] += 1
                 log.exception("garbage collection failed")

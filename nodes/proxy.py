@@ -28,6 +28,7 @@ The proxy has no authentication of its own: it must listen on loopback or a trus
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -151,6 +152,7 @@ class ProxyServer:
         self.addr = ""
         self.session: aiohttp.ClientSession | None = None
         self._conns: set[asyncio.Task] = set()
+        self.streaming: collections.Counter[str] = collections.Counter()  # task id -> clients reading it
 
     async def start(self) -> None:
         host, port = parse_listen(self.cfg.proxy_listen)
@@ -277,9 +279,13 @@ class ProxyServer:
             raise
         if new:
             d._spawn_start(run)
+        self.streaming[tid] += 1  # GC leaves the task alone while a client reads it
         try:
             await self._answer_task(ex, run, sink, url, headers, list(extra))
         finally:
+            self.streaming[tid] -= 1
+            if self.streaming[tid] <= 0:
+                del self.streaming[tid]
             try:
                 await run._in_writer(run._detach, sink, True)
             except Exception:

@@ -173,3 +173,78 @@ def test_init_docker_prints_registry_mirrors(monkeypatch):
     monkeypatch.delenv("DFZMQ_PROXY_LISTEN")
     r = CliRunner().invoke(app, ["init", "docker"])
     assert r.exit_code == 2 and "proxy_listen" in r.output
+
+
+# -- StreamSink ---------------------------------------------------------------------------------
+
+
+class _Store:
+    """Pieces by digest, as the piece store hands them out."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def get(self, digest: str) -> bytes | None:
+        return self.data.get(digest)
+
+
+def _pieces(blob: bytes, size: int) -> list[tuple[wire.PieceInfo, bytes]]:
+    out = []
+    for num, off in enumerate(range(0, len(blob), size)):
+        chunk = blob[off:off + size]
+        out.append((wire.PieceInfo(num, off, len(chunk), f"d{num}"), chunk))
+    return out
+
+
+def _stream(blob: bytes, order: list[int], start: int, end: int, expected: str = "", verify: bool = False):
+    import asyncio
+    import threading
+
+    from nodes.stream import StreamSink
+
+    async def go():
+        store = _Store()
+        sink = StreamSink(asyncio.get_running_loop(), store, expected)
+        pieces = _pieces(blob, 100)
+
+        def writer():  # the run's writer thread: store, then tell the sink, in any order
+            sink.set_length(len(blob))
+            for i in order:
+                info, data = pieces[i]
+                store.data[info.digest] = data
+                sink.write(info, None)
+            sink.finish(len(blob), "")
+
+        got = bytearray()
+        threading.Thread(target=writer).start()
+        try:
+            async for chunk in sink.body(start, end, verify):
+                got += chunk
+        except Exception as e:
+            return bytes(got), e
+        return bytes(got), None
+
+    return asyncio.run(go())
+
+
+def test_stream_sink_yields_ranges_in_order_whatever_the_arrival_order():
+    import random
+    blob = random.Random(3).randbytes(1050)
+    order = list(range(11))
+    random.Random(4).shuffle(order)
+    assert _stream(blob, order, 0, 1050) == (blob, None)
+    assert _stream(blob, order, 150, 777) == (blob[150:777], None)  # starts and ends mid-piece
+    assert _stream(blob, order, 1049, 1050) == (blob[1049:], None)
+
+
+def test_stream_sink_holds_back_the_last_piece_until_the_digest_matched():
+    import hashlib
+    import random
+
+    from dfzmq.errors import IntegrityError
+    blob = random.Random(5).randbytes(1050)
+    good = "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert _stream(blob, list(range(11)), 0, 1050, good, verify=True) == (blob, None)
+    got, err = _stream(blob, list(range(11)), 0, 1050, "sha256:" + "0" * 64, verify=True)
+    assert isinstance(err, IntegrityError)
+    assert got == blob[:1000]  # everything but the last piece went out; the client sees a cut
