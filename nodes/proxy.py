@@ -225,6 +225,7 @@ class ProxyServer:
         method = req.method.decode("latin-1")
         target = req.target.decode("latin-1")
         headers = _strs(req.headers)
+        log.debug("proxy %s %s", method, target if method == "CONNECT" else _safe(target))
         try:
             if method == "CONNECT":
                 await self._tunnel(ex, target)
