@@ -19,6 +19,10 @@ relayed (status, headers, body: the client sees exactly what the origin says); a
 failure before the answer started is a 502 with a one-line reason; after it started, the
 connection is cut, so a client never takes a short body for a whole one.
 
+A matched URL that the origin redirects is fetched from where it points (the task is the
+content of the URL the client asked for). An origin that does not say how long the body is
+(chunked, no Content-Length) is answered once the task is complete: Content-Length comes first.
+
 Request headers go to the origin (they travel with the task to the seed peer, as in Dragonfly)
 and are never logged; URLs are logged without their query string (it may hold a signature).
 HTTPS through CONNECT is a tunnel: the proxy cannot see those URLs, so they are never P2P.

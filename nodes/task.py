@@ -130,7 +130,11 @@ class TaskRun:
             self.piece_count = meta.get("piece_count", -1)
         self.etag = meta.get("etag", "")
         self.content_type = meta.get("content_type", "")
-        self.set_origin_meta(meta.get("origin_meta") or {})
+        stored = meta.get("origin_meta") or {}
+        if not stored and meta.get("complete"):  # a task stored before origin_meta existed
+            stored = {"status": "200", **({"etag": self.etag} if self.etag else {}),
+                      **({"content-type": self.content_type} if self.content_type else {})}
+        self.set_origin_meta(stored)
         self._save_meta()
         if self._all_held():
             # Already whole here (a seed asked for a task it holds, or a client for a cached
