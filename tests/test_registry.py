@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 import socket
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -73,16 +74,25 @@ class TokenServer:
             def log_message(self, *args):  # quiet
                 pass
 
-            def do_GET(self):
-                auth = self.headers.get("Authorization", "")
+            def do_GET(self):  # docker's token flow: basic credentials, scope in the query
                 want = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-                if auth != want:
+                ok = self.headers.get("Authorization", "") == want
+                self.answer(ok, parse_qs(urlsplit(self.path).query))
+
+            def do_POST(self):  # the OAuth2 password grant (containerd's first try)
+                n = int(self.headers.get("Content-Length", "0"))
+                form = parse_qs(self.rfile.read(n).decode())
+                ok = form.get("username") == [USER] and form.get("password") == [PASSWORD]
+                self.answer(ok, {"scope": " ".join(form.get("scope", [])).split()})
+
+            def answer(self, ok: bool, q: dict) -> None:
+                if not ok:
                     self.send_response(401)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                q = parse_qs(urlsplit(self.path).query)
-                body = json.dumps({"token": server.token(q.get("scope", [])), "expires_in": 300}).encode()
+                tok = server.token(q.get("scope", []))
+                body = json.dumps({"token": tok, "access_token": tok, "expires_in": 300}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -172,38 +182,105 @@ def blob_bytes_served(log: Path) -> Counter:
     return served
 
 
-def test_skopeo_copies_through_three_mirrors_each_blob_served_once(registry, tmp_path):
+@pytest.fixture(scope="module")
+def mirrors(registry, tmp_path_factory):
+    """Three daemons (and a seed) whose mirrors front the registry; per daemon, its mirror port."""
+    reg = registry[0]
+    ports = {n: free_port() for n in ("peer1", "peer2", "peer3")}
+    env = {n: {"DFZMQ_PROXY_LISTEN": f"127.0.0.1:{p}", "DFZMQ_REGISTRY_MIRRORS": f"http://{reg}"}
+           for n, p in ports.items()}
+    with LocalCluster(tmp_path_factory.mktemp("cluster-mirror"), peers=3, daemon_env=env) as c:
+        yield c, ports
+
+
+def test_skopeo_copies_through_three_mirrors_each_blob_served_once(registry, mirrors, tmp_path):
     reg, reg_log, tokens = registry
+    c, ports = mirrors
     blobs = make_image(tmp_path / "oci", "v1", (3 * 1024 * 1024, 700 * 1024), seed=7)
     r = skopeo("copy", "--dest-tls-verify=false", "--dest-creds", f"{USER}:{PASSWORD}",
                f"oci:{tmp_path / 'oci'}:v1", f"docker://{reg}/team/app:v1")
     assert r.returncode == 0, r.stderr
     assert not blob_bytes_served(reg_log)  # pushing serves nothing
-
-    names = ["peer1", "peer2", "peer3"]
-    ports = {n: free_port() for n in names}
-    env = {n: {"DFZMQ_PROXY_LISTEN": f"127.0.0.1:{p}", "DFZMQ_REGISTRY_MIRRORS": f"http://{reg}"}
-           for n, p in ports.items()}
-    with LocalCluster(tmp_path / "cluster", peers=3, daemon_env=env) as c:
-        # The wrong password: the registry's 401 reaches the client through the mirror.
-        bad = skopeo("inspect", "--tls-verify=false", "--creds", f"{USER}:wrong", f"docker://127.0.0.1:{ports['peer1']}/team/app:v1")
-        assert bad.returncode != 0 and "unauthorized" in bad.stderr.lower(), bad.stderr
-        procs = {
-            n: subprocess.Popen(["skopeo", "copy", "--src-tls-verify=false", "--src-creds", f"{USER}:{PASSWORD}",
-                                 f"docker://127.0.0.1:{p}/team/app:v1", f"dir:{tmp_path / n}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=client_env())
-            for n, p in ports.items()}
-        outs = {n: p.communicate(timeout=120)[0] for n, p in procs.items()}
-        for n, p in procs.items():
-            assert p.returncode == 0, f"{n}: {outs[n]}\n{c.tail(n)}"
-            for digest in blobs:
-                assert (tmp_path / n / digest.split(":")[1]).read_bytes() == \
-                       (tmp_path / "oci" / "blobs" / "sha256" / digest.split(":")[1]).read_bytes()
-            counters = c.stat(n)["counters"]
-            assert counters.get("registry.blob", 0) == len(blobs), counters
-        logs = "".join(c.tail(n, 10_000) for n in c.procs)
+    # The wrong password: the registry's 401 reaches the client through the mirror.
+    bad = skopeo("inspect", "--tls-verify=false", "--creds", f"{USER}:wrong", f"docker://127.0.0.1:{ports['peer1']}/team/app:v1")
+    assert bad.returncode != 0 and "unauthorized" in bad.stderr.lower(), bad.stderr
+    procs = {
+        n: subprocess.Popen(["skopeo", "copy", "--src-tls-verify=false", "--src-creds", f"{USER}:{PASSWORD}",
+                             f"docker://127.0.0.1:{p}/team/app:v1", f"dir:{tmp_path / n}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=client_env())
+        for n, p in ports.items()}
+    outs = {n: p.communicate(timeout=120)[0] for n, p in procs.items()}
+    for n, p in procs.items():
+        assert p.returncode == 0, f"{n}: {outs[n]}\n{c.tail(n)}"
+        for digest in blobs:
+            assert (tmp_path / n / digest.split(":")[1]).read_bytes() == \
+                   (tmp_path / "oci" / "blobs" / "sha256" / digest.split(":")[1]).read_bytes()
+        counters = c.stat(n)["counters"]
+        assert counters.get("registry.blob", 0) == len(blobs), counters
+    logs = "".join(c.tail(n, 10_000) for n in c.procs)
     assert PASSWORD not in logs
     if tokens is not None:
         assert tokens.issued >= 3  # each client went through the bearer token flow
-    served = blob_bytes_served(reg_log)
-    assert served == Counter(blobs), f"registry served {dict(served)}, blobs are {blobs}"
+    served = {d: n for d, n in blob_bytes_served(reg_log).items() if d in blobs}
+    assert served == blobs, f"registry served {served}, blobs are {blobs}"
+
+
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory):
+    """A containerd of our own (root, state and socket in a temp dir; no CRI plugin)."""
+    if shutil.which("containerd") is None or shutil.which("ctr") is None:
+        pytest.skip("containerd is needed (make test installs it)")
+    if os.geteuid() != 0:
+        pytest.skip("containerd needs root")
+    root = tmp_path_factory.mktemp("containerd")
+    sock = root / "containerd.sock"
+    (root / "config.toml").write_text(f"""version = 2
+root = "{root / 'root'}"
+state = "{root / 'state'}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+""")
+    log = root / "containerd.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["containerd", "--config", str(root / "config.toml")], stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while subprocess.run(["ctr", "--address", str(sock), "version"], capture_output=True).returncode != 0:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "containerd did not start"
+            time.sleep(0.2)
+        yield str(sock)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_containerd_pulls_through_the_mirror_with_init_hosts_toml(registry, mirrors, containerd, tmp_path):
+    """`dfzmq init containerd` writes hosts.toml; containerd's resolver (ctr --hosts-dir, the
+    code CRI uses) sends the pull to the mirror with ?ns=, through the registry's auth."""
+    reg, reg_log, tokens = registry
+    blobs = make_image(tmp_path / "oci", "v2", (900 * 1024,), seed=int(reg.rsplit(":", 1)[1]))  # new per registry
+    r = skopeo("copy", "--dest-tls-verify=false", "--dest-creds", f"{USER}:{PASSWORD}",
+               f"oci:{tmp_path / 'oci'}:v2", f"docker://{reg}/team/ctd:v2")
+    assert r.returncode == 0, r.stderr
+    c, ports = mirrors
+    env = {"DFZMQ_PROXY_LISTEN": f"127.0.0.1:{ports['peer1']}", "DFZMQ_REGISTRY_MIRRORS": f"http://{reg}"}
+    init = subprocess.run([sys.executable, "-m", "dfzmq", "init", "containerd", "--config-path", str(tmp_path / "hosts")],
+                          capture_output=True, text=True, env={**LocalCluster.env(), **env}, cwd=tmp_path)
+    assert init.returncode == 0, init.stderr
+    assert (tmp_path / "hosts" / reg / "hosts.toml").exists()
+    before = c.stat("peer1")["counters"]
+    pull = subprocess.run(["ctr", "--address", containerd, "content", "fetch", "--hosts-dir", str(tmp_path / "hosts"),
+                           "--user", f"{USER}:{PASSWORD}", f"{reg}/team/ctd:v2"],
+                          capture_output=True, text=True, env=client_env(), timeout=120)
+    assert pull.returncode == 0, pull.stderr
+    assert "trying next host" not in pull.stderr  # it never fell back to the registry itself
+    counters = c.stat("peer1")["counters"]
+    assert counters.get("registry.blob", 0) == before.get("registry.blob", 0) + 2, counters  # layer, config
+    assert counters.get("registry.refused", 0) == 0
+    served = {d: n for d, n in blob_bytes_served(reg_log).items() if d in blobs}
+    assert served == blobs  # read once, by the seed
