@@ -56,7 +56,7 @@ def site(tmp_path_factory):
     (www / "plain").mkdir()
     files = {name: make_file(www / name, SIZE, seed=i) for i, name in
              enumerate(["p2p/a.bin", "p2p/b.bin", "p2p/c.bin", "p2p/signed.bin", "p2p/slow.bin",
-                        "p2p/secret.bin", "plain/d.bin"])}
+                        "p2p/secret.bin", "plain/d.bin", "p2p/many.bin"])}
     with Origin(www) as origin:
         yield origin, files
 
@@ -282,3 +282,16 @@ def test_malformed_requests_are_answered_400_and_counted(proxies):
     with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert s.recv(65536).startswith(b"HTTP/1.1 404")
+
+
+def test_concurrent_clients_of_one_url_share_one_task(site, proxies, tmp_path):
+    origin, files = site
+    c, px = proxies
+    url = origin.url("p2p/many.bin")
+    procs = [subprocess.Popen(["curl", "-sSf", "-x", f"http://{px[n]}", "-o", str(tmp_path / f"{n}-{i}.out"), url],
+                              env=client_env()) for i in range(3) for n in ("peer1", "peer2")]
+    assert all(p.wait(DEADLINE_S) == 0 for p in procs)
+    for i in range(3):
+        for n in ("peer1", "peer2"):
+            assert (tmp_path / f"{n}-{i}.out").read_bytes() == files["p2p/many.bin"]
+    assert origin.bytes_served("/p2p/many.bin") == SIZE
