@@ -45,7 +45,7 @@ from yarl import URL
 from dfzmq import ids
 from dfzmq.errors import ConfigError, DfzmqError, SourceError
 from nodes import httprules
-from nodes.source import _safe
+from nodes.source import REPLAY_HEADERS, _safe
 from nodes.stream import StreamSink
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 64 * 1024  # request line and headers
+REPLAY = {h.title() for h in REPLAY_HEADERS}
 CHUNK = 256 * 1024
 IDLE_TIMEOUT_S = 120.0  # a keep-alive connection with no request for this long is closed
 
@@ -318,7 +319,10 @@ class ProxyServer:
         meta = run.origin_meta
         length = run.content_length
         etag = meta.get("etag", "")
-        common = [(k.title() if k != "etag" else "ETag", v) for k, v in meta.items() if k != "status"]
+        # Metadata came from another peer through the scheduler: only the known names, and no
+        # value that could split a header.
+        common = [("ETag" if k == "etag" else k.title(), v) for k, v in meta.items()
+                  if k.title() in REPLAY and v.isprintable()]
         common += [("Accept-Ranges", "bytes"), ("X-Dfzmq-Task", run.task_id[:16]), *extra]
         if httprules.etag_matches(httprules.header(headers, "if-none-match"), etag):
             await ex.respond(304, [h for h in common if h[0] in ("ETag", "Last-Modified")])
@@ -336,8 +340,7 @@ class ProxyServer:
             self.counters["proxy.p2p-range"] += 1
         else:
             self.counters["proxy.p2p"] += 1
-        status = ans.status if ans.status == 206 else int(meta.get("status", "200") or 200)
-        await ex.respond(status, out)
+        await ex.respond(ans.status, out)  # 200: what a whole-body GET of the task got from the origin
         async for chunk in sink.body(ans.start, ans.end, verify=(ans.status == 200)):
             await ex.send(h11.Data(data=chunk))  # h11 passes the buffer through uncopied
         await ex.send(h11.EndOfMessage())
