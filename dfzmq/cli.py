@@ -120,6 +120,7 @@ def daemon(
     advertise: Annotated[Optional[str], typer.Option(help="Host other peers use to reach this one.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Use this scheduler instead of asking the manager.")] = None,
     control: Annotated[Optional[str], typer.Option(help="Control socket (default ipc://DATA/control.sock).")] = None,
+    proxy_listen: Annotated[Optional[str], typer.Option(help="Serve the HTTP proxy / registry mirror here (HOST:PORT or PORT).")] = None,
     config: ConfigOpt = None,
     log_level: LogOpt = "info",
 ) -> None:
@@ -129,7 +130,8 @@ def daemon(
 
     cfg = run_guarded(resolve, DaemonConfig, "daemon",
                       {"manager": manager, "data": data, "seed": seed, "listen": listen,
-                       "advertise": advertise, "scheduler": scheduler, "control": control},
+                       "advertise": advertise, "scheduler": scheduler, "control": control,
+                       "proxy_listen": proxy_listen},
                       load_toml(config))
 
     async def main() -> None:
@@ -355,6 +357,7 @@ def up(
 
 # Command groups kept in modules of their own register on `app` when imported (one line each).
 import dfzmq.cli_ops  # noqa: E402,F401  config, preheat, jobs, cache
+import dfzmq.cli_init  # noqa: E402,F401  (dfzmq init containerd|docker)
 
 
 def main() -> None:

@@ -81,6 +81,13 @@ class DaemonConfig:
     gc_interval_s: float = 30.0
     curve_public: str = ""
     curve_secret: str = ""
+    # HTTP proxy and registry mirror (nodes/proxy.py, nodes/registry.py); off while proxy_listen
+    # is empty. Lists come from TOML arrays, or whitespace-separated in env and flags.
+    proxy_listen: str = ""  # HOST:PORT, or just PORT for 127.0.0.1:PORT (Dragonfly uses 65001)
+    proxy_rules: list[str] = field(default_factory=list)  # URL regexes served peer to peer
+    proxy_prefetch: bool = False  # a Range request also fetches the whole task in the background
+    proxy_filter_params: list[str] = field(default_factory=list)  # more query params left out of task ids
+    registry_mirrors: list[str] = field(default_factory=list)  # upstream registries; the first is the default
 
     def control_addr(self) -> str:
         return self.control or f"ipc://{Path(self.data).resolve()}/control.sock"
@@ -128,6 +135,9 @@ def load_toml(path: Path | None) -> dict[str, Any]:
 
 def _coerce(value: Any, default: Any, name: str) -> Any:
     try:
+        if isinstance(default, list):
+            items = value.split() if isinstance(value, str) else list(value)
+            return [str(v) for v in items]
         if isinstance(default, bool):
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):

@@ -411,6 +411,8 @@ class PeerRegister:
     pieces: list[PieceInfo] = field(default_factory=list)
     content_length: int = -1
     file_digest: str = ""
+    # Origin response headers a proxy replays (content-type, etag, ...; "status" once known).
+    meta: dict[str, str] = field(default_factory=dict)
 
 
 @message("PEER_PARENTS")
@@ -456,6 +458,8 @@ class TaskManifest:
     complete: bool = False
     file_digest: str = ""
     piece_count: int = -1
+    # Origin response headers a proxy replays (content-type, etag, ...; "status" once known).
+    meta: dict[str, str] = field(default_factory=dict)
 
 
 @message("TASK_FAILED")
@@ -477,6 +481,8 @@ class PieceReport:
     pieces: list[PieceInfo]
     content_length: int = -1
     source: str = ""  # "origin", or the parent peer id the pieces came from
+    # Origin response headers a proxy replays (content-type, etag, ...; "status" once known).
+    meta: dict[str, str] = field(default_factory=dict)
 
 
 @message("PEER_DONE")
@@ -486,6 +492,8 @@ class PeerDone:
     content_length: int
     file_digest: str
     piece_count: int
+    # Origin response headers a proxy replays (content-type, etag, ...; "status" once known).
+    meta: dict[str, str] = field(default_factory=dict)
 
 
 @message("PEER_FAILED")

@@ -51,6 +51,8 @@ async def read_origin(run: "TaskRun") -> None:
         if run.content_length < 0 and reader.content_length >= 0:
             run.content_length = reader.content_length
             await run._in_writer(run._set_length)
+        if reader.meta and not run.origin_meta:
+            run.set_origin_meta(reader.meta)
         await take_all(info.length, run.daemon.source_bucket, run.daemon.download_bucket, run.bucket)
         await run._in_writer(run._write, info, data, False)
         if run.state != "source":
@@ -93,6 +95,7 @@ async def read_origin(run: "TaskRun") -> None:
         return
     run.content_length = result.content_length
     run.etag, run.content_type = result.etag or run.etag, result.content_type or run.content_type
+    run.set_origin_meta(result.meta or {"status": "200"})
     run.piece_count = len(run.held)
     upto = await run._in_writer(lambda: run.hasher.upto)
     if upto != run.content_length:

@@ -146,6 +146,18 @@ class SchedulerLink:
             d.counters["scheduler.unexpected"] += 1
 
 
+class _InUse:
+    """A live view of the tasks GC must not evict: running ones, and ones a proxy client is
+    still reading (a finished task streams from the store after its run ended)."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+
+    def __contains__(self, task_id: object) -> bool:
+        d = self.daemon
+        return task_id in d.tasks or (d.proxy is not None and task_id in d.proxy.streaming)
+
+
 class Daemon:
     def __init__(self, cfg: DaemonConfig, curve: net.Curve | None = None) -> None:
         self.cfg = cfg
@@ -162,6 +174,7 @@ class Daemon:
         self._bg: set[asyncio.Task] = set()
         self.task_slots = asyncio.Semaphore(cfg.concurrent_tasks) if cfg.concurrent_tasks > 0 else None
         self.ctx: zmq.asyncio.Context | None = None
+        self.proxy = None  # nodes/proxy.ProxyServer when proxy_listen is set
         # One thread does every piece store, output write and whole-file hash, in order, so the
         # event loop keeps receiving while bytes are copied (both release the GIL).
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfzmq-writer")
@@ -197,6 +210,16 @@ class Daemon:
             # The daemon writes files wherever a client asks: only its own user may ask.
             os.chmod(control_addr[len("ipc://"):], 0o600)
         self.upload.on_access = self.gc.note_access
+        self.proxy = None
+        if self.cfg.proxy_listen:  # the HTTP proxy and registry mirror (issue 4)
+            from nodes.proxy import ProxyServer
+            try:
+                self.proxy = ProxyServer(self)
+                await self.proxy.start()
+            except BaseException:  # a bad rule or a busy port: a one-line error, nothing left open
+                self.proxy = None
+                await self.http.close()
+                raise
         self._spawn(self.upload.run())
         self._spawn(self._control_loop())
         if self.gc.enabled:
@@ -219,6 +242,8 @@ class Daemon:
         for t in list(self._bg):
             t.cancel()
         await asyncio.gather(*list(self._bg), return_exceptions=True)
+        if self.proxy is not None:
+            await self.proxy.close()
         await self.http.close()
         self.upload.close()
         self.control.close(0)
@@ -352,6 +377,7 @@ class Daemon:
                 tid, f"{self.host_id}/{tid[:16]}", meta.get("url", ""), {}, meta.get("tag", ""),
                 meta.get("application", ""), state="succeeded", pieces=list(held.values()),
                 content_length=meta.get("content_length", -1), file_digest=meta.get("file_digest", ""),
+                meta=meta.get("origin_meta") or {},
             ))
 
     def scheduler_lost(self, link: SchedulerLink) -> None:
@@ -374,7 +400,7 @@ class Daemon:
         while True:
             await asyncio.sleep(self.cfg.gc_interval_s)
             try:
-                res = await loop.run_in_executor(self.writer, self.gc.collect, time.time(), self.tasks.keys())
+                res = await loop.run_in_executor(self.writer, self.gc.collect, time.time(), _InUse(self))
             except Exception:
                 self.counters["gc.errors"] += 1
                 log.exception("garbage collection failed")
@@ -519,6 +545,7 @@ class Daemon:
             "host_id": self.host_id,
             "seed": self.cfg.seed,
             "upload_addr": self.upload.addr,
+            "proxy_addr": self.proxy.addr if self.proxy is not None else "",
             "uploaded_bytes": self.upload.bytes_uploaded,
             "limiter_wait_s": {"upload": round(self.upload.bucket.waited_s, 3),
                                "download": round(self.download_bucket.waited_s, 3),
@@ -541,7 +568,8 @@ async def run_daemon(cfg: DaemonConfig, stop: asyncio.Event, on_ready: Callable[
     if cfg.manager and not cfg.scheduler:
         d._spawn(d.ops.follow())  # a long-running daemon follows cluster settings and jobs
     if on_ready is not None:
-        on_ready({"upload": d.upload.addr, "control": d.control_addr, "host_id": d.host_id})
+        on_ready({"upload": d.upload.addr, "control": d.control_addr, "host_id": d.host_id,
+                  **({"proxy": d.proxy.addr} if d.proxy is not None else {})})
     try:
         await stop.wait()
     finally:

@@ -42,6 +42,20 @@ PROBE_BYTES = 64 * 1024
 DEFAULT_PIECE = 4 * 1024 * 1024  # when the origin does not say how long the file is
 
 OnPiece = Callable[[PieceInfo, bytes], Awaitable[None]]
+# Origin response headers that travel with a task (scheduler manifest, the peer's store), so a
+# proxy on any peer answers with them as the origin gave them (issue 4).
+REPLAY_HEADERS = ("Content-Type", "ETag", "Last-Modified", "Content-Encoding", "Content-Disposition")
+
+
+def origin_meta(headers) -> dict[str, str]:
+    """The replayed headers of an origin answer (lower-case names), plus status 200: the status
+    a whole-body GET of the task is answered with."""
+    meta = {"status": "200"}
+    for name in REPLAY_HEADERS:
+        value = headers.get(name)
+        if value:
+            meta[name.lower()] = value[:1024]
+    return meta
 
 
 def choose_piece_length(content_length: int) -> int:
@@ -129,6 +143,7 @@ class SourceResult:
     content_length: int
     etag: str = ""
     content_type: str = ""
+    meta: dict | None = None  # origin_meta() of the probe, when there was one
 
 
 class SourceReader:
@@ -143,6 +158,7 @@ class SourceReader:
         self.session = session
         self.bytes_read = 0
         self.content_length = -1  # known once the origin has said (before the first piece)
+        self.meta: dict[str, str] = {}  # origin_meta(), known with content_length (probe or file)
 
     async def run(self, known: dict[int, PieceInfo], have: set[int], content_length: int,
                   on_piece: OnPiece) -> SourceResult:
@@ -184,6 +200,7 @@ class SourceReader:
             raise SourceError(f"cannot open {path}: {e.strerror}") from e
         try:
             size = self.content_length = os.fstat(fd).st_size
+            self.meta = {"status": "200"}
             for num, offset, length in plan(size, known):
                 if num in have:
                     continue
@@ -214,6 +231,8 @@ class SourceReader:
             async with session.get(self.url, headers=hdrs, allow_redirects=True, timeout=self.timeout) as resp:
                 meta.etag = resp.headers.get("ETag", "")
                 meta.content_type = resp.headers.get("Content-Type", "")
+                if resp.status in (200, 206, 416):
+                    meta.meta = self.meta = origin_meta(resp.headers)
                 if resp.status == 416:
                     total = _range_total(resp.headers.get("Content-Range", ""))
                     if total != 0 and not 0 < total <= probe_at:

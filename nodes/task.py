@@ -102,6 +102,8 @@ class TaskRun:
         self.hasher = None  # the whole-file hasher while reading the origin (nodes/backsource.py)
         self.etag = ""
         self.content_type = ""
+        self.origin_meta: dict[str, str] = {}  # headers a proxy replays (nodes/source.origin_meta)
+        self.meta_event = asyncio.Event()  # set once origin_meta and content_length are known
         self._bg: list[asyncio.Task] = []
         self._pump_due = False
         self.writing: set[int] = set()  # pieces in the writer thread right now
@@ -128,6 +130,11 @@ class TaskRun:
             self.piece_count = meta.get("piece_count", -1)
         self.etag = meta.get("etag", "")
         self.content_type = meta.get("content_type", "")
+        stored = meta.get("origin_meta") or {}
+        if not stored and meta.get("complete"):  # a task stored before origin_meta existed
+            stored = {"status": "200", **({"etag": self.etag} if self.etag else {}),
+                      **({"content-type": self.content_type} if self.content_type else {})}
+        self.set_origin_meta(stored)
         self._save_meta()
         if self._all_held():
             # Already whole here (a seed asked for a task it holds, or a client for a cached
@@ -138,7 +145,8 @@ class TaskRun:
                 self.scheduler.send(wire.PeerRegister(
                     self.task_id, self.peer_id, self.url, {}, self.tag, self.application,
                     state="succeeded", pieces=list(self.held.values()),
-                    content_length=self.content_length, file_digest=self.file_digest))
+                    content_length=self.content_length, file_digest=self.file_digest,
+                    meta=self.origin_meta))
                 self.done_reported = True
             await self._finish()
             return
@@ -160,6 +168,7 @@ class TaskRun:
             self.task_id, self.peer_id, self.url, self.headers, self.tag, self.application,
             state="source" if self.state == "source" else "running" if self.held else "pending",
             pieces=list(self.held.values()), content_length=self.content_length,
+            meta=self.origin_meta,
         ))
 
     async def attach(self, sink: OutputSink) -> None:
@@ -172,9 +181,10 @@ class TaskRun:
     def _catch_up(self, sink: OutputSink) -> None:
         if self.content_length >= 0:
             sink.set_length(self.content_length)
+        wants_data = getattr(sink, "wants_data", True)  # a proxy stream reads pieces itself
         for num, info in sorted(self.daemon.store.manifest(self.task_id).items()):
-            data = self.daemon.store.get(info.digest)
-            if data is None:
+            data = self.daemon.store.get(info.digest) if wants_data else None
+            if data is None and wants_data:
                 raise StorageError(f"piece {num} vanished from the store")
             sink.write(info, data)
         self.sinks.append(sink)
@@ -219,7 +229,7 @@ class TaskRun:
             "url": self.url, "tag": self.tag, "application": self.application,
             "content_length": self.content_length, "complete": self.complete,
             "file_digest": self.file_digest, "piece_count": self.piece_count,
-            "etag": self.etag, "content_type": self.content_type,
+            "etag": self.etag, "content_type": self.content_type, "origin_meta": self.origin_meta,
         })
 
     def _all_held(self) -> bool:
@@ -237,7 +247,8 @@ class TaskRun:
         elif isinstance(msg, wire.BackToSource):
             self.go_source(msg.reason or "scheduler said so")
         elif isinstance(msg, wire.TaskFailed):
-            self.fail(SourceError(msg.reason), report=False)
+            # The origin's own refusal (a 4xx), as the peer that read it saw it.
+            self.fail(SourceError(msg.reason, final=msg.code == "source"), report=False)
 
     def _on_manifest(self, msg: wire.TaskManifest) -> None:
         fresh = [p for p in msg.pieces if p.num not in self.manifest]
@@ -247,6 +258,10 @@ class TaskRun:
         if msg.content_length >= 0 and self.content_length < 0:
             self.content_length = msg.content_length
             self.daemon.writer.submit(self._set_length)
+        if msg.meta and not self.origin_meta:
+            self.set_origin_meta(msg.meta)
+            self._save_meta()
+        self._check_meta()
         if msg.complete:
             self.picker.complete = True
         if msg.complete and not self.complete:
@@ -422,7 +437,7 @@ class TaskRun:
         if self.scheduler is not None and self.scheduler.alive:
             self.scheduler.send(wire.PieceReport(
                 self.task_id, self.peer_id, self.reports, self.content_length,
-                "origin" if self.state == "source" else "p2p"))
+                "origin" if self.state == "source" else "p2p", self.origin_meta))
         self.reports = []
 
     async def _finish(self) -> None:
@@ -440,9 +455,10 @@ class TaskRun:
             self.fail(e if isinstance(e, DfzmqError) else DownloadError(f"internal error: {e}"))
             return
         self.daemon.upload.on_complete(self.task_id)
+        self._check_meta()
         if self.scheduler is not None and not self.done_reported:
             self.scheduler.send(wire.PeerDone(self.task_id, self.peer_id, self.content_length,
-                                              self.file_digest, self.piece_count))
+                                              self.file_digest, self.piece_count, self.origin_meta))
         self._stop_bg()
         self.log.info("done: %d bytes in %.2fs (origin %d, seed %d, peers %d, cached %d)",
                       self.content_length, time.monotonic() - self.started, self.stats["origin_bytes"],
@@ -509,6 +525,19 @@ class TaskRun:
             sink.error = e
             sink.abort()
             self.sinks.remove(sink)
+
+    def set_origin_meta(self, meta: dict[str, str]) -> None:
+        """The origin's answer headers for this task (from our own origin read, the scheduler's
+        manifest or the store); the first one known stays."""
+        if meta and not self.origin_meta:
+            self.origin_meta = {str(k): str(v) for k, v in meta.items()}
+            self.etag = self.etag or self.origin_meta.get("etag", "")
+            self.content_type = self.content_type or self.origin_meta.get("content-type", "")
+        self._check_meta()
+
+    def _check_meta(self) -> None:
+        if self.content_length >= 0 and (self.origin_meta or self.complete):
+            self.meta_event.set()
 
     def _read_stored(self, info: wire.PieceInfo) -> bytes:
         data = self.daemon.store.get(info.digest)

@@ -9,6 +9,9 @@
 - limits: measured upload, download and back-to-source rates against configured limits
   (goal: within 10%).
 - killed: time lost when a parent is killed mid-swarm, against the same run without it.
+- proxy: `curl -x` through a daemon's HTTP proxy for a file another peer already holds (the
+  proxy's daemon fetches it P2P and streams it), and again once that daemon holds it, against
+  `curl` reading the same file from `python -m http.server`, alternated in one run (goal >= 0.8).
 Ratios are measured side by side in the same run because this machine is shared and noisy.
 """
 
@@ -235,9 +238,61 @@ def bench_killed(root: Path, size: int, peers: int = 4) -> None:
           f"{times[True]:.1f}s with a parent killed mid-swarm: {times[True] - times[False]:+.1f}s lost")
 
 
+def bench_proxy(root: Path, size: int, rounds: int) -> None:
+    www = root / "www-proxy"
+    www.mkdir()
+    make(www / "proxy.bin", size)
+    port = free_port()
+    http = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxies = {f"peer{i + 2}": f"127.0.0.1:{free_port()}" for i in range(rounds)}
+    env = {n: {"DFZMQ_PROXY_LISTEN": a, "DFZMQ_PROXY_RULES": r"\.bin$"} for n, a in proxies.items()}
+    noproxy = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "no_proxy", "all_proxy")}
+
+    def curl_via(proxy: str, url: str, out: Path) -> float:
+        t0 = time.monotonic()
+        subprocess.run(["curl", "-sf", "-x", f"http://{proxy}", "-o", str(out), url], check=True, env=noproxy)
+        return time.monotonic() - t0
+
+    try:
+        # One fresh proxy daemon per round: the file is held by the seed and peer1 only.
+        with Origin(www) as origin, LocalCluster(root / "c-proxy", peers=1 + rounds, interval_s=1.0,
+                                                 log_level="warning", daemon_env=env) as c:
+            url = origin.url("proxy.bin")
+            dfzmq_fetch(c, "peer1", url, root / "prime.out")
+            (root / "prime.out").unlink()
+            direct = f"http://127.0.0.1:{port}/proxy.bin"
+            for _ in range(50):
+                try:
+                    curl(direct, root / "probe.out")
+                    break
+                except subprocess.CalledProcessError:
+                    time.sleep(0.1)
+            curl_s, p2p_s, held_s = [], [], []
+            for name, proxy in proxies.items():
+                curl_s.append(curl(direct, root / "curl.out"))
+                (root / "curl.out").unlink()
+                p2p_s.append(curl_via(proxy, url, root / "p.out"))
+                (root / "p.out").unlink()
+                held_s.append(curl_via(proxy, url, root / "h.out"))  # now this daemon holds it
+                (root / "h.out").unlink()
+            c_best, p_best, h_best = min(curl_s), min(p2p_s), min(held_s)
+            mib = size / MiB
+            print(f"proxy  {mib:.0f} MiB: curl<-http.server best {c_best:.2f}s ({mib / c_best:.0f} MiB/s); "
+                  f"curl -x proxy, held by another peer, best {p_best:.2f}s ({mib / p_best:.0f} MiB/s): "
+                  f"ratio {c_best / p_best:.2f} (median {statistics.median(curl_s) / statistics.median(p2p_s):.2f}); "
+                  f"held by the proxy's daemon best {h_best:.2f}s ({mib / h_best:.0f} MiB/s): ratio "
+                  f"{c_best / h_best:.2f} (median {statistics.median(curl_s) / statistics.median(held_s):.2f}) "
+                  f"[goal >= 0.8]")
+    finally:
+        http.terminate()
+        http.wait()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="dfzmq benchmarks")
-    ap.add_argument("which", nargs="*", default=["warm", "cold", "swarm", "limits", "killed"])
+    ap.add_argument("which", nargs="*", default=["warm", "cold", "swarm", "limits", "killed", "proxy"])
+    ap.add_argument("--proxy-mib", type=int, default=1024)
     ap.add_argument("--warm-mib", type=int, default=1024)
     ap.add_argument("--cold-mib", type=int, default=512)
     ap.add_argument("--swarm-mib", type=int, default=256)
@@ -256,6 +311,8 @@ def main() -> int:
             bench_limits(root, 96 * MiB)
         if "killed" in args.which:
             bench_killed(root, 64 * MiB)
+        if "proxy" in args.which:
+            bench_proxy(root, args.proxy_mib * MiB, args.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

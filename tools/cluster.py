@@ -66,7 +66,10 @@ class Proc:
         out = open(self.log, "ab")
         self.popen = subprocess.Popen([sys.executable, "-m", "dfzmq", *self.args], stdout=out,
                                       stderr=subprocess.STDOUT, env={**env, **self.extra_env},
-                                      start_new_session=True)
+                                      start_new_session=True,
+                                      # `-m dfzmq` imports from the working directory first: run
+                                      # this checkout's code even when started from another one.
+                                      cwd=Path(__file__).resolve().parent.parent)
         out.close()
 
     def alive(self) -> bool:

@@ -127,6 +127,7 @@ class Task:
     peers: set[str] = field(default_factory=set)
     version: int = 0  # bumped whenever the set of possible parents changes
     bad_peers: set[str] = field(default_factory=set)  # served corrupt bytes: never a parent again
+    meta: dict[str, str] = field(default_factory=dict)  # origin headers proxies replay (issue 4)
 
 
 @dataclass(slots=True)
@@ -343,7 +344,7 @@ class SchedulerCore:
                 raise Refused("bad-request", f"peer id {msg.peer_id} is in use", msg.task_id)
             if old.state in (_P, _R, _B) and msg.state != "succeeded" and task is not None:
                 # A retried registration: record what it holds and repeat our decision.
-                self._record_pieces(task, old, msg.pieces, msg.content_length, out)
+                self._record_pieces(task, old, msg.pieces, msg.content_length, out, msg.meta)
                 self._repeat_decision(old, task, host, out)
                 return
             self._remove_peer(old, now, out, quiet=True)
@@ -372,8 +373,8 @@ class SchedulerCore:
                     if other is not None and other.state is _P:
                         self._schedule(other, task, now, out)
             return
-        if msg.pieces or msg.content_length >= 0:
-            self._record_pieces(task, peer, msg.pieces, msg.content_length, out)
+        if msg.pieces or msg.content_length >= 0 or msg.meta:
+            self._record_pieces(task, peer, msg.pieces, msg.content_length, out, msg.meta)
         if task.manifest or task.content_length >= 0 or task.complete:
             out.append(Send(host.ident, self._manifest_msg(task, sorted_pieces(task))))
         if msg.state == "source" and task.source_peer is None and not task.complete:
@@ -388,6 +389,7 @@ class SchedulerCore:
         """A peer re-announces a task it holds whole (typically after a scheduler restart)."""
         task.failed_reason = None  # someone has the content, whatever the origin says now
         self._transition(peer, _E.SUCCEED)
+        _learn_meta(task, msg.meta)
         # A claim of "everything" with no manifest cannot complete the task for others.
         if not task.complete and (msg.pieces or msg.content_length == 0):
             for p in msg.pieces:
@@ -640,10 +642,10 @@ class SchedulerCore:
                          out: list[Action]) -> None:
         peer, task = self._require_peer(host, msg.task_id, msg.peer_id)
         self._transition(peer, _E.PIECES)
-        self._record_pieces(task, peer, msg.pieces, msg.content_length, out)
+        self._record_pieces(task, peer, msg.pieces, msg.content_length, out, msg.meta)
 
     def _record_pieces(self, task: Task, peer: Peer, pieces: list[wire.PieceInfo],
-                       content_length: int, out: list[Action]) -> None:
+                       content_length: int, out: list[Action], meta: dict[str, str] | None = None) -> None:
         """Note what `peer` holds; relay manifest entries new to the scheduler to the others."""
         new = []
         for p in pieces:
@@ -658,7 +660,8 @@ class SchedulerCore:
         length_new = content_length >= 0 and task.content_length != content_length
         if length_new:
             task.content_length = content_length
-        if new or length_new:
+        meta_new = _learn_meta(task, meta)
+        if new or length_new or meta_new:
             self._push(task, peer.peer_id, self._manifest_msg(task, new), out)
 
     def _on_peer_done(self, host: Host, msg: wire.PeerDone, now: float,
@@ -668,6 +671,7 @@ class SchedulerCore:
         self._set_parents(peer, {})
         if peer.peer_id in task.waiting:
             task.waiting.remove(peer.peer_id)
+        _learn_meta(task, msg.meta)
         if task.source_peer == peer.peer_id or not task.complete:
             task.complete = True
             task.content_length = msg.content_length
@@ -818,7 +822,7 @@ class SchedulerCore:
     @staticmethod
     def _manifest_msg(task: Task, pieces: list[wire.PieceInfo]) -> wire.TaskManifest:
         return wire.TaskManifest(task.task_id, pieces, task.content_length, task.complete,
-                                 task.file_digest, task.piece_count)
+                                 task.file_digest, task.piece_count, task.meta)
 
     def _publish(self, out: list[Action], name: str, **fields: Any) -> None:
         self.seq += 1
@@ -827,3 +831,12 @@ class SchedulerCore:
 
 def sorted_pieces(task: Task) -> list[wire.PieceInfo]:
     return [task.manifest[n] for n in sorted(task.manifest)]
+
+
+def _learn_meta(task: Task, meta: dict[str, str] | None) -> bool:
+    """Keep the origin metadata (headers a proxy replays) first reported for a task; later
+    reports do not change it. True when it is new (so it is relayed to the task's peers)."""
+    if not meta or task.meta:
+        return False
+    task.meta = dict(list(meta.items())[:16])  # a handful of headers; bounded whatever is sent
+    return True

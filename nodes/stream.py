@@ -1,0 +1,136 @@
+"""Streaming a task to an HTTP client as its pieces are stored: the proxy's sink.
+
+`StreamSink` has the shape of `OutputSink` (the task run calls `set_length`, `write`, `finish`
+and `abort` from its writer thread) but writes nothing: it only posts "piece N is stored" to
+the event loop. `StreamSink.body(start, end)` is the asyncio side: it yields the bytes of
+[start, end) in order, reading each covering piece back from the piece store (LMDB, where the
+run put it before telling any sink) as soon as it is there, so a client gets bytes while the
+task is still downloading, and a slow client never makes the daemon hold pieces in memory.
+
+With an expected digest (a registry blob's `sha256:...`), the body is hashed in order and the
+last piece is held back until the whole body matched: a client never receives the final byte
+of content that does not match its digest (it sees a cut connection instead).
+
+It must never block the loop on a store read or a hash (both run in a thread), and never write
+to the client itself (the proxy does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from typing import Any, AsyncIterator
+
+from dfzmq.errors import DownloadError, IntegrityError, StorageError
+from dfzmq.wire import PieceInfo
+from nodes.sink import new_hasher, parse_digest
+
+
+class StreamSink:
+    wants_data = False  # catch-up on attach needs no piece bytes, only which pieces are stored
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, store: Any, expected: str = "") -> None:
+        self.loop = loop
+        self.store = store
+        self.expected = parse_digest(expected) if expected else None
+        self.by_offset: dict[int, PieceInfo] = {}  # loop thread only
+        self.offsets: list[int] = []  # sorted, for finding the piece under a range start
+        self.length = -1
+        self.finished = False
+        self.failed = False
+        self.changed = asyncio.Event()
+        # OutputSink's interface, as the run's writer thread uses it:
+        self.error: Exception | None = None
+        self.closed = False
+        self.bytes = 0
+
+    # -- writer thread ---------------------------------------------------------------------
+
+    def set_length(self, content_length: int) -> None:
+        self._post(self._on_length, content_length)
+
+    def write(self, info: PieceInfo, data: Any) -> None:
+        self.bytes += info.length
+        self._post(self._on_piece, info)
+
+    def finish(self, content_length: int, file_digest: str) -> None:
+        self.closed = True
+        self._post(self._on_finish)
+
+    def abort(self) -> None:
+        self.closed = True
+        self._post(self._on_abort)
+
+    def _post(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closing: nobody is reading any more
+            pass
+
+    # -- event loop ------------------------------------------------------------------------
+
+    def _on_length(self, n: int) -> None:
+        self.length = n
+        self.changed.set()
+
+    def _on_piece(self, info: PieceInfo) -> None:
+        if info.offset not in self.by_offset:
+            self.by_offset[info.offset] = info
+            bisect.insort(self.offsets, info.offset)
+        self.changed.set()
+
+    def _on_finish(self) -> None:
+        self.finished = True
+        self.changed.set()
+
+    def _on_abort(self) -> None:
+        if not self.finished:
+            self.failed = True
+        self.changed.set()
+
+    def covering(self, pos: int) -> PieceInfo | None:
+        info = self.by_offset.get(pos)
+        if info is not None:
+            return info
+        i = bisect.bisect_right(self.offsets, pos) - 1
+        if i >= 0:
+            info = self.by_offset[self.offsets[i]]
+            if info.offset <= pos < info.offset + info.length:
+                return info
+        return None
+
+    async def body(self, start: int, end: int, verify: bool = False) -> AsyncIterator[memoryview]:
+        """The bytes of [start, end) in order, each as soon as the piece holding it is stored.
+        `verify` (the whole body, with an expected digest): the last piece waits for the check."""
+        whole = verify and self.expected is not None and start == 0
+        hasher = new_hasher(self.expected[0]) if whole else None
+        pos = start
+        while pos < end:
+            info = self.covering(pos)
+            if info is None:
+                if self.failed:
+                    raise DownloadError("the task failed while streaming")
+                if self.finished:
+                    raise StorageError(f"no stored piece covers byte {pos}")
+                self.changed.clear()
+                await self.changed.wait()
+                continue
+            last = info.offset + info.length >= end
+            data = await asyncio.to_thread(self._read, info, hasher, last and whole)
+            lo = pos - info.offset
+            hi = min(info.length, end - info.offset)
+            yield memoryview(data)[lo:hi]
+            pos = info.offset + hi
+
+    def _read(self, info: PieceInfo, hasher: Any, check: bool) -> bytes:
+        data = self.store.get(info.digest)
+        if data is None:
+            raise StorageError(f"piece {info.num} vanished from the store")
+        if hasher is not None:
+            hasher.update(data)
+            if check:
+                algo, want = self.expected
+                got = hasher.hexdigest()
+                if got != want:
+                    raise IntegrityError(f"digest mismatch: {algo} of the content is {got}, expected {want}")
+        return data
