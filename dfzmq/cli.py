@@ -37,6 +37,7 @@ log = logging.getLogger("dfzmq")
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", envvar="DFZMQ_CONFIG",
                                                    help="TOML config file.")]
 LogOpt = Annotated[str, typer.Option("--log-level", envvar="DFZMQ_LOG_LEVEL", help="debug, info, warning.")]
+MetricsOpt = Annotated[Optional[str], typer.Option("--metrics", help="HOST:PORT to serve Prometheus /metrics on (off by default).")]
 
 
 def setup_logging(level: str) -> None:
@@ -72,6 +73,7 @@ def manager(
     listen: Annotated[Optional[str], typer.Option(help="HOST:PORT of the ROUTER (PUB on PORT+1).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Directory of the manager's LMDB state.")] = None,
     advertise: Annotated[Optional[str], typer.Option(help="Host others use to reach this manager.")] = None,
+    metrics: MetricsOpt = None,
     config: ConfigOpt = None,
     log_level: LogOpt = "info",
 ) -> None:
@@ -80,7 +82,8 @@ def manager(
     from brokers.manager.service import serve
 
     cfg = run_guarded(resolve, ManagerConfig, "manager",
-                      {"listen": listen, "data": data, "advertise": advertise}, load_toml(config))
+                      {"listen": listen, "data": data, "advertise": advertise, "metrics": metrics},
+                      load_toml(config))
     stop = StopFlag()
     stop.install_signals()
     curve = run_guarded(curve_of, cfg)
@@ -92,6 +95,7 @@ def scheduler(
     manager: Annotated[Optional[str], typer.Option(help="HOST:PORT of the manager.")] = None,
     listen: Annotated[Optional[str], typer.Option(help="HOST:PORT of the ROUTER (events PUB on PORT+1).")] = None,
     advertise: Annotated[Optional[str], typer.Option(help="Host peers use to reach this scheduler.")] = None,
+    metrics: MetricsOpt = None,
     config: ConfigOpt = None,
     log_level: LogOpt = "info",
 ) -> None:
@@ -100,7 +104,8 @@ def scheduler(
     from brokers.scheduler.service import serve
 
     cfg = run_guarded(resolve, SchedulerConfig, "scheduler",
-                      {"manager": manager, "listen": listen, "advertise": advertise}, load_toml(config))
+                      {"manager": manager, "listen": listen, "advertise": advertise, "metrics": metrics},
+                      load_toml(config))
     stop = StopFlag()
     stop.install_signals()
     curve = run_guarded(curve_of, cfg)
@@ -120,6 +125,7 @@ def daemon(
     advertise: Annotated[Optional[str], typer.Option(help="Host other peers use to reach this one.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Use this scheduler instead of asking the manager.")] = None,
     control: Annotated[Optional[str], typer.Option(help="Control socket (default ipc://DATA/control.sock).")] = None,
+    metrics: MetricsOpt = None,
     config: ConfigOpt = None,
     log_level: LogOpt = "info",
 ) -> None:
@@ -129,7 +135,8 @@ def daemon(
 
     cfg = run_guarded(resolve, DaemonConfig, "daemon",
                       {"manager": manager, "data": data, "seed": seed, "listen": listen,
-                       "advertise": advertise, "scheduler": scheduler, "control": control},
+                       "advertise": advertise, "scheduler": scheduler, "control": control,
+                       "metrics": metrics},
                       load_toml(config))
 
     async def main() -> None:

@@ -38,7 +38,7 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
           curve: net.Curve | None = None) -> None:
     """Run the manager until `stop` is set. Raises ConfigError / StorageError on startup."""
     store = ManagerStore(cfg.data)
-    router = pub = None
+    router = pub = metrics = None
     try:
         router = net.make_socket(ctx, "manager_router", curve)
         pub = net.make_socket(ctx, "manager_pub", curve)
@@ -54,19 +54,26 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
                            seq=store.seq(), counters=counters)
         log.info("manager %s ready: router %s, pub %s, %d members restored",
                  store.cluster_id, addrs["router"], addrs["pub"], len(core.members()))
+        if cfg.metrics:
+            from brokers.manager.metrics import ManagerMetrics
+            metrics = ManagerMetrics(cfg.metrics, counters)
+            metrics.update(core)
+            addrs["metrics"] = metrics.url
         if on_ready is not None:
             on_ready({**addrs, "cluster_id": store.cluster_id})
-        _loop(core, router, pub, store, counters, stop)
+        _loop(core, router, pub, store, counters, stop, metrics)
     finally:
         for sock in (router, pub):
             if sock is not None:
                 sock.close(linger=0)
         store.close()
+        if metrics is not None:
+            metrics.close()
         log.info("manager stopped")
 
 
 def _loop(core: ManagerCore, router: zmq.Socket, pub: zmq.Socket, store: ManagerStore,
-          counters: Counters, stop: StopFlag) -> None:
+          counters: Counters, stop: StopFlag, metrics: Any = None) -> None:
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
     while not stop:
@@ -87,6 +94,8 @@ def _loop(core: ManagerCore, router: zmq.Socket, pub: zmq.Socket, store: Manager
         now = time.monotonic()
         if now >= core.next_deadline():
             _apply(_guard(core.handle_timer, counters, now), router, pub, store, counters)
+            if metrics is not None:
+                metrics.update(core)
 
 
 def _guard(fn: Callable[..., list], counters: Counters, *args: Any) -> list:
