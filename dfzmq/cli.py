@@ -361,6 +361,7 @@ def up(
 
 
 # Command groups kept in modules of their own register on `app` when imported (one line each).
+from dfzmq import cli_admin, cli_monitor  # noqa: E402,F401  hosts, tasks, task, monitor
 
 
 def main() -> None:

@@ -1,0 +1,202 @@
+"""Admin commands: `dfzmq hosts`, `dfzmq tasks`, `dfzmq task TASK_ID` (human tables or --json).
+
+They ask the manager which schedulers exist, then every scheduler that is up for its view
+(dfzmq/admin_client.py), and print the merged result. A scheduler that does not answer is named
+on stderr (and in the JSON, `"answered": false`) while the others' data is printed; a manager
+that does not answer is exit code 4; an unknown or ambiguous task id is exit code 1.
+
+`dfzmq task ID` accepts a unique prefix of the id (tables show 8 characters) and shows who
+holds which pieces compactly: per peer, the count, the ranges of piece numbers
+("0-127,131,140-511") and a 32-cell strip where each cell is a slice of the task's pieces
+(█ all held, ▓ at least half, ▒ some, · none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from brokers.scheduler.views import unbitmap
+from dfzmq import wire
+from dfzmq.cli import ConfigOpt, app, run_guarded
+from dfzmq.config import DEFAULT_MANAGER, curve_of, load_toml, resolve
+from dfzmq.monitor_state import MonitorState
+from dfzmq.monitor_view import host_order, human, rate, short, task_order
+
+err = Console(stderr=True, highlight=False)
+
+
+def _out() -> Console:
+    out = Console(highlight=False)
+    # Piped or captured: whole rows rather than an 80-column squeeze.
+    return out if out.is_terminal else Console(highlight=False, width=200)
+
+STRIP_CELLS = 32
+
+
+@dataclass(slots=True)
+class AdminConfig:
+    manager: str = DEFAULT_MANAGER
+    timeout_s: float = 3.0  # per request to the manager and to each scheduler
+    curve_public: str = ""
+    curve_secret: str = ""
+
+
+ManagerOpt = Annotated[Optional[str], typer.Option(envvar="DFZMQ_MANAGER", help="HOST:PORT of the manager.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Seconds to wait for each answer.")]
+
+
+def admin_config(manager: str | None, timeout: float | None, config: Path | None) -> AdminConfig:
+    return run_guarded(resolve, AdminConfig, "admin", {"manager": manager, "timeout_s": timeout},
+                       load_toml(config))
+
+
+def _gather(cfg: AdminConfig) -> MonitorState:
+    from dfzmq.admin_client import gather
+
+    state = run_guarded(gather, cfg.manager, run_guarded(curve_of, cfg), cfg.timeout_s)
+    for key, s in sorted(state.schedulers.items()):
+        if not s.down and not s.answered:
+            err.print(f"dfzmq: warning: scheduler {key} at {s.addr} did not answer; its part is missing")
+    return state
+
+
+def _schedulers_json(state: MonitorState) -> list[dict[str, Any]]:
+    return [{"scheduler_id": k, "addr": s.addr, "up": not s.down, "answered": s.answered}
+            for k, s in sorted(state.schedulers.items())]
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# -- piece holders ------------------------------------------------------------------------------
+
+
+def ranges(nums: list[int]) -> list[tuple[int, int]]:
+    """Sorted piece numbers as inclusive (first, last) runs."""
+    out: list[tuple[int, int]] = []
+    for n in sorted(nums):
+        if out and n == out[-1][1] + 1:
+            out[-1] = (out[-1][0], n)
+        else:
+            out.append((n, n))
+    return out
+
+
+def ranges_text(runs: list[tuple[int, int]], limit: int = 6) -> str:
+    if not runs:
+        return "-"
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:limit]]
+    more = f" (+{len(runs) - limit} more)" if len(runs) > limit else ""
+    return ",".join(parts) + more
+
+
+def strip(nums: list[int], total: int, cells: int = STRIP_CELLS) -> str:
+    if total <= 0:
+        return "?"
+    cells = min(cells, total)
+    held = set(nums)
+    out = []
+    for c in range(cells):
+        lo, hi = c * total // cells, (c + 1) * total // cells
+        n = sum(1 for i in range(lo, hi) if i in held)
+        span = hi - lo
+        out.append("█" if n == span else "▓" if 2 * n >= span else "▒" if n else "·")
+    return "".join(out)
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+@app.command()
+def hosts(manager: ManagerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = None,
+          config: ConfigOpt = None) -> None:
+    """List the hosts the schedulers know: role, location, traffic, load, pieces served."""
+    state = _gather(admin_config(manager, timeout, config))
+    rows = sorted(state.hosts(), key=host_order)
+    if as_json:
+        _print_json({"schedulers": _schedulers_json(state),
+                     "hosts": [dataclasses.asdict(h) for h in rows]})
+        return
+    t = Table(title=f"{len(rows)} host(s)", title_justify="left")
+    for name, justify in (("host", "left"), ("id", "left"), ("role", "left"), ("idc", "left"),
+                          ("location", "left"), ("version", "left"), ("up", "right"),
+                          ("down", "right"), ("sent", "right"), ("received", "right"),
+                          ("load", "right"), ("tasks", "right"), ("served", "right")):
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for h in rows:
+        t.add_row(h.hostname, short(h.host_id, 12), "seed" if h.seed else "peer", h.idc or "-",
+                  h.location or "-", h.version or "-", rate(h.up_rate), rate(h.down_rate),
+                  human(h.up_bytes), human(h.down_bytes), f"{h.children}/{h.upload_slots}",
+                  str(h.peers), str(h.pieces_served))
+    _out().print(t)
+
+
+@app.command()
+def tasks(manager: ManagerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = None,
+          config: ConfigOpt = None) -> None:
+    """List the tasks the schedulers know: size, peers, progress, origin and P2P bytes."""
+    state = _gather(admin_config(manager, timeout, config))
+    rows = sorted(state.tasks(), key=task_order)
+    if as_json:
+        _print_json({"schedulers": _schedulers_json(state),
+                     "tasks": [dataclasses.asdict(t) for t in rows]})
+        return
+    t = Table(title=f"{len(rows)} task(s)", title_justify="left")
+    for name, justify in (("task", "left"), ("url", "left"), ("size", "right"),
+                          ("state", "left"), ("peers", "right"), ("downloading", "right"),
+                          ("done", "right"), ("rate", "right"), ("origin", "right"),
+                          ("p2p", "right")):
+        t.add_column(name, justify=justify, overflow="fold" if name == "url" else "ellipsis")  # type: ignore[arg-type]
+    for v in rows:
+        st = "failed" if v.failed else "complete" if v.complete else "running"
+        t.add_row(v.task_id[:12], v.url, human(v.content_length), st, str(v.peers),
+                  str(v.downloading + v.back_to_source), str(v.done), rate(v.rate),
+                  human(v.origin_bytes), human(v.p2p_bytes))
+    _out().print(t)
+
+
+@app.command()
+def task(task_id: Annotated[str, typer.Argument(help="Task id, or a unique prefix of it.")],
+         manager: ManagerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = None,
+         config: ConfigOpt = None) -> None:
+    """Show one task and who holds which of its pieces."""
+    from dfzmq.admin_client import find_task
+
+    cfg = admin_config(manager, timeout, config)
+    details = run_guarded(find_task, cfg.manager, task_id, run_guarded(curve_of, cfg), cfg.timeout_s)
+    d = details[0]
+    v = d.task
+    total = v.piece_count if v.piece_count > 0 else v.pieces_known
+    peers = [(p, unbitmap(p.bitmap)) for p in d.peers]
+    if as_json:
+        _print_json({
+            "scheduler_id": d.scheduler_id, "task": dataclasses.asdict(v),
+            "peers": [{**{k: val for k, val in dataclasses.asdict(p).items() if k != "bitmap"},
+                       "ranges": [list(r) for r in ranges(nums)]} for p, nums in peers],
+        })
+        return
+    state = "failed: " + v.failed if v.failed else "complete" if v.complete else "running"
+    out = _out()
+    out.print(f"[bold]task[/] {v.task_id}\n[bold]url[/]  {v.url}\n"
+              f"size {human(v.content_length)} ({v.content_length} bytes), "
+              f"{total if total >= 0 else '?'} pieces, {state}; scheduler {d.scheduler_id}\n"
+              f"peers {v.peers}: {v.downloading} downloading, {v.back_to_source} from the origin, "
+              f"{v.done} done; origin {human(v.origin_bytes)}, p2p {human(v.p2p_bytes)}")
+    t = Table(title="who holds which pieces", title_justify="left")
+    for name in ("host", "peer", "state", "held", "pieces", "ranges", "parents"):
+        t.add_column(name, justify="right" if name == "held" else "left")
+    for p, nums in sorted(peers, key=lambda x: (-x[0].held, x[0].peer_id)):
+        t.add_row(p.hostname or short(p.host_id), short(p.peer_id.split("/")[0], 12) + (" (seed)" if p.seed else ""),
+                  p.state, f"{p.held}/{total if total >= 0 else '?'}", strip(nums, total),
+                  ranges_text(ranges(nums)), str(len(p.parent_ids)))
+    out.print(t)
