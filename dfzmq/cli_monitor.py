@@ -203,6 +203,8 @@ def monitor(
         from dfzmq.admin_client import gather
 
         state = run_guarded(gather, cfg.manager, curve, cfg.timeout_s)
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console = Console(width=120)  # for scripts and logs: room for the optional columns
         height = console.height if console.is_terminal else 60
         console.print(render(state, console.width, height, now=time.monotonic()))
         return

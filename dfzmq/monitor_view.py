@@ -48,6 +48,14 @@ def short(ident: str, n: int = 8) -> str:
     return ident[:n]
 
 
+def url_label(url: str) -> str:
+    """What tells URLs apart in a narrow column: the last path segment first, then the host."""
+    rest = url.split("://", 1)[-1].split("?", 1)[0]
+    host, _, path = rest.partition("/")
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    return f"{last} · {host}" if last else host
+
+
 def bar(fraction: float, width: int = 6) -> str:
     fraction = min(max(fraction, 0.0), 1.0)
     full = int(round(fraction * width))
@@ -137,7 +145,7 @@ def tasks_table(tasks: list[wire.TaskView], rows: int, width: int) -> Table:
         else:
             frac = (v.done_bytes / total) if total else (1.0 if v.complete and v.peers else 0.0)
             progress = Text(bar(frac, 5), style="green" if frac >= 1 else "")
-        row = [short(v.task_id), v.url, human(v.content_length) if v.content_length >= 0 else "?",
+        row = [short(v.task_id), url_label(v.url), human(v.content_length) if v.content_length >= 0 else "?",
                f"{v.downloading}↓{v.done}✓", progress, rate(v.rate),
                f"{human(v.origin_bytes)}/{human(v.p2p_bytes)}"]
         if wide:

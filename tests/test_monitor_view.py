@@ -99,3 +99,10 @@ def test_helpers():
     assert human(0) == "0" and human(1536) == "1.5K" and human(64 << 20) == "64.0M"
     assert human(-1) == "?"
     assert bar(0.5, 4) == "██░░  50%"
+
+
+def test_url_label_puts_the_telling_part_first():
+    from dfzmq.monitor_view import url_label
+
+    assert url_label("http://127.0.0.1:8000/data/model.bin?sig=x") == "model.bin · 127.0.0.1:8000"
+    assert url_label("https://example.com/") == "example.com"

@@ -1,0 +1,210 @@
+"""Operating a live cluster of real processes: /metrics over HTTP, the admin commands, and the
+monitor (`--once`, and the live one driven in tmux: screen checked, `q` sent, terminal restored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import make_file
+from tools.cluster import LocalCluster, free_port
+
+DEADLINE_S = 30.0
+SIZE = 3 * 1024 * 1024 + 12345  # not a whole number of pieces
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    """Manager, scheduler, seed and three peers, every one serving /metrics."""
+    with LocalCluster(tmp_path_factory.mktemp("ops"), peers=3, metrics=True) as c:
+        yield c
+
+
+def scrape(cluster: LocalCluster, name: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} from a real HTTP scrape of `name`'s /metrics."""
+    text = urllib.request.urlopen(cluster.metrics_url(name), timeout=5).read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(m: dict, name: str, **labels: str) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def dfzmq(cluster: LocalCluster, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dfzmq", *args], env=cluster.env(),
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def wait_for(fn, what: str, deadline_s: float = DEADLINE_S):
+    end = time.monotonic() + deadline_s
+    while True:
+        got = fn()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def fetched(ops, origin, www, tmp_path_factory):
+    """One file fetched by two peers (one after the other, so the second has two parents)."""
+    data = make_file(www / "ops.bin", SIZE, seed=6)
+    out = tmp_path_factory.mktemp("ops-out")
+    before = {n: scrape(ops, n) for n in ("peer1", "peer2", "seed0", "scheduler0")}
+    for name in ("peer1", "peer2"):
+        r = ops.fetch(name, origin.url("ops.bin"), out / name)
+        assert r.returncode == 0, r.stderr
+        assert (out / name).read_bytes() == data
+    return {"url": origin.url("ops.bin"), "before": before}
+
+
+def test_metrics_move_with_a_real_fetch(ops, fetched):
+    before = fetched["before"]
+    for name in ("peer1", "peer2"):
+        m = scrape(ops, name)
+        got = {s: value(m, "dfzmq_daemon_bytes_total", source=s) - value(before[name], "dfzmq_daemon_bytes_total", source=s)
+               for s in ("origin", "parent")}
+        assert got["origin"] + got["parent"] == SIZE, (name, got)
+        assert got["parent"] > 0, "the cluster served it peer to peer"
+        assert value(m, "dfzmq_daemon_task_duration_seconds_count", result="succeeded") >= 1
+        assert value(m, "dfzmq_daemon_tasks_active") == 0
+        assert value(m, "dfzmq_daemon_schedulers_up") == 1
+        pieces = value(m, "dfzmq_daemon_pieces_total", source="origin") + value(m, "dfzmq_daemon_pieces_total", source="parent")
+        assert pieces > 1
+    seed = scrape(ops, "seed0")
+    seed_origin = value(seed, "dfzmq_daemon_bytes_total", source="origin") - value(before["seed0"], "dfzmq_daemon_bytes_total", source="origin")
+    assert seed_origin == SIZE, "the seed read the origin once"
+    served = sum(value(scrape(ops, n), "dfzmq_daemon_uploaded_bytes_total") for n in ("seed0", "peer1", "peer2", "peer3"))
+    received = sum(value(scrape(ops, n), "dfzmq_daemon_bytes_total", source="parent") for n in ("peer1", "peer2"))
+    assert served >= received > 0
+
+    sched = scrape(ops, "scheduler0")
+    sb = before["scheduler0"]
+    assert value(sched, "dfzmq_scheduler_decisions_total", decision="parents") > value(sb, "dfzmq_scheduler_decisions_total", decision="parents")
+    assert value(sched, "dfzmq_scheduler_decisions_total", decision="seed_trigger") >= 1
+    assert value(sched, "dfzmq_scheduler_back_to_source_total") >= 1  # the seed went to the origin
+    assert value(sched, "dfzmq_scheduler_hosts", type="seed") == 1
+    assert value(sched, "dfzmq_scheduler_hosts", type="peer") == 3
+    # Gauges are refreshed once per interval: the last PeerDone may be a moment away.
+    wait_for(lambda: value(scrape(ops, "scheduler0"), "dfzmq_scheduler_peers", state="Succeeded") >= 3,
+             "three finished peers in the scheduler's gauges")
+    wait_for(lambda: value(scrape(ops, "scheduler0"), "dfzmq_scheduler_reported_bytes_total", source="origin") >= SIZE,
+             "the scheduler's origin byte count")
+    wait_for(lambda: value(scrape(ops, "scheduler0"), "dfzmq_scheduler_task_duration_seconds_count") >= 1,
+             "a task duration observed by the scheduler")
+
+    mgr = scrape(ops, "manager")
+    assert value(mgr, "dfzmq_manager_members", role="scheduler", state="up") == 1
+    assert value(mgr, "dfzmq_manager_members", role="seed", state="up") == 1
+    assert value(mgr, "dfzmq_manager_messages_total", kind="HEARTBEAT") > 0
+
+
+def test_metrics_flag_rejects_a_bad_address(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dfzmq", "manager", "--listen", "127.0.0.1:0",
+                        "--data", str(tmp_path / "m"), "--metrics", "nonsense"],
+                       env=LocalCluster.env(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "metrics" in r.stderr and "HOST:PORT" in r.stderr
+
+
+def test_admin_commands_json_and_tables(ops, fetched):
+    def task_known():
+        r = dfzmq(ops, "tasks", "--json", "--manager", ops.manager_addr)
+        assert r.returncode == 0, r.stderr
+        tasks = [t for t in json.loads(r.stdout)["tasks"] if t["url"] == fetched["url"]]
+        return tasks if tasks and tasks[0]["done"] >= 3 and tasks[0]["origin_bytes"] == SIZE else None
+
+    (t,) = wait_for(task_known, "the task in `dfzmq tasks --json`")
+    assert t["complete"] and t["content_length"] == SIZE and t["p2p_bytes"] >= SIZE
+
+    r = dfzmq(ops, "hosts", "--json", "--manager", ops.manager_addr)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [s["answered"] for s in doc["schedulers"]] == [True]
+    hosts = doc["hosts"]
+    assert len(hosts) == 4 and sum(h["seed"] for h in hosts) == 1
+    assert wait_for(lambda: [h for h in json.loads(dfzmq(ops, "hosts", "--json", "--manager", ops.manager_addr).stdout)["hosts"]
+                             if h["seed"] and h["up_bytes"] > 0 and h["pieces_served"] > 0], "the seed's upload counters")
+
+    r = dfzmq(ops, "task", t["task_id"][:10], "--json", "--manager", ops.manager_addr)
+    assert r.returncode == 0, r.stderr
+    detail = json.loads(r.stdout)
+    assert detail["task"]["task_id"] == t["task_id"]
+    n = detail["task"]["piece_count"]
+    assert n > 1
+    done = [p for p in detail["peers"] if p["state"] == "Succeeded"]
+    assert len(done) >= 3 and all(p["ranges"] == [[0, n - 1]] and p["held"] == n for p in done)
+
+    for cmd in (["hosts"], ["tasks"], ["task", t["task_id"][:8]]):
+        r = dfzmq(ops, *cmd, "--manager", ops.manager_addr)
+        assert r.returncode == 0, r.stderr
+    assert "who holds which pieces" in r.stdout and f"0-{n - 1}" in r.stdout and "(seed)" in r.stdout
+
+
+def test_admin_errors_are_one_line_and_exit_non_zero(ops):
+    r = dfzmq(ops, "task", "0123456789abcdef", "--manager", ops.manager_addr)
+    assert r.returncode == 1 and "no scheduler knows task" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    nobody = f"127.0.0.1:{free_port()}"
+    for cmd in (["hosts"], ["tasks"], ["monitor", "--once"]):
+        r = dfzmq(ops, *cmd, "--manager", nobody, "--timeout", "0.5")
+        assert r.returncode == 4 and "not answering" in r.stderr, (cmd, r.stderr)
+    r = dfzmq(ops, "hosts", "--manager", "no-port-here")
+    assert r.returncode == 2 and "HOST:PORT" in r.stderr
+
+
+def test_monitor_once_prints_one_frame(ops, fetched):
+    r = dfzmq(ops, "monitor", "--once", "--manager", ops.manager_addr,
+              timeout_s=30)
+    assert r.returncode == 0, r.stderr
+    assert "schedulers 1 up" in r.stdout and "seeds 1 up" in r.stdout and "peers 3 up" in r.stdout
+    assert "ops.bin" in r.stdout and "Hosts — 4" in r.stdout
+
+
+def tmux(sock: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["tmux", "-L", sock, *args], capture_output=True, text=True, timeout=10)
+
+
+def test_live_monitor_in_tmux(ops, fetched, origin, www, tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.fail("tmux is needed for this test (`make debs` installs it)")
+    sock = f"dfzmq-test-{os.getpid()}"
+    cmd = (f"a=$(stty -g); {sys.executable} -m dfzmq monitor --manager {ops.manager_addr}; rc=$?; "
+           f'b=$(stty -g); [ "$a" = "$b" ] && echo TTY-RESTORED; echo MONITOR-EXIT=$rc; sleep 120')
+    r = subprocess.run(["tmux", "-L", sock, "-f", "/dev/null", "new-session", "-d", "-s", "mon",
+                        "-x", "80", "-y", "24", "sh", "-c", cmd], env=ops.env(), capture_output=True,
+                       text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+
+    def screen() -> str:
+        return tmux(sock, "capture-pane", "-p", "-t", "mon").stdout
+
+    try:
+        first = wait_for(lambda: (s := screen()) and "peers 3 up" in s and "ops.bin" in s and s,
+                         "the monitor's first frame")
+        assert "1 stream(s) live" not in first
+        assert "q or Ctrl-C" in first
+        # A new download while it runs: the task and its events arrive over the PUB stream.
+        make_file(www / "live.bin", 1024 * 1024, seed=7)
+        r = ops.fetch("peer3", origin.url("live.bin"), tmp_path / "live.bin")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: (s := screen()) and "live.bin" in s and "peer-done" in s, "the new task and its events")
+        tmux(sock, "send-keys", "-t", "mon", "q")
+        after = wait_for(lambda: (s := screen()) and "MONITOR-EXIT=" in s and s, "the monitor to exit")
+        assert "MONITOR-EXIT=0" in after and "TTY-RESTORED" in after, after
+        assert "Tasks" not in after, "the alternate screen was left"
+    finally:
+        tmux(sock, "kill-server")
