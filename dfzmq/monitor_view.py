@@ -188,7 +188,8 @@ def event_text(e: Any, now: float) -> Text:
         if key in f:
             bits.append(f"task {short(str(f[key]))}")
     for key in ("peer_id", "peer", "host_id", "member", "by"):
-        if key in f:
+        if key == "host_id" and ("peer_id" in f or "peer" in f):
+            continue  # a peer id starts with its host id
             bits.append(f"{key.removesuffix('_id')} {short(str(f[key]), 12)}")
     for key in ("hostname", "reason", "code"):
         if f.get(key):
@@ -214,6 +215,7 @@ def budget(height: int, n_tasks: int, n_hosts: int, n_events: int) -> tuple[int,
     tasks = min(n_tasks, max(1, rest // 2))
     hosts = min(n_hosts, rest - tasks)
     tasks = min(n_tasks, rest - hosts)  # give back what hosts do not need
+    events = min(n_events, rows - tasks - hosts)  # and what neither needs goes to events
     return tasks, hosts, events
 
 

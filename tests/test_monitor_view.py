@@ -91,6 +91,7 @@ def test_an_empty_cluster_and_tiny_terminals_render():
 
 def test_budget_gives_unused_rows_away():
     assert budget(24, 2, 1000, 0) == (2, 13, 0)
+    assert budget(24, 1, 4, 50) == (1, 4, 10), "a small cluster shows more events"
     t, h, e = budget(60, 300, 1000, 200)
     assert t + h + e == 51 and e == 8
 
