@@ -44,8 +44,22 @@ def value(m: dict, name: str, **labels: str) -> float:
 
 
 def dfzmq(cluster: LocalCluster, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    """The real `dfzmq` command in a process of its own."""
     return subprocess.run([sys.executable, "-m", "dfzmq", *args], env=cluster.env(),
                           capture_output=True, text=True, timeout=timeout_s)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The same CLI in this process (typer's CliRunner): the cluster is still real processes,
+    only the interpreter start-up of each command is saved."""
+    from typer.testing import CliRunner
+
+    from dfzmq.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, r.stderr)
 
 
 def wait_for(fn, what: str, deadline_s: float = DEADLINE_S):
@@ -66,9 +80,9 @@ def fetched(ops, origin, www, tmp_path_factory):
     out = tmp_path_factory.mktemp("ops-out")
     before = {n: scrape(ops, n) for n in ("peer1", "peer2", "seed0", "scheduler0")}
     for name in ("peer1", "peer2"):
-        r = ops.fetch(name, origin.url("ops.bin"), out / name)
-        assert r.returncode == 0, r.stderr
-        assert (out / name).read_bytes() == data
+        r = ops.fetch_all([name], origin.url("ops.bin"), out)[name]
+        assert "error" not in r, r
+        assert (out / f"{name}.out").read_bytes() == data
     return {"url": origin.url("ops.bin"), "before": before}
 
 
@@ -122,7 +136,7 @@ def test_metrics_flag_rejects_a_bad_address(tmp_path):
 
 def test_admin_commands_json_and_tables(ops, fetched):
     def task_known():
-        r = dfzmq(ops, "tasks", "--json", "--manager", ops.manager_addr)
+        r = cli("tasks", "--json", "--manager", ops.manager_addr)
         assert r.returncode == 0, r.stderr
         tasks = [t for t in json.loads(r.stdout)["tasks"] if t["url"] == fetched["url"]]
         return tasks if tasks and tasks[0]["done"] >= 3 and tasks[0]["origin_bytes"] == SIZE else None
@@ -130,16 +144,16 @@ def test_admin_commands_json_and_tables(ops, fetched):
     (t,) = wait_for(task_known, "the task in `dfzmq tasks --json`")
     assert t["complete"] and t["content_length"] == SIZE and t["p2p_bytes"] >= SIZE
 
-    r = dfzmq(ops, "hosts", "--json", "--manager", ops.manager_addr)
+    r = cli("hosts", "--json", "--manager", ops.manager_addr)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert [s["answered"] for s in doc["schedulers"]] == [True]
     hosts = doc["hosts"]
     assert len(hosts) == 4 and sum(h["seed"] for h in hosts) == 1
-    assert wait_for(lambda: [h for h in json.loads(dfzmq(ops, "hosts", "--json", "--manager", ops.manager_addr).stdout)["hosts"]
+    assert wait_for(lambda: [h for h in json.loads(cli("hosts", "--json", "--manager", ops.manager_addr).stdout)["hosts"]
                              if h["seed"] and h["up_bytes"] > 0 and h["pieces_served"] > 0], "the seed's upload counters")
 
-    r = dfzmq(ops, "task", t["task_id"][:10], "--json", "--manager", ops.manager_addr)
+    r = cli("task", t["task_id"][:10], "--json", "--manager", ops.manager_addr)
     assert r.returncode == 0, r.stderr
     detail = json.loads(r.stdout)
     assert detail["task"]["task_id"] == t["task_id"]
@@ -149,20 +163,20 @@ def test_admin_commands_json_and_tables(ops, fetched):
     assert len(done) >= 3 and all(p["ranges"] == [[0, n - 1]] and p["held"] == n for p in done)
 
     for cmd in (["hosts"], ["tasks"], ["task", t["task_id"][:8]]):
-        r = dfzmq(ops, *cmd, "--manager", ops.manager_addr)
+        r = cli(*cmd, "--manager", ops.manager_addr)
         assert r.returncode == 0, r.stderr
     assert "who holds which pieces" in r.stdout and f"0-{n - 1}" in r.stdout and "(seed)" in r.stdout
 
 
 def test_admin_errors_are_one_line_and_exit_non_zero(ops):
-    r = dfzmq(ops, "task", "0123456789abcdef", "--manager", ops.manager_addr)
+    r = cli("task", "0123456789abcdef", "--manager", ops.manager_addr)
     assert r.returncode == 1 and "no scheduler knows task" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     nobody = f"127.0.0.1:{free_port()}"
     for cmd in (["hosts"], ["tasks"], ["monitor", "--once"]):
-        r = dfzmq(ops, *cmd, "--manager", nobody, "--timeout", "0.5")
+        r = cli(*cmd, "--manager", nobody, "--timeout", "0.5")
         assert r.returncode == 4 and "not answering" in r.stderr, (cmd, r.stderr)
-    r = dfzmq(ops, "hosts", "--manager", "no-port-here")
+    r = cli("hosts", "--manager", "no-port-here")
     assert r.returncode == 2 and "HOST:PORT" in r.stderr
 
 
@@ -199,8 +213,8 @@ def test_live_monitor_in_tmux(ops, fetched, origin, www, tmp_path):
         assert "q or Ctrl-C" in first
         # A new download while it runs: the task and its events arrive over the PUB stream.
         make_file(www / "live.bin", 1024 * 1024, seed=7)
-        r = ops.fetch("peer3", origin.url("live.bin"), tmp_path / "live.bin")
-        assert r.returncode == 0, r.stderr
+        r = ops.fetch_all(["peer3"], origin.url("live.bin"), tmp_path)["peer3"]
+        assert "error" not in r, r
         wait_for(lambda: (s := screen()) and "live.bin" in s and "peer-done" in s, "the new task and its events")
         tmux(sock, "send-keys", "-t", "mon", "q")
         after = wait_for(lambda: (s := screen()) and "MONITOR-EXIT=" in s and s, "the monitor to exit")
@@ -208,3 +222,66 @@ def test_live_monitor_in_tmux(ops, fetched, origin, www, tmp_path):
         assert "Tasks" not in after, "the alternate screen was left"
     finally:
         tmux(sock, "kill-server")
+
+
+def test_admin_and_monitor_speak_curve_with_the_cluster_key(tmp_path):
+    with LocalCluster(tmp_path / "curve", peers=1, curve=True) as c:
+        r = cli("hosts", "--json", "--manager", c.manager_addr, "--config", str(c.config))
+        assert r.returncode == 0, r.stderr
+        assert len(json.loads(r.stdout)["hosts"]) == 2
+        r = cli("monitor", "--once", "--manager", c.manager_addr, "--config", str(c.config))
+        assert r.returncode == 0 and "peers 1 up" in r.stdout, r.stderr
+        r = cli("hosts", "--manager", c.manager_addr, "--timeout", "1")
+        assert r.returncode == 4, "without the key, no answer"
+
+
+def test_feed_follows_the_streams_and_says_when_one_goes_silent(ops, fetched):
+    """The live monitor's socket loop, in-process, against the real cluster: a frozen scheduler
+    (SIGSTOP) is reported silent within seconds, and followed again once it resumes."""
+    import signal
+
+    import zmq
+
+    from dfzmq import net
+    from dfzmq.cli_monitor import Feed
+    from dfzmq.monitor_state import MANAGER, MonitorState
+
+    ctx = zmq.Context()
+    state = MonitorState(net.tcp(ops.manager_addr), time.monotonic(), silence_s=2.0)
+    feed = Feed(ctx, state, None, ask_timeout_s=2.0)
+
+    def poll_until(pred, what: str) -> None:
+        end = time.monotonic() + DEADLINE_S
+        while not pred():
+            assert time.monotonic() < end, f"timed out waiting for {what}"
+            feed.poll(100)
+
+    def scheduler_silent() -> bool:
+        return any(k != MANAGER for k, _ in state.silent(time.monotonic()))
+
+    try:
+        feed.start()
+        poll_until(lambda: any(t.url == fetched["url"] for t in state.tasks()), "the task from a snapshot")
+        # An idle cluster publishes heartbeats only: hearing them after the snapshot shows the
+        # SUB side is connected.
+        poll_until(lambda: all(s.last_heard and s.last_heard > s.snapshot_at + 0.5
+                               for s in [state.manager, *state.schedulers.values()]),
+                   "heartbeats on every PUB stream")
+        assert not scheduler_silent()
+        sched = ops.procs["scheduler0"]
+        sched.signal(signal.SIGSTOP)
+        try:
+            poll_until(scheduler_silent, "the frozen scheduler reported silent")
+            from dfzmq.monitor_view import render
+            from rich.console import Console
+            import io
+
+            buf = io.StringIO()
+            Console(file=buf, width=100, height=30, color_system=None).print(render(state, 100, 30, time.monotonic()))
+            assert "STREAM SILENT" in buf.getvalue()
+        finally:
+            sched.signal(signal.SIGCONT)
+        poll_until(lambda: not scheduler_silent(), "the scheduler's stream back")
+    finally:
+        feed.close()
+        ctx.destroy(linger=0)
