@@ -175,6 +175,8 @@ class Daemon:
     # -- start and stop -------------------------------------------------------------------
 
     async def start(self, use_manager: bool = True) -> None:
+        if self.cfg.metrics:  # first: a port in use is a config error before anything is open
+            self.metrics = DaemonMetrics(self, self.cfg.metrics)
         self.ctx = zmq.asyncio.Context()
         self.store = PieceStore(self.data, self.cfg.map_size)
         self.gc = GarbageCollector(self.store, self.cfg)
@@ -199,8 +201,6 @@ class Daemon:
             # The daemon writes files wherever a client asks: only its own user may ask.
             os.chmod(control_addr[len("ipc://"):], 0o600)
         self.upload.on_access = self.gc.note_access
-        if self.cfg.metrics:
-            self.metrics = DaemonMetrics(self, self.cfg.metrics)
         self._spawn(self.upload.run())
         self._spawn(self._control_loop())
         if self.gc.enabled:

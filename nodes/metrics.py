@@ -61,6 +61,8 @@ class DaemonMetrics:
 
     def collect(self) -> Iterable:
         d = self.d
+        if getattr(d, "upload", None) is None:
+            return  # scraped while the daemon is still starting
         c = dict(d.counters)
         t = traffic(c)
         yield counter("dfzmq_daemon_bytes_total", "Piece bytes received, by source.",

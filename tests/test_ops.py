@@ -132,6 +132,17 @@ def test_metrics_flag_rejects_a_bad_address(tmp_path):
                         "--data", str(tmp_path / "m"), "--metrics", "nonsense"],
                        env=LocalCluster.env(), capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "metrics" in r.stderr and "HOST:PORT" in r.stderr
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "dfzmq", "daemon", "--data", str(tmp_path / "d"),
+                            "--manager", "", "--listen", "127.0.0.1:0", "--metrics", f"127.0.0.1:{port}"],
+                           env=LocalCluster.env(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "cannot serve metrics" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_admin_commands_json_and_tables(ops, fetched):

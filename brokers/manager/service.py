@@ -95,7 +95,7 @@ def _loop(core: ManagerCore, router: zmq.Socket, pub: zmq.Socket, store: Manager
         if now >= core.next_deadline():
             _apply(_guard(core.handle_timer, counters, now), router, pub, store, counters)
             if metrics is not None:
-                metrics.update(core)
+                _guard(metrics.update, counters, core)
 
 
 def _guard(fn: Callable[..., list], counters: Counters, *args: Any) -> list:

@@ -96,9 +96,13 @@ class _Scheduler:
             if now >= self.core.next_deadline():
                 dispatch(self.core.handle_timer(now), self.router, self.pub, self.counters)
             if now >= self.views.next_deadline():
-                dispatch(self.views.handle_timer(now), self.router, self.pub, self.counters)
-                if self.metrics is not None:
-                    self.metrics.update(self.views)
+                try:
+                    dispatch(self.views.handle_timer(now), self.router, self.pub, self.counters)
+                    if self.metrics is not None:
+                        self.metrics.update(self.views)
+                except Exception:  # what operators see must never stop the scheduling
+                    self.counters["internal-error"] += 1
+                    log.exception("scheduler views failed")
             deadline = min(self.core.next_deadline(), self.views.next_deadline())
             if self.link is not None:
                 deadline = min(deadline, self.link.next_deadline())
