@@ -208,33 +208,45 @@ def tmux(sock: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_live_monitor_in_tmux(ops, fetched, origin, www, tmp_path):
+    """Two real monitors in tmux, 80x24 and 120x40: both draw the cluster, both follow a new
+    download over the PUB streams, one quits on `q` and one on Ctrl-C, each giving the
+    terminal back as it found it."""
     if shutil.which("tmux") is None:
         pytest.fail("tmux is needed for this test (`make debs` installs it)")
     sock = f"dfzmq-test-{os.getpid()}"
-    cmd = (f"a=$(stty -g); {sys.executable} -m dfzmq monitor --manager {ops.manager_addr}; rc=$?; "
+    # The wrapper shell outlives Ctrl-C (a trap, which its children do not inherit) to report.
+    cmd = (f"trap true INT; a=$(stty -g); {sys.executable} -m dfzmq monitor --manager {ops.manager_addr}; rc=$?; "
            f'b=$(stty -g); [ "$a" = "$b" ] && echo TTY-RESTORED; echo MONITOR-EXIT=$rc; sleep 120')
-    r = subprocess.run(["tmux", "-L", sock, "-f", "/dev/null", "new-session", "-d", "-s", "mon",
-                        "-x", "80", "-y", "24", "sh", "-c", cmd], env=ops.env(), capture_output=True,
-                       text=True, timeout=10)
-    assert r.returncode == 0, r.stderr
-
-    def screen() -> str:
-        return tmux(sock, "capture-pane", "-p", "-t", "mon").stdout
-
+    sessions = {"small": ("80", "24"), "large": ("120", "40")}
     try:
-        first = wait_for(lambda: (s := screen()) and "peers 3 up" in s and "ops.bin" in s and s,
-                         "the monitor's first frame")
-        assert "1 stream(s) live" not in first
-        assert "q or Ctrl-C" in first
-        # A new download while it runs: the task and its events arrive over the PUB stream.
+        for name, (cols, rows) in sessions.items():
+            r = subprocess.run(["tmux", "-L", sock, "-f", "/dev/null", "new-session", "-d", "-s", name,
+                                "-x", cols, "-y", rows, "sh", "-c", cmd], env=ops.env(),
+                               capture_output=True, text=True, timeout=10)
+            assert r.returncode == 0, r.stderr
+
+        def screen(name: str) -> str:
+            return tmux(sock, "capture-pane", "-p", "-t", name).stdout
+
+        for name in sessions:
+            first = wait_for(lambda: (s := screen(name)) and "peers 3 up" in s and "ops.bin" in s and s,
+                             f"the {name} monitor's first frame")
+            assert "2 stream(s) live" in first and "q or Ctrl-C" in first
+        assert "location" in screen("large") and "location" not in screen("small")
+        # A new download while they run: the task and its events arrive over the PUB streams.
         make_file(www / "live.bin", 1024 * 1024, seed=7)
         r = ops.fetch_all(["peer3"], origin.url("live.bin"), tmp_path)["peer3"]
         assert "error" not in r, r
-        wait_for(lambda: (s := screen()) and "live.bin" in s and "peer-done" in s, "the new task and its events")
-        tmux(sock, "send-keys", "-t", "mon", "q")
-        after = wait_for(lambda: (s := screen()) and "MONITOR-EXIT=" in s and s, "the monitor to exit")
-        assert "MONITOR-EXIT=0" in after and "TTY-RESTORED" in after, after
-        assert "Tasks" not in after, "the alternate screen was left"
+        for name in sessions:
+            wait_for(lambda: (s := screen(name)) and "live.bin" in s and "peer-done" in s,
+                     f"the new task and its events on the {name} monitor")
+        tmux(sock, "send-keys", "-t", "small", "q")
+        tmux(sock, "send-keys", "-t", "large", "C-c")
+        for name in sessions:
+            after = wait_for(lambda: (s := screen(name)) and "MONITOR-EXIT=" in s and s,
+                             f"the {name} monitor to exit")
+            assert "MONITOR-EXIT=0" in after and "TTY-RESTORED" in after, after
+            assert "Tasks" not in after, "the alternate screen was left"
     finally:
         tmux(sock, "kill-server")
 
