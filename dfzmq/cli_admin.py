@@ -24,7 +24,6 @@ from rich.console import Console
 from rich.table import Table
 
 from brokers.scheduler.views import unbitmap
-from dfzmq import wire
 from dfzmq.cli import ConfigOpt, app, run_guarded
 from dfzmq.config import DEFAULT_MANAGER, curve_of, load_toml, resolve
 from dfzmq.monitor_state import MonitorState

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.live import Live
 
 from dfzmq import net, wire
-from dfzmq.cli import ConfigOpt, app, run_guarded
+from dfzmq.cli import ConfigOpt, app, fail, run_guarded
 from dfzmq.cli_admin import ManagerOpt, admin_config
 from dfzmq.config import curve_of
 from dfzmq.errors import RemoteProtocolError
@@ -208,6 +208,8 @@ def monitor(
         height = console.height if console.is_terminal else 60
         console.print(render(state, console.width, height, now=time.monotonic()))
         return
+    if not console.is_terminal:
+        raise fail("the live monitor needs a terminal; use --once to print one frame", 2)
     addr = run_guarded(net.tcp, cfg.manager)
     state = MonitorState(addr, time.monotonic(), silence_s=max(3.0, cfg.timeout_s))
     ctx = zmq.Context()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text

@@ -193,6 +193,8 @@ def test_admin_errors_are_one_line_and_exit_non_zero(ops):
         assert r.returncode == 4 and "not answering" in r.stderr, (cmd, r.stderr)
     r = cli("hosts", "--manager", "no-port-here")
     assert r.returncode == 2 and "HOST:PORT" in r.stderr
+    r = cli("monitor", "--manager", ops.manager_addr)  # output captured: not a terminal
+    assert r.returncode == 2 and "--once" in r.stderr
 
 
 def test_monitor_once_prints_one_frame(ops, fetched):
