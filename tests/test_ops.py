@@ -254,12 +254,16 @@ def test_live_monitor_in_tmux(ops, fetched, origin, www, tmp_path):
 
 
 def test_admin_and_monitor_speak_curve_with_the_cluster_key(tmp_path):
-    with LocalCluster(tmp_path / "curve", peers=1, curve=True) as c:
+    """An encrypted cluster with two schedulers: every daemon is known to both, and the
+    admin view merges them into one row per host."""
+    with LocalCluster(tmp_path / "curve", peers=1, curve=True, schedulers=2) as c:
         r = cli("hosts", "--json", "--manager", c.manager_addr, "--config", str(c.config))
         assert r.returncode == 0, r.stderr
-        assert len(json.loads(r.stdout)["hosts"]) == 2
+        doc = json.loads(r.stdout)
+        assert [s["answered"] for s in doc["schedulers"]] == [True, True]
+        assert len(doc["hosts"]) == 2 and all(h["peers"] == 0 for h in doc["hosts"])
         r = cli("monitor", "--once", "--manager", c.manager_addr, "--config", str(c.config))
-        assert r.returncode == 0 and "peers 1 up" in r.stdout, r.stderr
+        assert r.returncode == 0 and "schedulers 2 up" in r.stdout and "peers 1 up" in r.stdout, r.stderr
         r = cli("hosts", "--manager", c.manager_addr, "--timeout", "1")
         assert r.returncode == 4, "without the key, no answer"
 
