@@ -145,7 +145,7 @@ def tasks_table(tasks: list[wire.TaskView], rows: int, width: int) -> Table:
             frac = (v.done_bytes / total) if total else (1.0 if v.complete and v.peers else 0.0)
             progress = Text(bar(frac, 5), style="green" if frac >= 1 else "")
         row = [short(v.task_id), url_label(v.url), human(v.content_length) if v.content_length >= 0 else "?",
-               f"{v.downloading}↓{v.done}✓", progress, rate(v.rate),
+               f"{v.downloading + v.back_to_source}↓{v.done}✓", progress, rate(v.rate),
                f"{human(v.origin_bytes)}/{human(v.p2p_bytes)}"]
         if wide:
             row.insert(4, str(v.back_to_source))
@@ -187,9 +187,10 @@ def event_text(e: Any, now: float) -> Text:
         if key in f:
             bits.append(f"task {short(str(f[key]))}")
     for key in ("peer_id", "peer", "host_id", "member", "by"):
-        if key == "host_id" and ("peer_id" in f or "peer" in f):
-            continue  # a peer id starts with its host id
-            bits.append(f"{key.removesuffix('_id')} {short(str(f[key]), 12)}")
+        if key not in f or (key == "host_id" and ("peer_id" in f or "peer" in f)):
+            continue  # (a peer id starts with its host id: the host is not repeated)
+        # Peers and hosts are named as in the hosts table: the short host id.
+        bits.append(f"{key.removesuffix('_id')} {short(str(f[key]).split('/')[0], 6)}")
     for key in ("hostname", "reason", "code"):
         if f.get(key):
             bits.append(f"{key} {f[key]}")

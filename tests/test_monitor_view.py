@@ -60,6 +60,7 @@ def test_a_thousand_hosts_fit_the_screen(width, height):
     assert "node0999" in text and "node0000 " not in text
     assert "12beeeee" in text  # task 299: the highest rate among active tasks
     assert "back-to-source" in text
+    assert "peer 001d" in text and "reason first peer" in text, "events name the peer, as hosts do"
     assert "q or Ctrl-C" in lines[-1]
     assert "SILENT" not in text
 
