@@ -64,13 +64,20 @@ def _gather(cfg: AdminConfig) -> MonitorState:
     state = run_guarded(gather, cfg.manager, run_guarded(curve_of, cfg), cfg.timeout_s)
     for key, s in sorted(state.schedulers.items()):
         if not s.down and not s.answered:
-            err.print(f"dfzmq: warning: scheduler {key} at {s.addr} did not answer; its part is missing")
+            err.print(f"dfzmq: warning: scheduler {key} at {s.addr} did not answer; its part is missing",
+                      soft_wrap=True)
     return state
 
 
 def _schedulers_json(state: MonitorState) -> list[dict[str, Any]]:
-    return [{"scheduler_id": k, "addr": s.addr, "up": not s.down, "answered": s.answered}
-            for k, s in sorted(state.schedulers.items())]
+    """Every scheduler the manager knows, up or down, and whether it answered us."""
+    out = []
+    for m in state.members_by_role("scheduler"):
+        s = state.schedulers.get(m.member_id)
+        up = m.state == "up"
+        out.append({"scheduler_id": m.member_id, "addr": m.addr, "version": m.version, "up": up,
+                    "answered": bool(up and s is not None and not s.down and s.answered)})
+    return out
 
 
 def _print_json(obj: Any) -> None:

@@ -231,10 +231,10 @@ def test_live_monitor_in_tmux(ops, fetched, origin, www, tmp_path):
             return tmux(sock, "capture-pane", "-p", "-t", name).stdout
 
         for name in sessions:
-            first = wait_for(lambda: (s := screen(name)) and "peers 3 up" in s and "ops.bin" in s and s,
-                             f"the {name} monitor's first frame")
-            assert "2 stream(s) live" in first and "q or Ctrl-C" in first
-        assert "location" in screen("large") and "location" not in screen("small")
+            first = wait_for(lambda: (s := screen(name)) and "peers 3 up" in s and "ops.bin" in s
+                             and "2 stream(s) live" in s and s, f"the {name} monitor's first frame")
+            assert "q or Ctrl-C" in first
+            assert ("location" in first) == (name == "large"), first
         # A new download while they run: the task and its events arrive over the PUB streams.
         make_file(www / "live.bin", 1024 * 1024, seed=7)
         r = ops.fetch_all(["peer3"], origin.url("live.bin"), tmp_path)["peer3"]
@@ -304,6 +304,13 @@ def test_feed_follows_the_streams_and_says_when_one_goes_silent(ops, fetched):
         sched = ops.procs["scheduler0"]
         sched.signal(signal.SIGSTOP)
         try:
+            # The admin commands name a scheduler that does not answer and print the rest (or,
+            # once the manager has noticed, list it as down).
+            r = cli("hosts", "--json", "--manager", ops.manager_addr, "--timeout", "0.5")
+            assert r.returncode == 0, r.stderr
+            (entry,) = json.loads(r.stdout)["schedulers"]
+            assert entry["answered"] is False
+            assert "did not answer" in r.stderr if entry["up"] else True
             poll_until(scheduler_silent, "the frozen scheduler reported silent")
             from dfzmq.monitor_view import render
             from rich.console import Console
