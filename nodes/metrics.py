@@ -11,6 +11,7 @@ calls `collect()` on its own thread, which only reads ints and copies the Counte
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Iterable
 
 from dfzmq import wire
@@ -55,8 +56,8 @@ class DaemonMetrics:
         def ended(fut: asyncio.Future) -> None:
             ok = not fut.cancelled() and fut.exception() is None
             self.task_duration.labels("succeeded" if ok else "failed").observe(
-                asyncio.get_running_loop().time() - started)
-        started = asyncio.get_running_loop().time()
+                time.monotonic() - started)
+        started = time.monotonic()
         run.done.add_done_callback(ended)
 
     def collect(self) -> Iterable:
