@@ -149,13 +149,13 @@ class SchedulerViews:
         t = self.core.tasks[task_id]
         peers = [self.core.peers[p] for p in t.peers if p in self.core.peers]
         states = collections.Counter(p.state for p in peers)
-        lengths = {n: p.length for n, p in t.manifest.items()}
         done_bytes = 0
+        manifest = t.manifest
         for p in peers:
             if p.state is PeerState.SUCCEEDED and t.content_length >= 0:
                 done_bytes += t.content_length
-            else:
-                done_bytes += sum(lengths.get(n, 0) for n in p.pieces)
+            elif p.pieces:  # only what it holds is looked at: this runs every interval
+                done_bytes += sum(manifest[n].length for n in p.pieces if n in manifest)
         tr = self.traffic.get(task_id)
         return wire.TaskView(
             task_id=task_id, url=t.url, content_length=t.content_length,
