@@ -97,7 +97,7 @@ def header(state: MonitorState, now: float, width: int) -> list[Text]:
     mgr_text = "up" if mgr.answered else "not answering"
     line1 = Text.assemble(("dfzmq monitor ", "bold"), (mgr.addr, "cyan"), f"  manager {mgr_text}",
                           no_wrap=True, overflow="ellipsis")
-    peer_text = f"{len(peers)} up" + (f" {len(state.gone_hosts)} gone" if state.gone_hosts else "")
+    peer_text = f"{len(peers)} up" + (f" {len(state.gone_hosts)} down" if state.gone_hosts else "")
     running = [m.version for m in scheds + seeds if m.state == "up"] + [h.version for h in peers]
     line2 = Text(f"schedulers {updown(scheds)} · seeds {updown(seeds)} · peers {peer_text}"
                  f" · tasks {len(tasks)} ({active} active)"
@@ -164,8 +164,9 @@ def hosts_table(hosts: list[wire.HostView], rows: int, width: int) -> Table:
         ("tasks", {"justify": "right", "width": 5}),
         ("served", {"justify": "right", "width": 7}),
     ]
-    if wide:
+    if width >= 90:  # location first: it is what scheduling prefers after load
         cols.insert(2, ("location", {"ratio": 1, "min_width": 8}))
+    if wide:
         cols.insert(2, ("idc", {"width": 8}))
     t = _table(cols)
     for h in hosts[:rows]:
@@ -174,8 +175,10 @@ def hosts_table(hosts: list[wire.HostView], rows: int, width: int) -> Table:
         name = f"{h.hostname} {short(h.host_id, 6)}" if h.hostname else short(h.host_id)
         row = [name, "seed" if h.seed else "peer", rate(h.up_rate),
                rate(h.down_rate), Text(load, style=style), str(h.peers), str(h.pieces_served)]
+        if width >= 90:
+            row.insert(2, h.location or "-")
         if wide:
-            row[2:2] = [h.idc or "-", h.location or "-"]
+            row.insert(2, h.idc or "-")
         t.add_row(*row)
     return t
 

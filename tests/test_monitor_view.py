@@ -108,3 +108,10 @@ def test_url_label_puts_the_telling_part_first():
 
     assert url_label("http://127.0.0.1:8000/data/model.bin?sig=x") == "model.bin · 127.0.0.1:8000"
     assert url_label("https://example.com/") == "example.com"
+
+
+def test_hosts_no_scheduler_knows_any_more_count_as_down():
+    st = big_state(n_hosts=40, n_tasks=30)
+    st.on_scheduler_pub(SCHED, wire.StateDelta(81, SCHED, gone_hosts=["host-0001", "host-0002"]), 99.0)
+    text = "\n".join(draw(st, 120, 40))
+    assert "peers 37 up 2 down" in text
