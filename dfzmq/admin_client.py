@@ -12,13 +12,32 @@ Each request uses a fresh DEALER (linger 0), so a dead server costs only its tim
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
 
 from dfzmq import net, wire
+from dfzmq.config import DEFAULT_MANAGER, load_toml, resolve
 from dfzmq.errors import DfzmqError, RemoteProtocolError, UnavailableError
 from dfzmq.monitor_state import MonitorState
+
+
+@dataclass(slots=True)
+class AdminConfig:
+    """Settings of the operators' commands (flag > DFZMQ_* > TOML [admin] or top level)."""
+
+    manager: str = DEFAULT_MANAGER
+    timeout_s: float = 3.0  # per request to the manager and to each scheduler
+    curve_public: str = ""
+    curve_secret: str = ""
+
+
+def admin_config(manager: str | None, timeout_s: float | None, config: Path | None) -> AdminConfig:
+    """Raises ConfigError."""
+    return resolve(AdminConfig, "admin", {"manager": manager, "timeout_s": timeout_s},
+                   load_toml(config))
 
 
 def ask(ctx: zmq.Context, addr: str, msg: Any, timeout_s: float,

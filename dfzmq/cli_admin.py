@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from brokers.scheduler.views import unbitmap
 from dfzmq.cli import ConfigOpt, app, run_guarded
-from dfzmq.config import DEFAULT_MANAGER, curve_of, load_toml, resolve
+from dfzmq.admin_client import AdminConfig
+from dfzmq.config import curve_of
 from dfzmq.monitor_state import MonitorState
-from dfzmq.monitor_view import host_order, human, rate, short, task_order
+from dfzmq.monitor_view import host_order, human, rate, short, task_order, url_label
 
 err = Console(stderr=True, highlight=False)
 
@@ -40,22 +42,15 @@ def _out() -> Console:
 STRIP_CELLS = 32
 
 
-@dataclass(slots=True)
-class AdminConfig:
-    manager: str = DEFAULT_MANAGER
-    timeout_s: float = 3.0  # per request to the manager and to each scheduler
-    curve_public: str = ""
-    curve_secret: str = ""
-
-
 ManagerOpt = Annotated[Optional[str], typer.Option(envvar="DFZMQ_MANAGER", help="HOST:PORT of the manager.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Seconds to wait for each answer.")]
 
 
 def admin_config(manager: str | None, timeout: float | None, config: Path | None) -> AdminConfig:
-    return run_guarded(resolve, AdminConfig, "admin", {"manager": manager, "timeout_s": timeout},
-                       load_toml(config))
+    from dfzmq.admin_client import admin_config as resolve_admin
+
+    return run_guarded(resolve_admin, manager, timeout, config)
 
 
 def _gather(cfg: AdminConfig) -> MonitorState:
@@ -123,6 +118,28 @@ def strip(nums: list[int], total: int, cells: int = STRIP_CELLS) -> str:
 # -- commands -----------------------------------------------------------------------------------
 
 
+def _table(title: str, width: int, columns: list[tuple[str, str, int]], rows: list[list[str]],
+           free_text: tuple[str, ...] = ("host", "url")) -> Table:
+    """A table with the columns whose minimum terminal width (third item) `width` reaches:
+    narrow terminals lose optional columns rather than fold every cell. Numbers keep their
+    whole width; the one free-text column (`free_text`) gets what they leave."""
+    keep = [i for i, (_, _, min_w) in enumerate(columns) if width >= min_w]
+    natural = {i: max([len(columns[i][0]), *(len(r[i]) for r in rows)]) for i in keep}
+    free = [i for i in keep if columns[i][0] in free_text]
+    fixed = sum(w for i, w in natural.items() if i not in free) + 3 * len(keep)
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for i in keep:
+        name, justify, _ = columns[i]
+        if i in free:
+            t.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis",  # type: ignore[arg-type]
+                         max_width=max(10, width - fixed))
+        else:
+            t.add_column(name, justify=justify, no_wrap=True, min_width=natural[i])  # type: ignore[arg-type]
+    for row in rows:
+        t.add_row(*(row[i] for i in keep))
+    return t
+
+
 @app.command()
 def hosts(manager: ManagerOpt = None, as_json: JsonOpt = False, timeout: TimeoutOpt = None,
           config: ConfigOpt = None) -> None:
@@ -133,18 +150,16 @@ def hosts(manager: ManagerOpt = None, as_json: JsonOpt = False, timeout: Timeout
         _print_json({"schedulers": _schedulers_json(state),
                      "hosts": [dataclasses.asdict(h) for h in rows]})
         return
-    t = Table(title=f"{len(rows)} host(s)", title_justify="left")
-    for name, justify in (("host", "left"), ("id", "left"), ("role", "left"), ("idc", "left"),
-                          ("location", "left"), ("version", "left"), ("up", "right"),
-                          ("down", "right"), ("sent", "right"), ("received", "right"),
-                          ("load", "right"), ("tasks", "right"), ("served", "right")):
-        t.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for h in rows:
-        t.add_row(h.hostname, short(h.host_id, 12), "seed" if h.seed else "peer", h.idc or "-",
-                  h.location or "-", h.version or "-", rate(h.up_rate), rate(h.down_rate),
-                  human(h.up_bytes), human(h.down_bytes), f"{h.children}/{h.upload_slots}",
-                  str(h.peers), str(h.pieces_served))
-    _out().print(t)
+    out = _out()
+    columns = [("host", "left", 0), ("id", "left", 100), ("role", "left", 0), ("idc", "left", 120),
+               ("location", "left", 100), ("version", "left", 120), ("up", "right", 0),
+               ("down", "right", 0), ("sent", "right", 140), ("received", "right", 140),
+               ("load", "right", 0), ("tasks", "right", 0), ("served", "right", 0)]
+    cells = [[h.hostname, short(h.host_id, 12), "seed" if h.seed else "peer", h.idc or "-",
+              h.location or "-", h.version or "-", rate(h.up_rate), rate(h.down_rate),
+              human(h.up_bytes), human(h.down_bytes), f"{h.children}/{h.upload_slots}",
+              str(h.peers), str(h.pieces_served)] for h in rows]
+    out.print(_table(f"{len(rows)} host(s)", out.width, columns, cells))
 
 
 @app.command()
@@ -157,18 +172,18 @@ def tasks(manager: ManagerOpt = None, as_json: JsonOpt = False, timeout: Timeout
         _print_json({"schedulers": _schedulers_json(state),
                      "tasks": [dataclasses.asdict(t) for t in rows]})
         return
-    t = Table(title=f"{len(rows)} task(s)", title_justify="left")
-    for name, justify in (("task", "left"), ("url", "left"), ("size", "right"),
-                          ("state", "left"), ("peers", "right"), ("downloading", "right"),
-                          ("done", "right"), ("rate", "right"), ("origin", "right"),
-                          ("p2p", "right")):
-        t.add_column(name, justify=justify, overflow="fold" if name == "url" else "ellipsis")  # type: ignore[arg-type]
+    out = _out()
+    columns = [("task", "left", 0), ("url", "left", 0), ("size", "right", 0), ("state", "left", 100),
+               ("peers", "right", 100), ("dl", "right", 0), ("done", "right", 0),
+               ("rate", "right", 0), ("origin", "right", 0), ("p2p", "right", 0)]
+    cells = []
     for v in rows:
         st = "failed" if v.failed else "complete" if v.complete else "running"
-        t.add_row(v.task_id[:12], v.url, human(v.content_length), st, str(v.peers),
-                  str(v.downloading + v.back_to_source), str(v.done), rate(v.rate),
-                  human(v.origin_bytes), human(v.p2p_bytes))
-    _out().print(t)
+        cells.append([v.task_id[:12 if out.width >= 100 else 8], v.url if out.width >= 160 else url_label(v.url),
+                      human(v.content_length), st, str(v.peers),
+                      str(v.downloading + v.back_to_source), str(v.done), rate(v.rate),
+                      human(v.origin_bytes), human(v.p2p_bytes)])
+    out.print(_table(f"{len(rows)} task(s)", out.width, columns, cells))
 
 
 @app.command()
@@ -193,16 +208,16 @@ def task(task_id: Annotated[str, typer.Argument(help="Task id, or a unique prefi
         return
     state = "failed: " + v.failed if v.failed else "complete" if v.complete else "running"
     out = _out()
-    out.print(f"[bold]task[/] {v.task_id}\n[bold]url[/]  {v.url}\n"
+    out.print(f"[bold]task[/] {v.task_id}\n[bold]url[/]  {escape(v.url)}\n"
               f"size {human(v.content_length)} ({v.content_length} bytes), "
-              f"{total if total >= 0 else '?'} pieces, {state}; scheduler {d.scheduler_id}\n"
+              f"{total if total >= 0 else '?'} pieces, {escape(state)}; scheduler {d.scheduler_id}\n"
               f"peers {v.peers}: {v.downloading} downloading, {v.back_to_source} from the origin, "
               f"{v.done} done; origin {human(v.origin_bytes)}, p2p {human(v.p2p_bytes)}")
-    t = Table(title="who holds which pieces", title_justify="left")
-    for name in ("host", "peer", "state", "held", "pieces", "ranges", "parents"):
-        t.add_column(name, justify="right" if name == "held" else "left")
-    for p, nums in sorted(peers, key=lambda x: (-x[0].held, x[0].peer_id)):
-        t.add_row(p.hostname or short(p.host_id), short(p.peer_id.split("/")[0], 12) + (" (seed)" if p.seed else ""),
-                  p.state, f"{p.held}/{total if total >= 0 else '?'}", strip(nums, total),
-                  ranges_text(ranges(nums)), str(len(p.parent_ids)))
-    out.print(t)
+    cells_n = STRIP_CELLS if out.width >= 110 else STRIP_CELLS // 2
+    columns = [("host", "left", 0), ("peer", "left", 0), ("state", "left", 0), ("held", "right", 0),
+               ("pieces", "left", 0), ("parents", "right", 100), ("ranges", "left", 0)]
+    cells = [[p.hostname or short(p.host_id), short(p.peer_id.split("/")[0], 10) + (" (seed)" if p.seed else ""),
+              p.state, f"{p.held}/{total if total >= 0 else '?'}", strip(nums, total, cells_n),
+              str(len(p.parent_ids)), ranges_text(ranges(nums))]
+             for p, nums in sorted(peers, key=lambda x: (-x[0].held, x[0].peer_id))]
+    out.print(_table("who holds which pieces", out.width, columns, cells, free_text=("ranges",)))

@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.live import Live
 
 from dfzmq import net, wire
+from dfzmq.admin_client import admin_config
 from dfzmq.cli import ConfigOpt, app, fail, run_guarded
-from dfzmq.cli_admin import ManagerOpt, admin_config
 from dfzmq.config import curve_of
 from dfzmq.errors import RemoteProtocolError
 from dfzmq.monitor_state import MANAGER, MonitorState, Need
@@ -187,6 +187,10 @@ class _Keys:
         return os.read(self.fd, 32).decode(errors="replace")
 
 
+# (Not imported from cli_admin: either module may be imported first.)
+ManagerOpt = Annotated[Optional[str], typer.Option(envvar="DFZMQ_MANAGER", help="HOST:PORT of the manager.")]
+
+
 @app.command()
 def monitor(
     manager: ManagerOpt = None,
@@ -196,7 +200,7 @@ def monitor(
     config: ConfigOpt = None,
 ) -> None:
     """A live view of the cluster: members, tasks, hosts and events. q or Ctrl-C quits."""
-    cfg = admin_config(manager, timeout, config)
+    cfg = run_guarded(admin_config, manager, timeout, config)
     curve = run_guarded(curve_of, cfg)
     console = Console()
     if once:
