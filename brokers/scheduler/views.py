@@ -237,7 +237,9 @@ class SchedulerViews:
             cur = (st.down_bytes, st.up_bytes) if st else (0, 0)
             tick.host[hid] = cur
             prev = last.host.get(hid)
-            if dt > 0 and prev is not None:
+            if prev == cur:
+                self._rates_host[hid] = (0.0, 0.0)  # idle: the common case, kept cheap
+            elif dt > 0 and prev is not None:
                 # A restarted daemon counts from zero again: its rate restarts too.
                 self._rates_host[hid] = tuple(  # type: ignore[assignment]
                     round(max(0, c - p if c >= p else c) / dt, 1) for c, p in zip(cur, prev))
