@@ -63,6 +63,7 @@ class Stream:
     pending: list[Any] = field(default_factory=list)
     down: bool = False  # the manager says this member is down
     answered: bool = False  # a snapshot ever arrived
+    last_event_seq: int = -1  # events up to this seq are in the tail already
 
 
 class MonitorState:
@@ -140,6 +141,12 @@ class MonitorState:
         self.sched_hosts[key] = {h.host_id: h for h in msg.hosts}
         self.sched_tasks[key] = {t.task_id: t for t in msg.tasks}
         self._note_gone(before)
+        # Recent history from the snapshot (what happened before we listened, or while we
+        # were resyncing), without repeating what the stream already showed.
+        for e in msg.events:
+            if e.seq > s.last_event_seq:
+                self._event(now - e.age_s, key, e.name, dict(e.fields))
+                s.last_event_seq = e.seq
         needs: list[Need] = []
         pending, s.pending = s.pending, []
         for m in sorted(pending, key=lambda m: m.seq):
@@ -170,8 +177,9 @@ class MonitorState:
             for tid in msg.gone_tasks:
                 tasks.pop(tid, None)
             self._note_gone(before)
-        elif isinstance(msg, wire.Event):
+        elif isinstance(msg, wire.Event) and msg.seq > s.last_event_seq:
             self._event(now, key, msg.name, dict(msg.fields))
+            s.last_event_seq = msg.seq
         return []
 
     def _note_gone(self, before: set[str]) -> None:
@@ -198,6 +206,7 @@ class MonitorState:
         if seq <= s.seq:
             if heartbeat and seq < s.seq and now - s.snapshot_at > RESTART_GRACE_S:
                 self.counters["restarted"] += 1
+                s.last_event_seq = -1  # a new incarnation numbers its events from 0 again
                 return self._resync(s, None)
             if not heartbeat:
                 self.counters["stale"] += 1
@@ -214,8 +223,12 @@ class MonitorState:
         s.pending = [keep] if keep is not None else []
         return "resync"
 
-    def _event(self, now: float, source: str, name: str, fields: dict[str, Any]) -> None:
-        self.events.append(EventLine(now, source, name, fields))
+    def _event(self, at: float, source: str, name: str, fields: dict[str, Any]) -> None:
+        self.events.append(EventLine(at, source, name, fields))
+        if len(self.events) > 1 and self.events[-2].at > at:
+            # History from a snapshot may be older than lines already shown: keep time order.
+            self.events = collections.deque(sorted(self.events, key=lambda e: e.at),
+                                            maxlen=EVENTS_KEPT)
 
     # -- what is true now -------------------------------------------------------------------
 

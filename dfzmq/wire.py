@@ -684,6 +684,16 @@ class PeerView:
     seed: bool = False
 
 
+@record
+class EventView:
+    """A recent scheduler event, as kept for snapshots (the live ones come as Event)."""
+
+    seq: int
+    name: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    age_s: float = 0.0  # how long before the snapshot it happened
+
+
 @message("STATE_REQUEST")
 class StateRequest:
     """Admin/monitor -> scheduler ROUTER: the whole view (answered with SchedulerState)."""
@@ -697,6 +707,7 @@ class SchedulerState:
     tasks: list[TaskView]
     version: str = ""
     interval_s: float = 1.0  # how often StateDelta and PubHeartbeat are published
+    events: list[EventView] = field(default_factory=list)  # the most recent, oldest first
 
 
 @message("STATE_DELTA")

@@ -203,6 +203,7 @@ def test_monitor_once_prints_one_frame(ops, fetched):
     assert r.returncode == 0, r.stderr
     assert "schedulers 1 up" in r.stdout and "seeds 1 up" in r.stdout and "peers 3 up" in r.stdout
     assert "ops.bin" in r.stdout and "Hosts — 4" in r.stdout
+    assert "peer-done" in r.stdout, "recent events come with the scheduler's snapshot"
 
 
 def tmux(sock: str, *args: str) -> subprocess.CompletedProcess:

@@ -96,6 +96,9 @@ def test_snapshot_deltas_rates_and_task_detail():
     assert isinstance(state, wire.SchedulerState)
     assert state.seq == h.core.seq and state.scheduler_id == "sched-1" and state.version == "9.9"
     assert {v.host_id for v in state.hosts} == {"seed", "peer"}
+    names = [e.name for e in state.events]
+    assert names[:2] == ["host-joined", "host-joined"] and "peer-registered" in names
+    assert all(e.age_s >= 0 for e in state.events) and state.events[0].age_s == h.now == 4.0
 
     # Who holds which pieces, by a prefix of the task id.
     (detail,) = h.send(b"admin", wire.TaskRequest(TASK[:8]))

@@ -56,7 +56,7 @@ def main() -> None:
         ticks.append(time.perf_counter() - t0)
         sizes.append(sum(len(f) for act in acts for f in wire.encode(act.msg)))
     t0 = time.perf_counter()
-    snap = views.state()
+    snap = views.state(now)
     snap_s = time.perf_counter() - t0
     snap_bytes = sum(len(f) for f in wire.encode(snap))
     print(f"{a.hosts} hosts, {a.tasks} tasks x {a.peers} peers, {a.pieces} pieces")

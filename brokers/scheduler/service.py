@@ -94,7 +94,9 @@ class _Scheduler:
             now = time.monotonic()
             self._tend_manager(now)
             if now >= self.core.next_deadline():
-                dispatch(self.core.handle_timer(now), self.router, self.pub, self.counters)
+                actions = self.core.handle_timer(now)
+                self.views.observe(None, actions, now)
+                dispatch(actions, self.router, self.pub, self.counters)
             if now >= self.views.next_deadline():
                 try:
                     dispatch(self.views.handle_timer(now), self.router, self.pub, self.counters)

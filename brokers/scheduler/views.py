@@ -36,6 +36,7 @@ from dfzmq import wire
 from dfzmq.actions import Publish, Send
 
 MIN_PREFIX = 4  # a TaskRequest prefix shorter than this is refused (it would match too much)
+EVENTS_KEPT = 50  # recent events a snapshot carries, so a new monitor has some history
 VIEW_REQUESTS = (wire.StateRequest, wire.TaskRequest, wire.HostStats)
 
 
@@ -80,6 +81,7 @@ class SchedulerViews:
         self.traffic: dict[str, _TaskTraffic] = {}
         # Task durations (first registration -> done), drained by the metrics endpoint.
         self.durations: collections.deque[float] = collections.deque(maxlen=1000)
+        self.recent: collections.deque[tuple[float, wire.Event]] = collections.deque(maxlen=EVENTS_KEPT)
         self.report_bytes: collections.Counter[str] = collections.Counter()  # "origin" / "p2p"
         self._rates_host: dict[str, tuple[float, float]] = {}
         self._rates_task: dict[str, float] = {}
@@ -94,7 +96,7 @@ class SchedulerViews:
         counters = self.core.counters
         counters["recv." + type(msg).__name__] += 1
         if isinstance(msg, wire.StateRequest):
-            return [Send(sender, self.state())]
+            return [Send(sender, self.state(now))]
         if isinstance(msg, wire.TaskRequest):
             return [Send(sender, self.task_detail(msg.task_id))]
         if isinstance(msg, wire.HostStats):
@@ -108,7 +110,8 @@ class SchedulerViews:
         return [Send(sender, wire.Error("bad-request", f"{type(msg).__name__} is not a view"))]
 
     def observe(self, msg: Any, actions: list, now: float) -> None:
-        """Account for a message the core has just handled, and for what it answered."""
+        """Account for a message the core has just handled (None for a timer turn), and for
+        what it answered."""
         if isinstance(msg, wire.PeerRegister) and msg.task_id in self.core.tasks:
             self.traffic.setdefault(msg.task_id, _TaskTraffic(first_seen=now))
         elif isinstance(msg, wire.PieceReport):
@@ -123,6 +126,8 @@ class SchedulerViews:
                     t.p2p_bytes += n
                     self.report_bytes["p2p"] += n
         for a in actions:
+            if isinstance(a, Publish) and isinstance(a.msg, wire.Event):
+                self.recent.append((now, a.msg))
             if (isinstance(a, Publish) and isinstance(a.msg, wire.Event)
                     and a.msg.name == "task-done"):
                 t = self.traffic.get(str(a.msg.fields.get("task_id", "")))
@@ -167,12 +172,14 @@ class SchedulerViews:
             origin_bytes=tr.origin_bytes if tr else 0, p2p_bytes=tr.p2p_bytes if tr else 0,
             rate=self._rates_task.get(task_id, 0.0), source_peer=t.source_peer or "")
 
-    def state(self) -> wire.SchedulerState:
+    def state(self, now: float) -> wire.SchedulerState:
         return wire.SchedulerState(
             seq=self.core.seq, scheduler_id=self.core.scheduler_id,
             hosts=[self.host_view(h) for h in sorted(self.core.hosts)],
             tasks=[self.task_view(t) for t in sorted(self.core.tasks)],
-            version=self.version, interval_s=self.interval_s)
+            version=self.version, interval_s=self.interval_s,
+            events=[wire.EventView(e.seq, e.name, dict(e.fields), round(max(0.0, now - at), 3))
+                    for at, e in self.recent])
 
     def task_detail(self, ref: str) -> Any:
         if ref in self.core.tasks:
