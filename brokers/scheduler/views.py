@@ -21,6 +21,9 @@ Decisions worth knowing:
   per-task origin and P2P bytes from piece reports (which say "origin" or "p2p").
   Rates are differences over the last interval, so one busy second shows as one busy second.
 - A task id in TaskRequest may be a unique prefix (the short ids tables show).
+- A snapshot carries the last EVENTS_KEPT events with their age, so a monitor that starts late
+  (or prints one frame) still shows what just happened; the service shows `observe` the timer's
+  actions too, so expiries (host-left) are among them.
 
 This module must never import zmq, lmdb, asyncio or a clock.
 """
