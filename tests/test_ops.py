@@ -5,7 +5,6 @@ monitor (`--once`, and the live one driven in tmux: screen checked, `q` sent, te
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -207,7 +206,7 @@ def test_monitor_once_prints_one_frame(ops, fetched):
 
 
 def tmux(sock: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["tmux", "-L", sock, *args], capture_output=True, text=True, timeout=10)
+    return subprocess.run(["tmux", "-S", sock, *args], capture_output=True, text=True, timeout=10)
 
 
 def test_live_monitor_in_tmux(ops, fetched, origin, www, tmp_path):
@@ -216,14 +215,14 @@ def test_live_monitor_in_tmux(ops, fetched, origin, www, tmp_path):
     terminal back as it found it."""
     if shutil.which("tmux") is None:
         pytest.fail("tmux is needed for this test (`make debs` installs it)")
-    sock = f"dfzmq-test-{os.getpid()}"
+    sock = str(tmp_path / "tmux.sock")  # a tmux server of our own, its socket in our tmp dir
     # The wrapper shell outlives Ctrl-C (a trap, which its children do not inherit) to report.
     cmd = (f"trap true INT; a=$(stty -g); {sys.executable} -m dfzmq monitor --manager {ops.manager_addr}; rc=$?; "
            f'b=$(stty -g); [ "$a" = "$b" ] && echo TTY-RESTORED; echo MONITOR-EXIT=$rc; sleep 120')
     sessions = {"small": ("80", "24"), "large": ("120", "40")}
     try:
         for name, (cols, rows) in sessions.items():
-            r = subprocess.run(["tmux", "-L", sock, "-f", "/dev/null", "new-session", "-d", "-s", name,
+            r = subprocess.run(["tmux", "-S", sock, "-f", "/dev/null", "new-session", "-d", "-s", name,
                                 "-x", cols, "-y", rows, "sh", "-c", cmd], env=ops.env(),
                                capture_output=True, text=True, timeout=10)
             assert r.returncode == 0, r.stderr
