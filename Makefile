@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 # Debian packages that tests run for real (network namespaces, servers, clients): installed when
 # missing and when we are root (CI is); otherwise the tests that need them say what is missing.
-DEBS := iproute2 curl wget docker-registry skopeo apache2-utils containerd openssl
+DEBS := iproute2 curl wget docker-registry skopeo apache2-utils containerd openssl tmux
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -37,6 +37,7 @@ log = logging.getLogger("dfzmq")
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", envvar="DFZMQ_CONFIG",
                                                    help="TOML config file.")]
 LogOpt = Annotated[str, typer.Option("--log-level", envvar="DFZMQ_LOG_LEVEL", help="debug, info, warning.")]
+MetricsOpt = Annotated[Optional[str], typer.Option("--metrics", help="HOST:PORT to serve Prometheus /metrics on (off by default).")]
 
 
 def setup_logging(level: str) -> None:
@@ -72,6 +73,7 @@ def manager(
     listen: Annotated[Optional[str], typer.Option(help="HOST:PORT of the ROUTER (PUB on PORT+1).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Directory of the manager's LMDB state.")] = None,
     advertise: Annotated[Optional[str], typer.Option(help="Host others use to reach this manager.")] = None,
+    metrics: MetricsOpt = None,
     config: ConfigOpt = None,
     log_level: LogOpt = "info",
 ) -> None:
@@ -80,7 +82,8 @@ def manager(
     from brokers.manager.service import serve
 
     cfg = run_guarded(resolve, ManagerConfig, "manager",
-                      {"listen": listen, "data": data, "advertise": advertise}, load_toml(config))
+                      {"listen": listen, "data": data, "advertise": advertise, "metrics": metrics},
+                      load_toml(config))
     stop = StopFlag()
     stop.install_signals()
     curve = run_guarded(curve_of, cfg)
@@ -92,6 +95,7 @@ def scheduler(
     manager: Annotated[Optional[str], typer.Option(help="HOST:PORT of the manager.")] = None,
     listen: Annotated[Optional[str], typer.Option(help="HOST:PORT of the ROUTER (events PUB on PORT+1).")] = None,
     advertise: Annotated[Optional[str], typer.Option(help="Host peers use to reach this scheduler.")] = None,
+    metrics: MetricsOpt = None,
     config: ConfigOpt = None,
     log_level: LogOpt = "info",
 ) -> None:
@@ -100,7 +104,8 @@ def scheduler(
     from brokers.scheduler.service import serve
 
     cfg = run_guarded(resolve, SchedulerConfig, "scheduler",
-                      {"manager": manager, "listen": listen, "advertise": advertise}, load_toml(config))
+                      {"manager": manager, "listen": listen, "advertise": advertise, "metrics": metrics},
+                      load_toml(config))
     stop = StopFlag()
     stop.install_signals()
     curve = run_guarded(curve_of, cfg)
@@ -121,6 +126,7 @@ def daemon(
     scheduler: Annotated[Optional[str], typer.Option(help="Use this scheduler instead of asking the manager.")] = None,
     control: Annotated[Optional[str], typer.Option(help="Control socket (default ipc://DATA/control.sock).")] = None,
     proxy_listen: Annotated[Optional[str], typer.Option(help="Serve the HTTP proxy / registry mirror here (HOST:PORT or PORT).")] = None,
+    metrics: MetricsOpt = None,
     config: ConfigOpt = None,
     log_level: LogOpt = "info",
 ) -> None:
@@ -131,7 +137,7 @@ def daemon(
     cfg = run_guarded(resolve, DaemonConfig, "daemon",
                       {"manager": manager, "data": data, "seed": seed, "listen": listen,
                        "advertise": advertise, "scheduler": scheduler, "control": control,
-                       "proxy_listen": proxy_listen},
+                       "proxy_listen": proxy_listen, "metrics": metrics},
                       load_toml(config))
 
     async def main() -> None:
@@ -358,6 +364,7 @@ def up(
 # Command groups kept in modules of their own register on `app` when imported (one line each).
 import dfzmq.cli_ops  # noqa: E402,F401  config, preheat, jobs, cache
 import dfzmq.cli_init  # noqa: E402,F401  (dfzmq init containerd|docker)
+from dfzmq import cli_admin, cli_monitor  # noqa: E402,F401  hosts, tasks, task, monitor
 
 
 def main() -> None:

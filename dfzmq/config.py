@@ -30,6 +30,7 @@ class ManagerConfig:
     liveness: int = 5  # missed heartbeats before a member is declared down
     curve_public: str = ""  # the cluster's CURVE key pair (Z85, `dfzmq keygen`): encrypts every link
     curve_secret: str = ""
+    metrics: str = ""  # HOST:PORT of the Prometheus /metrics endpoint; "" = off
 
 
 @dataclass(slots=True)
@@ -43,6 +44,7 @@ class SchedulerConfig:
     candidate_parents: int = 15
     curve_public: str = ""
     curve_secret: str = ""
+    metrics: str = ""  # HOST:PORT of the Prometheus /metrics endpoint; "" = off
 
 
 @dataclass(slots=True)
@@ -88,6 +90,7 @@ class DaemonConfig:
     proxy_prefetch: bool = False  # a Range request also fetches the whole task in the background
     proxy_filter_params: list[str] = field(default_factory=list)  # more query params left out of task ids
     registry_mirrors: list[str] = field(default_factory=list)  # upstream registries; the first is the default
+    metrics: str = ""  # HOST:PORT of the Prometheus /metrics endpoint; "" = off
 
     def control_addr(self) -> str:
         return self.control or f"ipc://{Path(self.data).resolve()}/control.sock"

@@ -793,3 +793,128 @@ class CacheResult:
     ok: bool
     error: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+
+
+# Admin and monitor (issue 6 part A): scheduler state for `dfzmq hosts|tasks|task` and the
+# monitor. Snapshot over the ROUTER (StateRequest -> SchedulerState), then StateDelta and Event
+# on the scheduler's PUB under the same `seq` (Clone pattern).
+
+
+@record
+class HostView:
+    """One host as its scheduler sees it. Byte counts come from the peers' piece reports."""
+
+    host_id: str
+    hostname: str
+    seed: bool = False
+    idc: str = ""
+    location: str = ""
+    version: str = ""
+    upload_addr: str = ""
+    peers: int = 0  # tasks this host takes part in
+    upload_slots: int = 0
+    children: int = 0  # children the scheduler gave it (its load against upload_slots)
+    down_bytes: int = 0  # reported pieces it received (from the origin and from parents)
+    up_bytes: int = 0  # reported pieces other peers received from it
+    pieces_served: int = 0
+    down_rate: float = 0.0  # bytes/s over the scheduler's last view interval
+    up_rate: float = 0.0
+
+
+@record
+class TaskView:
+    task_id: str
+    url: str
+    content_length: int = -1
+    piece_count: int = -1  # -1 until the task is complete
+    pieces_known: int = 0  # manifest entries known so far
+    complete: bool = False
+    failed: str = ""
+    peers: int = 0
+    downloading: int = 0  # Pending or Running
+    back_to_source: int = 0
+    done: int = 0  # Succeeded
+    done_bytes: int = 0  # bytes held, summed over peers
+    origin_bytes: int = 0  # reported pieces read from the origin
+    p2p_bytes: int = 0  # reported pieces received from parents
+    rate: float = 0.0  # aggregate download rate of its peers, bytes/s
+    source_peer: str = ""
+
+
+@record
+class PeerView:
+    """One peer of a task: who holds which pieces. `bitmap` bit n (LSB first) = piece n held."""
+
+    peer_id: str
+    host_id: str
+    hostname: str = ""
+    state: str = ""
+    held: int = 0  # pieces held
+    bitmap: bytes = b""
+    parent_ids: list[str] = field(default_factory=list)  # its current parents' peer ids
+    seed: bool = False
+
+
+@record
+class EventView:
+    """A recent scheduler event, as kept for snapshots (the live ones come as Event)."""
+
+    seq: int
+    name: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    age_s: float = 0.0  # how long before the snapshot it happened
+
+
+@message("STATE_REQUEST")
+class StateRequest:
+    """Admin/monitor -> scheduler ROUTER: the whole view (answered with SchedulerState)."""
+
+
+@message("SCHEDULER_STATE")
+class SchedulerState:
+    seq: int  # apply PUB updates (StateDelta, Event) with a greater seq
+    scheduler_id: str
+    hosts: list[HostView]
+    tasks: list[TaskView]
+    version: str = ""
+    interval_s: float = 1.0  # how often StateDelta and PubHeartbeat are published
+    events: list[EventView] = field(default_factory=list)  # the most recent, oldest first
+
+
+@message("STATE_DELTA")
+class StateDelta:
+    """Published on the scheduler's PUB about once per interval when anything changed."""
+
+    seq: int
+    source: str  # scheduler id
+    hosts: list[HostView] = field(default_factory=list)  # new or changed, whole records
+    tasks: list[TaskView] = field(default_factory=list)
+    gone_hosts: list[str] = field(default_factory=list)
+    gone_tasks: list[str] = field(default_factory=list)
+
+
+@message("TASK_REQUEST")
+class TaskRequest:
+    """Admin -> scheduler: one task by id or unique id prefix. Answer: TaskDetail or Error."""
+
+    task_id: str
+
+
+@message("TASK_DETAIL")
+class TaskDetail:
+    scheduler_id: str
+    task: TaskView
+    peers: list[PeerView]
+
+
+@message("HOST_STATS")
+class HostStats:
+    """Daemon -> each scheduler, with its heartbeats: cumulative traffic of the host (counters
+    only grow; a restarted daemon starts again from zero)."""
+
+    host_id: str
+    down_bytes: int = 0  # pieces received, from the origin and from parents
+    origin_bytes: int = 0
+    up_bytes: int = 0  # piece bytes sent to other peers
+    pieces_served: int = 0
+    tasks_active: int = 0

@@ -36,6 +36,7 @@ from dfzmq.errors import DfzmqError, DownloadError
 from dfzmq.service import Counters, decode_plain, decode_routed
 from nodes.gc import GarbageCollector
 from nodes.limits import TokenBucket
+from nodes.metrics import DaemonMetrics, host_stats
 from nodes.sink import OutputSink
 from nodes.store import PieceStore
 from nodes.task import TaskRun
@@ -93,6 +94,8 @@ class SchedulerLink:
                     break
                 if now - last_beat >= interval:
                     self.send(wire.Heartbeat(d.host_id))
+                    if self.alive:
+                        self.send(host_stats(d))  # traffic for monitors and `dfzmq hosts`
                     last_beat = now
                 if await self.sock.poll(timeout=int(interval * 1000 / 2)):
                     frames = await self.sock.recv_multipart()
@@ -182,10 +185,13 @@ class Daemon:
         self.download_bucket = TokenBucket(cfg.download_rate)
         self.source_bucket = TokenBucket(cfg.source_rate)
         self.started = time.monotonic()
+        self.metrics: DaemonMetrics | None = None
 
     # -- start and stop -------------------------------------------------------------------
 
     async def start(self, use_manager: bool = True) -> None:
+        if self.cfg.metrics:  # first: a port in use is a config error before anything is open
+            self.metrics = DaemonMetrics(self, self.cfg.metrics)
         self.ctx = zmq.asyncio.Context()
         self.store = PieceStore(self.data, self.cfg.map_size)
         self.gc = GarbageCollector(self.store, self.cfg)
@@ -250,6 +256,8 @@ class Daemon:
         self.writer.shutdown(wait=True)
         self.store.close()
         self.ctx.term()
+        if self.metrics is not None:
+            self.metrics.close()
 
     # -- schedulers -----------------------------------------------------------------------
 
@@ -438,6 +446,8 @@ class Daemon:
             return run, False
         run = self.tasks[task_id] = TaskRun(self, task_id, url, headers, tag, application)
         self._held[task_id] = run.held  # one dict, updated by the run, read by the upload server
+        if self.metrics is not None:
+            self.metrics.watch(run)
         return run, True
 
     def seed_trigger(self, msg: wire.SeedTrigger) -> None:
@@ -558,6 +568,7 @@ class Daemon:
             **self.store.stats(),
             "usage_bytes": self.store.usage_bytes(),
             "gc": {"evicted": self.gc.evicted_total, "freed_bytes": self.gc.freed_total},
+            "metrics": self.metrics.url if self.metrics is not None else "",
         }
 
 
@@ -569,7 +580,8 @@ async def run_daemon(cfg: DaemonConfig, stop: asyncio.Event, on_ready: Callable[
         d._spawn(d.ops.follow())  # a long-running daemon follows cluster settings and jobs
     if on_ready is not None:
         on_ready({"upload": d.upload.addr, "control": d.control_addr, "host_id": d.host_id,
-                  **({"proxy": d.proxy.addr} if d.proxy is not None else {})})
+                  **({"proxy": d.proxy.addr} if d.proxy is not None else {}),
+                  **({"metrics": d.metrics.url} if d.metrics is not None else {})})
     try:
         await stop.wait()
     finally:

@@ -422,6 +422,8 @@ class TaskRun:
         self.held[info.num] = info
         self.manifest.setdefault(info.num, info)
         self.stats[f"{source}_bytes"] += info.length
+        self.daemon.counters[f"bytes.{source}"] += info.length  # daemon-wide, for metrics
+        self.daemon.counters[f"pieces.{source}"] += 1
         self.last_progress = time.monotonic()
         self.stalls = 0
         self.daemon.upload.on_piece(self.task_id, info.num, from_origin=(source == "origin"))

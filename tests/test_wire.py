@@ -66,6 +66,8 @@ def sample(tp: Any, name: str) -> Any:
         return 2.5
     if tp is str:
         return f"{name}-value"
+    if tp is bytes:
+        return b"\x05\x01"
     if tp is Any:
         return {"k": [1, "two", None]}
     origin = typing.get_origin(tp)

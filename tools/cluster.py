@@ -93,7 +93,8 @@ class Proc:
 class LocalCluster:
     def __init__(self, root: Path, peers: int = 2, seeds: int = 1, schedulers: int = 1,
                  interval_s: float = 0.5, log_level: str = "info", extra_daemon_args: list[str] | None = None,
-                 curve: bool = False, daemon_env: dict[str, dict[str, str]] | None = None) -> None:
+                 curve: bool = False, daemon_env: dict[str, dict[str, str]] | None = None,
+                 metrics: bool = False) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.interval_s = interval_s
@@ -128,6 +129,15 @@ class LocalCluster:
                 args.append("--seed")
             self._add(name, args)
             self.procs[name].extra_env = dict((daemon_env or {}).get(name, {}))
+        # With metrics, every process serves /metrics on a port of its own: metrics_url(name).
+        self.metrics_addrs: dict[str, str] = {}
+        if metrics:
+            for name, p in self.procs.items():
+                self.metrics_addrs[name] = f"127.0.0.1:{free_port()}"
+                p.args[1:1] = ["--metrics", self.metrics_addrs[name]]
+
+    def metrics_url(self, name: str) -> str:
+        return f"http://{self.metrics_addrs[name]}/metrics"
 
     def _add(self, name: str, args: list[str]) -> None:
         self.procs[name] = Proc(name, [*args, "--config", str(self.config), "--log-level", self.log_level],

@@ -39,7 +39,7 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
           curve: net.Curve | None = None) -> None:
     """Run the manager until `stop` is set. Raises ConfigError / StorageError on startup."""
     store = ManagerStore(cfg.data)
-    router = pub = ops = None
+    router = pub = ops = metrics = None
     try:
         router = net.make_socket(ctx, "manager_router", curve)
         pub = net.make_socket(ctx, "manager_pub", curve)
@@ -57,12 +57,19 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
                  store.cluster_id, addrs["router"], addrs["pub"], len(core.members()))
         ops = Ops(cfg.data, addrs["pub"], counters)  # settings and jobs (brokers/manager/ops.py)
         core.config = ops.core.config
+        if cfg.metrics:
+            from brokers.manager.metrics import ManagerMetrics
+            metrics = ManagerMetrics(cfg.metrics, counters)
+            metrics.update(core)
+            addrs["metrics"] = metrics.url
         if on_ready is not None:
             on_ready({**addrs, "cluster_id": store.cluster_id})
-        _loop(core, router, pub, store, counters, stop, ops)
+        _loop(core, router, pub, store, counters, stop, ops, metrics)
     finally:
         if ops is not None:
             ops.close()
+        if metrics is not None:
+            metrics.close()
         for sock in (router, pub):
             if sock is not None:
                 sock.close(linger=0)
@@ -71,7 +78,7 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
 
 
 def _loop(core: ManagerCore, router: zmq.Socket, pub: zmq.Socket, store: ManagerStore,
-          counters: Counters, stop: StopFlag, ops: Ops | None = None) -> None:
+          counters: Counters, stop: StopFlag, ops: Ops | None = None, metrics: Any = None) -> None:
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
     while not stop:
@@ -97,6 +104,8 @@ def _loop(core: ManagerCore, router: zmq.Socket, pub: zmq.Socket, store: Manager
         now = time.monotonic()
         if now >= core.next_deadline():
             _apply(_guard(core.handle_timer, counters, now), router, pub, store, counters)
+            if metrics is not None:
+                _guard(metrics.update, counters, core)
         if ops is not None:
             ops.tick(router, pub)
 

@@ -23,6 +23,7 @@ import zmq
 from brokers.manager.link import MemberLink
 from brokers.scheduler.follow import SettingsFollower  # cluster settings from the manager
 from brokers.scheduler.core import SchedulerCore
+from brokers.scheduler.views import VIEW_REQUESTS, SchedulerViews
 from dfzmq import net, wire
 from dfzmq.config import SchedulerConfig
 from dfzmq.ids import new_id
@@ -44,6 +45,10 @@ def serve(cfg: SchedulerConfig, ctx: zmq.Context, stop: StopFlag,
         log.info("scheduler %s serving peers at %s, events at %s, manager %s",
                  sched.core.scheduler_id, addrs["router"], addrs["pub"],
                  cfg.manager or "(none)")
+        if cfg.metrics:
+            from brokers.scheduler.metrics import SchedulerMetrics
+            sched.metrics = SchedulerMetrics(cfg.metrics, sched.counters)
+            addrs["metrics"] = sched.metrics.url
         if on_ready is not None:
             on_ready(addrs)
         sched.run(stop)
@@ -63,6 +68,8 @@ class _Scheduler:
                                   max_parents=cfg.max_parents,
                                   candidate_parents=cfg.candidate_parents,
                                   counters=self.counters)
+        self.views = SchedulerViews(self.core, cfg.heartbeat_interval_s, _version())
+        self.metrics = None
         self.poller = zmq.Poller()
         self.router = net.make_socket(ctx, "scheduler_router", curve)
         self.pub = net.make_socket(ctx, "events_pub", curve)
@@ -91,8 +98,18 @@ class _Scheduler:
             now = time.monotonic()
             self._tend_manager(now)
             if now >= self.core.next_deadline():
-                dispatch(self.core.handle_timer(now), self.router, self.pub, self.counters)
-            deadline = self.core.next_deadline()
+                actions = self.core.handle_timer(now)
+                self.views.observe(None, actions, now)
+                dispatch(actions, self.router, self.pub, self.counters)
+            if now >= self.views.next_deadline():
+                try:
+                    dispatch(self.views.handle_timer(now), self.router, self.pub, self.counters)
+                    if self.metrics is not None:
+                        self.metrics.update(self.views)
+                except Exception:  # what operators see must never stop the scheduling
+                    self.counters["internal-error"] += 1
+                    log.exception("scheduler views failed")
+            deadline = min(self.core.next_deadline(), self.views.next_deadline())
             if self.link is not None:
                 deadline = min(deadline, self.link.next_deadline())
             wait_ms = (deadline - time.monotonic()) * 1000
@@ -131,8 +148,13 @@ class _Scheduler:
             if decoded is None:
                 continue
             ident, msg = decoded
+            now = time.monotonic()
             try:
-                actions = self.core.handle(ident, msg, time.monotonic())
+                if isinstance(msg, VIEW_REQUESTS):
+                    actions = self.views.handle(ident, msg, now)
+                else:
+                    actions = self.core.handle(ident, msg, now)
+                    self.views.observe(msg, actions, now)
             except Exception:
                 # The core answers bad requests itself; an exception here is our bug. One
                 # peer's message must not take the scheduler (and every download) down.
@@ -173,6 +195,8 @@ class _Scheduler:
         for sock in (self.router, self.pub, self.manager):
             if sock is not None:
                 sock.close(linger=0)
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def _version() -> str:
