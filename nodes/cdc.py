@@ -1,0 +1,101 @@
+"""Content-defined chunking (FastCDC, via pyfastcdc): piece boundaries that follow the bytes.
+
+With fixed-length pieces, one byte inserted near the start of a file shifts every later piece
+and a new version shares nothing with the old one. FastCDC cuts where a rolling hash of the last
+bytes matches a mask, so a cut depends only on nearby content: after an insertion or an edit
+the cuts resynchronise within a piece or two, and every later piece keeps its bytes and hence
+its blake3 digest (its key in the piece store). A peer that holds the old version then already
+holds most pieces of the new one (nodes/task.py takes them from its store, no transfer).
+
+Which tasks are cut this way: only those that ask, by a task tag starting with `cdc/`
+(`dfzmq sync` tags every file so, with the file's version after the slash; `dfzmq fetch
+--tag cdc/...` asks for it by hand). The chunking is part of a task's identity (two chunkings of
+one URL are two manifests), and the tag is already part of the task id and already travels to
+the seed peer, so no message had to change. Plain fetches keep fixed pieces read with parallel
+Range requests; a CDC task is read as one sequential stream (boundaries are only known once the
+bytes before them are read), which on loopback costs nothing measurable (tools/bench_sync.py).
+
+Average piece length comes from the file size in bands a factor of 16 wide (64 KiB below
+16 MiB, 256 KiB below 256 MiB, 1 MiB below 4 GiB, 4 MiB above), so a file that grows or
+shrinks a little keeps the same parameters and hence the same cuts; within a band a file has
+between 64 and 4096 pieces. Pieces are between a quarter and four times the average.
+
+pyfastcdc (Cython, 2.6 GB/s on this VM, as fast as blake3) was chosen over `fastcdc`
+(0.9 GB/s). Pure functions and one small stateful cutter; no I/O.
+"""
+
+from __future__ import annotations
+
+from pyfastcdc import FastCDC
+
+CDC_TAG_PREFIX = "cdc/"
+NORMALIZATION = 2  # FastCDC's normalised chunking level: piece lengths cluster near the average
+
+_BANDS = [(16 << 20, 64 << 10), (256 << 20, 256 << 10), (4 << 30, 1 << 20)]
+_TOP_AVG = 4 << 20
+
+
+def wants_cdc(tag: str) -> bool:
+    """Whether a task with this tag is cut at content-defined boundaries."""
+    return tag.startswith(CDC_TAG_PREFIX)
+
+
+def cdc_tag(version: str) -> str:
+    return CDC_TAG_PREFIX + version
+
+
+def average_for(content_length: int) -> int:
+    """Average piece length for a file of this size (unknown size: the 1 MiB band)."""
+    if content_length < 0:
+        return 1 << 20
+    for limit, avg in _BANDS:
+        if content_length < limit:
+            return avg
+    return _TOP_AVG
+
+
+class Cutter:
+    """Cuts a byte stream fed in arbitrary slices into content-defined pieces.
+
+    `feed(data)` returns the pieces whose end is certain, as (offset, bytes); `finish()` the
+    rest. A piece is only emitted once `max_size` bytes after its start are buffered (or the
+    stream ended), because FastCDC's choice of cut depends on how much data follows, up to
+    `max_size`; so the cuts are exactly those of cutting the whole stream at once, whatever the
+    slices. Memory: at most about twice `max_size` plus one slice.
+    """
+
+    def __init__(self, avg_size: int, start_offset: int = 0) -> None:
+        self.cdc = FastCDC(avg_size, min_size=avg_size // 4, max_size=avg_size * 4,
+                           normalized_chunking=NORMALIZATION)
+        self.max_size = avg_size * 4
+        self.buf = bytearray()
+        self.base = start_offset  # stream offset of buf[0]
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self.buf += data
+        if len(self.buf) < 2 * self.max_size:
+            return []
+        return self._cut(final=False)
+
+    def finish(self) -> list[tuple[int, bytes]]:
+        return self._cut(final=True) if self.buf else []
+
+    def _cut(self, final: bool) -> list[tuple[int, bytes]]:
+        data = bytes(self.buf)
+        out = []
+        used = 0
+        for ch in self.cdc.cut_buf(data):
+            start = ch.offset
+            if not final and start + self.max_size > len(data):
+                break
+            out.append((self.base + start, data[start:start + ch.length]))
+            used = start + ch.length
+        del self.buf[:used]
+        self.base += used
+        return out
+
+
+def cut(data: bytes, avg_size: int) -> list[tuple[int, int]]:
+    """(offset, length) of every piece of `data`, cut at once (tests, benchmarks)."""
+    cdc = FastCDC(avg_size, min_size=avg_size // 4, max_size=avg_size * 4, normalized_chunking=NORMALIZATION)
+    return [(c.offset, c.length) for c in cdc.cut_buf(data)]

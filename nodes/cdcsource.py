@@ -1,0 +1,152 @@
+"""Back-to-source for content-defined pieces: one sequential stream, cut as it arrives.
+
+Used by `SourceReader` for tasks that ask for content-defined chunking (nodes/cdc.py). The
+boundaries of a piece are only known once the bytes before it have been read, so the origin is
+read with one request (no parallel ranges). Resuming or taking over the source role follows
+the manifest that exists: pieces already in it keep their boundaries (the reader starts at the
+first one this peer lacks, with a Range request), and cutting restarts where the manifest's
+contiguous prefix ends, which is a cut of the original chunking, so the new pieces are exactly
+those the first reader would have cut. Pieces the peer holds are read again only when they sit
+between ones it lacks in that prefix (rare: a handover mid-file), never beyond it.
+
+Never holds more than about two maximum-size pieces plus one read slice in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING, AsyncIterator
+from urllib.parse import unquote, urlsplit
+
+from dfzmq.errors import SourceError
+from dfzmq.wire import PieceInfo
+from nodes.cdc import Cutter, average_for
+
+if TYPE_CHECKING:
+    from nodes.source import SourceReader, SourceResult
+
+READ_BYTES = 1 << 20
+
+
+def _resume_point(known: dict[int, PieceInfo], have: set[int]) -> tuple[int, int, int, int]:
+    """(first num to read, its offset, first num to cut, offset where cutting starts)."""
+    k = 0
+    while k in known and (k == 0 or known[k].offset == known[k - 1].offset + known[k - 1].length):
+        k += 1
+    prefix_end = known[k - 1].offset + known[k - 1].length if k else 0
+    first = next((n for n in range(k) if n not in have), k)
+    start = known[first].offset if first < k else prefix_end
+    return first, start, k, prefix_end
+
+
+async def run_cdc(reader: "SourceReader", session, known: dict[int, PieceInfo], have: set[int],
+                  content_length: int, on_piece) -> "SourceResult":
+    from nodes.source import SourceResult, _range_total, _safe
+
+    first, start, cut_num, cut_at = _resume_point(known, have)
+    meta = SourceResult(content_length)
+
+    async def pieces(chunks: AsyncIterator[bytes]) -> int:
+        """Cut the stream that starts at `start`; returns the offset where it ended."""
+        num, offset = first, start
+        pending = b""
+        # Known pieces first, at their known boundaries.
+        while num < cut_num:
+            want = known[num].length
+            while len(pending) < want:
+                chunk = await anext(chunks, None)
+                if chunk is None:
+                    raise SourceError(f"origin body ended early at byte {offset + len(pending)}", transient=True)
+                reader.bytes_read += len(chunk)
+                pending += chunk
+            data, pending = pending[:want], pending[want:]
+            if num not in have:
+                await reader._emit(known, num, offset, data, on_piece)
+            num, offset = num + 1, offset + want
+        cutter = Cutter(average_for(reader.content_length), cut_at)
+        emitted = [num]
+
+        async def emit(parts):
+            for off, data in parts:
+                await reader._emit(known, emitted[0], off, data, on_piece)
+                emitted[0] += 1
+
+        await emit(cutter.feed(pending))
+        async for chunk in chunks:
+            reader.bytes_read += len(chunk)
+            await emit(cutter.feed(chunk))
+        end = cutter.base + len(cutter.buf)
+        await emit(cutter.finish())
+        return end
+
+    scheme = urlsplit(reader.url).scheme.lower()
+    if scheme == "file":
+        path = unquote(urlsplit(reader.url).path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise SourceError(f"cannot open {path}: {e.strerror}") from e
+        try:
+            size = meta.content_length = reader.content_length = os.fstat(fd).st_size
+
+            async def file_chunks():
+                pos = start
+                while pos < size:
+                    data = os.pread(fd, min(READ_BYTES, size - pos), pos)
+                    if not data:
+                        break
+                    pos += len(data)
+                    yield data
+                    await asyncio.sleep(0)
+
+            end = await pieces(file_chunks())
+        finally:
+            os.close(fd)
+        if end != size:
+            raise SourceError(f"{path} changed while reading")
+        return meta
+
+    hdrs = dict(reader.headers)
+    if start > 0:
+        hdrs["Range"] = f"bytes={start}-"
+    async with session.get(reader.url, headers=hdrs, allow_redirects=True, timeout=reader.timeout) as resp:
+        meta.etag = resp.headers.get("ETag", "")
+        meta.content_type = resp.headers.get("Content-Type", "")
+        if resp.status == 416 and start > 0:
+            total = _range_total(resp.headers.get("Content-Range", ""))
+            if total == start:  # everything is held already
+                meta.content_length = reader.content_length = total
+                return meta
+        reader._check_status(resp)
+        skip = 0
+        if resp.status == 206:
+            total = _range_total(resp.headers.get("Content-Range", ""))
+            if total < 0:
+                raise SourceError("origin sent 206 without a usable Content-Range")
+        elif resp.status == 200:
+            total = resp.content_length if resp.content_length is not None else -1
+            skip = start  # no range support: read past what we have
+        else:
+            raise SourceError(f"origin answered {resp.status} for {_safe(reader.url)}")
+        meta.content_length = reader.content_length = total
+
+        async def http_chunks():
+            left = skip
+            while True:
+                chunk = await resp.content.read(READ_BYTES)
+                if not chunk:
+                    return
+                if left:
+                    reader.bytes_read += min(left, len(chunk))
+                    if len(chunk) <= left:
+                        left -= len(chunk)
+                        continue
+                    chunk, left = chunk[left:], 0
+                yield chunk
+
+        end = await pieces(http_chunks())
+    if total >= 0 and end != total:
+        raise SourceError(f"origin body ended early at byte {end}", transient=True)
+    meta.content_length = reader.content_length = end
+    return meta
