@@ -354,6 +354,7 @@ def up(
 
 
 # Command groups kept in modules of their own register on `app` when imported (one line each).
+import dfzmq.cli_sync  # noqa: E402,F401  dfzmq sync
 
 
 def main() -> None:
