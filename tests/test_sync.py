@@ -109,9 +109,17 @@ def lc(tmp_path_factory):
         yield c
 
 
-def run_sync(lc, *args, peer="peer1", timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dfzmq", "sync", *args, "--daemon", lc.control(peer)],
-                          env=lc.env(), capture_output=True, text=True, timeout=timeout)
+def run_sync(lc, *args, peer="peer1") -> subprocess.CompletedProcess:
+    """The real `dfzmq sync` command, in this process (a CLI process costs a second to start;
+    the runs that must be killed or overlap below are real processes)."""
+    from typer.testing import CliRunner
+
+    from dfzmq.cli import app
+
+    res = CliRunner().invoke(app, ["sync", *args, "--daemon", lc.control(peer)])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)
 
 
 def report(p: subprocess.CompletedProcess) -> dict:
