@@ -67,8 +67,8 @@ def _load_spec(path: Path):
 
 
 def _command_for(spec: Path, entry_name: str) -> list[str]:
-    exe = shutil.which("dfzmq") or f"{sys.executable} -m dfzmq"
-    return [*exe.split(" "), "sync", str(spec.absolute()), "--entry", entry_name]
+    exe = shutil.which("dfzmq")
+    return [*([exe] if exe else [sys.executable, "-m", "dfzmq"]), "sync", str(spec.absolute()), "--entry", entry_name]
 
 
 async def _run(entries, fetcher_kind: str, addr: str | None, manager: str | None, curve, lock_timeout_s: float,
@@ -181,7 +181,8 @@ def sync(
             if not scheduled:
                 raise ConfigError(f"no entry in {spec} has a schedule")
             for e in scheduled:
-                cmd = _command_for(spec, e.name)
+                cmd = _command_for(spec, e.name) + (["--daemon", daemon] if daemon else []) + (
+                    ["--manager", manager] if manager and not daemon else [])
                 typer.echo(systemd_units(e, cmd) if print_systemd else cron_line(e, cmd))
             return
         if jobs < 1:

@@ -66,7 +66,7 @@ def test_streaming_cutter_equals_one_shot_cut():
 
 
 def test_bands_and_tag():
-    assert average_for(1 << 30) == average_for((1 << 30) + (10 << 20)) == 1 << 20
+    assert average_for(1 << 30) == average_for((1 << 30) + (10 << 20)) == 512 << 10
     assert average_for(10 << 20) == 64 << 10
     assert 64 <= (1 << 30) // average_for(1 << 30) <= 4096
     assert wants_cdc("cdc/abc") and not wants_cdc("") and not wants_cdc("v1")
