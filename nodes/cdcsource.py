@@ -42,6 +42,58 @@ def _resume_point(known: dict[int, PieceInfo], have: set[int]) -> tuple[int, int
 
 async def run_cdc(reader: "SourceReader", session, known: dict[int, PieceInfo], have: set[int],
                   content_length: int, on_piece) -> "SourceResult":
+    pipe = _Pipe(on_piece)
+    try:
+        result = await _run_cdc(reader, session, known, have, content_length, pipe.put)
+        await pipe.close()
+        return result
+    finally:
+        pipe.cancel()
+
+
+class _Pipe:
+    """Hands pieces to `on_piece` (which stores and writes them, in the writer thread) from a
+    task of its own, a few pieces behind the stream, so that the one connection keeps reading
+    while pieces are written. Parallel Range requests get this overlap for free; one
+    sequential stream does not. Order is kept; an `on_piece` failure surfaces at the next put."""
+
+    DEPTH = 4
+
+    def __init__(self, on_piece) -> None:
+        self.on_piece = on_piece
+        self.q: asyncio.Queue = asyncio.Queue(self.DEPTH)
+        self.error: BaseException | None = None
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            item = await self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    await self.on_piece(*item)
+                except Exception as e:  # raised to the reader at its next put or at close
+                    self.error = e
+
+    async def put(self, info: PieceInfo, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        await self.q.put((info, data))
+
+    async def close(self) -> None:
+        await self.q.put(None)
+        await self.task
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+
+
+async def _run_cdc(reader: "SourceReader", session, known: dict[int, PieceInfo], have: set[int],
+                   content_length: int, on_piece) -> "SourceResult":
     from nodes.source import SourceResult, _range_total, _safe
 
     first, start, cut_num, cut_at = _resume_point(known, have)
@@ -76,7 +128,7 @@ async def run_cdc(reader: "SourceReader", session, known: dict[int, PieceInfo], 
         async for chunk in chunks:
             reader.bytes_read += len(chunk)
             await emit(cutter.feed(chunk))
-        end = cutter.base + len(cutter.buf)
+        end = cutter.base + cutter.pending
         await emit(cutter.finish())
         return end
 
