@@ -152,3 +152,23 @@ def test_new_version_comes_mostly_from_the_local_store(tmp_path, www, origin, ou
         assert (outdir / "v2b").read_bytes() == v2
         assert st3["local_bytes"] == 0
         assert st3["seed_bytes"] + st3["peer_bytes"] + st3["origin_bytes"] == len(v2)
+
+
+def test_cdc_reader_surfaces_a_failing_store(origin, www):
+    """Pieces are handed on a few behind the stream; a failure there still fails the read."""
+    from dfzmq.errors import StorageError
+
+    make_file(www / "cdc-fail.bin", 2 << 20, seed=13)
+    seen = []
+
+    async def on_piece(info, data):
+        seen.append(info.num)
+        if info.num == 2:
+            raise StorageError("disk full")
+
+    async def go():
+        await SourceReader(origin.url("cdc-fail.bin"), {}, cdc=True).run({}, set(), -1, on_piece)
+
+    with pytest.raises(StorageError):
+        asyncio.run(go())
+    assert seen == [0, 1, 2]
