@@ -19,14 +19,26 @@ import os
 from typing import TYPE_CHECKING, AsyncIterator
 from urllib.parse import unquote, urlsplit
 
-from dfzmq.errors import SourceError
+from dfzmq.errors import IntegrityError, SourceError
 from dfzmq.wire import PieceInfo
 from nodes.cdc import Cutter, average_for
+from nodes.source import digest
 
 if TYPE_CHECKING:
     from nodes.source import SourceReader, SourceResult
 
 READ_BYTES = 1 << 20
+
+
+def _cut_hash(cutter: Cutter, batch: list[bytes], final: bool) -> list[tuple[int, bytes, str]]:
+    """Worker thread: feed a batch to the cutter; the finished pieces with their digests."""
+    parts = []
+    for chunk in batch:
+        if chunk:
+            parts += cutter.feed(chunk)
+    if final:
+        parts += cutter.finish()
+    return [(off, data, digest(data)) for off, data in parts]
 
 
 def _resume_point(known: dict[int, PieceInfo], have: set[int]) -> tuple[int, int, int, int]:
@@ -107,9 +119,10 @@ async def _run_cdc(reader: "SourceReader", session, known: dict[int, PieceInfo],
         while num < cut_num:
             want = known[num].length
             while len(pending) < want:
-                chunk = await anext(chunks, None)
-                if chunk is None:
+                batch = await anext(chunks, None)
+                if batch is None:
                     raise SourceError(f"origin body ended early at byte {offset + len(pending)}", transient=True)
+                chunk = b"".join(batch)
                 reader.bytes_read += len(chunk)
                 pending += chunk
             data, pending = pending[:want], pending[want:]
@@ -118,18 +131,25 @@ async def _run_cdc(reader: "SourceReader", session, known: dict[int, PieceInfo],
             num, offset = num + 1, offset + want
         cutter = Cutter(average_for(reader.content_length), cut_at)
         emitted = [num]
+        loop = asyncio.get_running_loop()
 
         async def emit(parts):
-            for off, data in parts:
-                await reader._emit(known, emitted[0], off, data, on_piece)
+            for off, data, dg in parts:
+                n = emitted[0]
+                prior = known.get(n)
+                if prior is not None and (prior.digest != dg or prior.offset != off):
+                    raise IntegrityError(f"origin content changed: piece {n} differs from the manifest")
+                await on_piece(PieceInfo(n, off, len(data), dg), data)
                 emitted[0] += 1
 
-        await emit(cutter.feed(pending))
-        async for chunk in chunks:
-            reader.bytes_read += len(chunk)
-            await emit(cutter.feed(chunk))
+        # Cutting and hashing run in a worker thread (both release the GIL for the heavy part)
+        # while the loop keeps receiving the stream.
+        await emit(await loop.run_in_executor(None, _cut_hash, cutter, [pending], False))
+        async for batch in chunks:
+            reader.bytes_read += sum(len(c) for c in batch)
+            await emit(await loop.run_in_executor(None, _cut_hash, cutter, batch, False))
         end = cutter.base + cutter.pending
-        await emit(cutter.finish())
+        await emit(await loop.run_in_executor(None, _cut_hash, cutter, [], True))
         return end
 
     scheme = urlsplit(reader.url).scheme.lower()
@@ -149,7 +169,7 @@ async def _run_cdc(reader: "SourceReader", session, known: dict[int, PieceInfo],
                     if not data:
                         break
                     pos += len(data)
-                    yield data
+                    yield [data]
                     await asyncio.sleep(0)
 
             end = await pieces(file_chunks())
@@ -184,18 +204,26 @@ async def _run_cdc(reader: "SourceReader", session, known: dict[int, PieceInfo],
         meta.content_length = reader.content_length = total
 
         async def http_chunks():
+            """Batches of about READ_BYTES (one thread hop each), as received."""
             left = skip
+            batch, got = [], 0
             while True:
                 chunk = await resp.content.read(READ_BYTES)
                 if not chunk:
-                    return
+                    break
                 if left:
                     reader.bytes_read += min(left, len(chunk))
                     if len(chunk) <= left:
                         left -= len(chunk)
                         continue
                     chunk, left = chunk[left:], 0
-                yield chunk
+                batch.append(chunk)
+                got += len(chunk)
+                if got >= READ_BYTES:
+                    yield batch
+                    batch, got = [], 0
+            if batch:
+                yield batch
 
         end = await pieces(http_chunks())
     if total >= 0 and end != total:
