@@ -9,7 +9,9 @@ contiguous prefix ends, which is a cut of the original chunking, so the new piec
 those the first reader would have cut. Pieces the peer holds are read again only when they sit
 between ones it lacks in that prefix (rare: a handover mid-file), never beyond it.
 
-Never holds more than about two maximum-size pieces plus one read slice in memory.
+Cutting and hashing run in a worker thread, one batch of about 1 MiB at a time, while the loop
+keeps receiving; pieces go to `on_piece` (the store and outputs) a few behind, from a task of
+their own. Memory: the cutter's buffer (three maximum-size pieces), one batch, four pieces.
 """
 
 from __future__ import annotations
