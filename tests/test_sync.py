@@ -246,7 +246,9 @@ def test_overlapping_runs_and_lock(lc, lorigin, src, tmp_path):
     assert "3 fetched" in out
     # Two real runs at once on a slow origin: one syncs, the other reports busy; nothing is mixed.
     fill(src, "ov", {f"f{i}.bin": 1 << 20 for i in range(3)}, 50)  # new versions: the seed reads them
-    lorigin.set_rate(1 << 20)
+    # The origin crawls until the second run has answered (3 MiB at 128 KiB/s: 24 s), so the
+    # first one surely still holds the lock however slowly the second process starts.
+    lorigin.set_rate(128 << 10)
     try:
         args = [sys.executable, "-m", "dfzmq", "sync", "--source", lorigin.url("ov/"), "--dest", str(dest),
                 "--daemon", lc.control("peer2")]
@@ -255,9 +257,9 @@ def test_overlapping_runs_and_lock(lc, lorigin, src, tmp_path):
         while not _locked(dest) and time.monotonic() < deadline:
             time.sleep(0.05)
         second = subprocess.run(args, env=lc.env(), capture_output=True, text=True, timeout=60)
-        out, err = first.communicate(timeout=120)
     finally:
         lorigin.set_rate(None)
+    out, err = first.communicate(timeout=120)
     assert second.returncode == 75, (second.returncode, second.stderr)
     assert first.returncode == 0, err
     assert tree(dest) == {f.name: f.read_bytes() for f in (src / "ov").iterdir()}
