@@ -338,3 +338,19 @@ def test_source_down_keeps_destination(lc, src, tmp_path):
     # Bad usage is exit 2.
     p = run_sync(lc, "--source", "ftp://x/", "--dest", str(dest))
     assert p.returncode == 2
+
+
+@pytest.mark.timeout(120)
+def test_one_shot_peer_without_a_daemon(lc, lorigin, src, tmp_path):
+    """No local daemon: `--manager` makes the run a one-shot peer of the cluster."""
+    from typer.testing import CliRunner
+
+    from dfzmq.cli import app
+
+    data = fill(src, "oneshot", {"o.bin": 3 << 20}, 90)
+    res = CliRunner().invoke(app, ["sync", "--source", lorigin.url("oneshot/"), "--dest", str(tmp_path / "d"),
+                                   "--manager", lc.manager_addr, "--config", str(lc.config), "--json"])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    r = json.loads(res.stdout)["entries"][0]
+    assert r["fetched"] == 1 and r["peer_bytes"] == len(data["o.bin"]) and r["origin_bytes"] == 0
+    assert tree(tmp_path / "d") == data
