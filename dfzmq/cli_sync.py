@@ -63,7 +63,10 @@ def _load_spec(path: Path):
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return entries_from_spec(spec)
+    # A relative dest is relative to the spec file, not to wherever cron happens to start.
+    import dataclasses
+    return [e if e.dest.is_absolute() else dataclasses.replace(e, dest=path.absolute().parent / e.dest)
+            for e in entries_from_spec(spec)]
 
 
 def _command_for(spec: Path, entry_name: str) -> list[str]:
