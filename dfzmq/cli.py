@@ -365,6 +365,7 @@ def up(
 import dfzmq.cli_ops  # noqa: E402,F401  config, preheat, jobs, cache
 import dfzmq.cli_init  # noqa: E402,F401  (dfzmq init containerd|docker)
 from dfzmq import cli_admin, cli_monitor  # noqa: E402,F401  hosts, tasks, task, monitor
+import dfzmq.cli_sync  # noqa: E402,F401  dfzmq sync
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from dfzmq import wire
 from dfzmq.errors import DfzmqError, DownloadError, IntegrityError, SourceError
+from nodes.cdc import wants_cdc
 from nodes.limits import take_all
 from nodes.sink import OrderedHasher
 from nodes.source import SourceReader
@@ -44,7 +45,7 @@ async def read_origin(run: "TaskRun") -> None:
         return
     known = dict(run.manifest)
     reader = SourceReader(run.url, run.headers, run.cfg.source_connections, run.daemon.http,
-                          run.cfg.source_timeout_s)
+                          run.cfg.source_timeout_s, cdc=wants_cdc(run.tag))
     length = run.content_length if run.complete else -1
 
     async def on_piece(info: wire.PieceInfo, data: bytes) -> None:
@@ -83,7 +84,7 @@ async def read_origin(run: "TaskRun") -> None:
             if run.content_length >= 0:
                 length = run.content_length
             reader = SourceReader(run.url, run.headers, run.cfg.source_connections, run.daemon.http,
-                                  run.cfg.source_timeout_s)
+                                  run.cfg.source_timeout_s, cdc=wants_cdc(run.tag))
         except DfzmqError as e:
             run.fail(e)
             return

@@ -150,8 +150,10 @@ class SourceReader:
     """Reads one task from its origin. One instance per back-to-source attempt."""
 
     def __init__(self, url: str, headers: dict[str, str], connections: int = 4,
-                 session: aiohttp.ClientSession | None = None, timeout_s: float = 60.0) -> None:
+                 session: aiohttp.ClientSession | None = None, timeout_s: float = 60.0,
+                 cdc: bool = False) -> None:
         self.url = url
+        self.cdc = cdc  # content-defined pieces, one sequential stream (nodes/cdcsource.py)
         self.headers = dict(headers)
         self.connections = max(1, connections)
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(15.0, timeout_s), sock_read=timeout_s)
@@ -164,6 +166,9 @@ class SourceReader:
                   on_piece: OnPiece) -> SourceResult:
         scheme = urlsplit(self.url).scheme.lower()
         if scheme == "file":
+            if self.cdc:
+                from nodes.cdcsource import run_cdc
+                return await run_cdc(self, None, known, have, content_length, on_piece)
             return await self._run_file(known, have, on_piece)
         if scheme == "cache":  # `dfzmq cache import` entries have no origin (nodes/ops.py)
             raise SourceError(f"{self.url}: no peer in the cluster holds this cache entry", final=True)
@@ -175,6 +180,9 @@ class SourceReader:
             auto_decompress=False,
         )
         try:
+            if self.cdc:
+                from nodes.cdcsource import run_cdc
+                return await run_cdc(self, session, known, have, content_length, on_piece)
             return await self._run_http(session, known, have, content_length, on_piece)
         except aiohttp.InvalidURL as e:
             raise SourceError(f"invalid URL: {e}") from e

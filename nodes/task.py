@@ -29,6 +29,7 @@ from dfzmq.service import decode_plain
 from nodes.limits import TokenBucket
 from nodes.picker import Picker
 from nodes.backsource import REPORT_INTERVAL_S, read_origin
+from nodes.localhits import take_local
 from nodes.sink import OutputSink
 from nodes.source import digest
 
@@ -93,7 +94,7 @@ class TaskRun:
         self.sinks: list[OutputSink] = []
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.stats = {"origin_bytes": 0, "seed_bytes": 0, "peer_bytes": 0, "cached_bytes": 0,
-                      "duplicate_bytes": 0}
+                      "duplicate_bytes": 0, "local_bytes": 0}
         self.reports: list[wire.PieceInfo] = []
         self.last_progress = time.monotonic()
         self.started = time.monotonic()
@@ -255,6 +256,7 @@ class TaskRun:
         for p in fresh:
             self.manifest[p.num] = p
         self.picker.add_manifest(fresh)
+        take_local(self, fresh)
         if msg.content_length >= 0 and self.content_length < 0:
             self.content_length = msg.content_length
             self.daemon.writer.submit(self._set_length)

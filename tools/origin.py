@@ -14,7 +14,8 @@ Two ways to run it:
 
 HTTP control endpoints (no auth, like everything here): `GET /_stats`, `POST /_reset`,
 `POST /_config` with JSON `{"rate_bytes_per_s": int|null, "statuses": {path: code|null},
-"ignore_range": bool, "required_header": [name, value]|null}` (statuses merge; null clears).
+"ignore_range": bool, "required_header": [name, value]|null}` (statuses merge; null clears). With `listing`
+(`--listing`), GET on a directory answers an nginx-style HTML index (for `dfzmq sync`).
 
 Choices worth knowing:
 - "bytes" counts file content handed to the kernel. A chunk whose write fails is not counted,
@@ -138,6 +139,7 @@ class OriginState:
     statuses: dict[str, int] = field(default_factory=dict)
     ignore_range: bool = False
     required_header: tuple[str, str] | None = None
+    listing: bool = False  # answer GET on a directory with an HTML index (autoindex), for `dfzmq sync`
     total_bytes: int = 0
     paths: dict[str, PathStats] = field(default_factory=dict)
     active: int = 0
@@ -260,6 +262,10 @@ def build_app(root: Path, state: OriginState) -> web.Application:
             if forced is not None:
                 return web.Response(status=forced, text=f"forced status {forced}\n")
             file = resolve_under(root, path)
+            if file is None and state.listing:
+                page = directory_index(root, path)
+                if page is not None:
+                    return web.Response(text=page, content_type="text/html")
             if file is None:
                 return web.Response(status=404, text="not found\n")
             return await send_file(request, file, path, state, ignore_range)
@@ -285,6 +291,27 @@ def resolve_under(root: Path, url_path: str) -> Path | None:
     if not file.is_relative_to(root) or not file.is_file():
         return None
     return file
+
+
+def directory_index(root: Path, url_path: str) -> str | None:
+    """An nginx-style autoindex page for the directory `url_path` names under `root` (links are
+    relative, subdirectories end with '/'), or None when it is not a directory under `root`."""
+    import html
+    from urllib.parse import quote
+
+    try:
+        d = (root / url_path.lstrip("/")).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if not d.is_relative_to(root) or not d.is_dir():
+        return None
+    rows = ['<a href="../">../</a>'] if d != root else []
+    for child in sorted(d.iterdir()):
+        name = child.name + ("/" if child.is_dir() else "")
+        rows.append(f'<a href="{quote(name)}">{html.escape(name)}</a>')
+    title = html.escape(url_path)
+    return (f"<html><head><title>Index of {title}</title></head><body><h1>Index of {title}</h1><hr><pre>\n"
+            + "\n".join(rows) + "\n</pre><hr></body></html>\n")
 
 
 async def send_file(
@@ -363,11 +390,12 @@ class Origin:
         statuses: dict[str, int] | None = None,
         ignore_range: bool = False,
         required_header: tuple[str, str] | None = None,
+        listing: bool = False,
     ) -> None:
         self.root = Path(root)
         self.host = host
         self.port = port
-        self.state = OriginState(ignore_range=ignore_range, required_header=required_header)
+        self.state = OriginState(ignore_range=ignore_range, required_header=required_header, listing=listing)
         self.state.set_rate(rate_bytes_per_s)
         for path, code in (statuses or {}).items():
             self.state.set_status(path, code)
@@ -496,7 +524,8 @@ def parse_header(value: str) -> tuple[str, str]:
 
 
 async def serve_forever(args: argparse.Namespace) -> None:
-    state = OriginState(ignore_range=args.ignore_range, required_header=args.require_header)
+    state = OriginState(ignore_range=args.ignore_range, required_header=args.require_header,
+                        listing=args.listing)
     state.set_rate(args.rate)
     runner, port = await start_site(Path(args.root), state, args.host, args.port)
     stopping = asyncio.Event()
@@ -523,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=None, help="global rate limit, bytes/s")
     parser.add_argument("--port-file", default=None, help="write the bound port here")
     parser.add_argument("--ignore-range", action="store_true", help="act as an origin without ranges")
+    parser.add_argument("--listing", action="store_true", help="serve HTML indexes of directories")
     parser.add_argument("--require-header", type=parse_header, default=None, metavar="'NAME: VALUE'")
     args = parser.parse_args(argv)
     try:
