@@ -9,6 +9,7 @@ failure. It talks to services only through their public sockets and the CLI.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,19 +23,28 @@ import zmq
 from dfzmq import net, wire
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A port that was free a moment ago, with the next one free too (services use PORT+1)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65000:
-            continue
-        with socket.socket() as s2:
-            try:
+    """A port that was free a moment ago, with the next one free too (services use PORT+1).
+
+    Chosen below the kernel's ephemeral range, so that no outgoing connection (of which a test
+    run makes thousands on loopback) can take it between this check and the service's bind.
+    """
+    top = max(11000, _ephemeral_low() - 2)
+    for _ in range(200):
+        port = random.randrange(10000, top)
+        try:
+            with socket.socket() as s, socket.socket() as s2:
+                s.bind(("127.0.0.1", port))
                 s2.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
+        except OSError:
+            continue
         return port
     raise RuntimeError("no free port pair")
 
