@@ -139,3 +139,22 @@ def test_bad_keys_and_values(cl):
         assert isinstance(reply, wire.Error) and reply.code == "bad-request", reply
     reply = request(f"tcp://{cl.manager_addr}", wire.ConfigGet(), 3.0)
     assert "bogus" not in reply.config and "upload_slots" not in reply.config
+
+
+def test_a_manager_on_a_wiped_ops_store_still_reaches_running_daemons(cl):
+    """The manager's DATA/ops lost (disk replaced, directory removed): it starts again at seq 0.
+    Running daemons must take its (empty) settings and the changes made after it."""
+    import shutil
+
+    for value in ("30M", "31M", "32M"):  # the old store's seq is well above what the new one reaches
+        assert dfzmq(cl, "config", "set", "source_rate", value).returncode == 0
+    assert eventually(lambda: daemon_setting(cl, "peer1", "source_rate") == 32_000_000)
+    cl.procs["manager"].stop()
+    shutil.rmtree(cl.root / "manager" / "ops")
+    cl.procs["manager"].start(cl.env())
+    # nothing set on the new manager: the daemon's own setting (unlimited) again
+    assert eventually(lambda: daemon_setting(cl, "peer1", "source_rate") == 0)
+    assert dfzmq(cl, "config", "set", "source_rate", "20M").returncode == 0
+    assert eventually(lambda: daemon_setting(cl, "peer1", "source_rate") == 20_000_000)
+    assert eventually(lambda: daemon_setting(cl, "seed0", "source_rate") == 20_000_000)
+    dfzmq(cl, "config", "unset", "source_rate")

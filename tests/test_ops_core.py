@@ -159,3 +159,36 @@ def test_image_references_and_challenges():
     assert parse_challenge('Bearer realm="https://a/token",service="reg",scope="repository:x:pull"') == {
         "realm": "https://a/token", "service": "reg", "scope": "repository:x:pull"}
     assert parse_challenge('Basic realm="x"') == {}
+
+
+def test_follower_takes_a_reset_managers_settings():
+    """A manager whose ops store was wiped starts again at seq 0 under a new epoch: its
+    snapshot and later updates replace what the follower applied from the old store."""
+    f = Follower("peer-1", "daemon")
+    assert f.on_message(wire.SyncState(40, {"upload_rate": 1}, epoch="e1"), 1.0)[0]
+    assert f.on_message(wire.SyncState(0, {}, epoch="e2"), 2.0)[0] and f.config == {}
+    assert f.on_message(wire.ConfigUpdate(1, {"upload_rate": 5}, epoch="e2"), 2.0, False)[0]
+    assert f.config == {"upload_rate": 5} and f.config_seq == 1
+    assert f.on_message(wire.ConfigUpdate(0, {}, epoch="e2"), 2.0, False)[0] is False  # older, same epoch
+    # the manager core stamps its store's epoch on snapshots and updates
+    core = OpsCore({}, [], seq=0, epoch="e3")
+    assert sent(core.handle(b"a", wire.SyncRequest("peer-1", "daemon"), 0.0, 0.0), wire.SyncState)[0].epoch == "e3"
+    out = core.handle(b"c", wire.ConfigSet("upload_rate", "1MiB"), 0.0, 0.0)
+    assert published(out, wire.ConfigUpdate)[0].epoch == "e3"
+
+
+def test_ops_store_epoch_is_stable_and_new_after_a_wipe(tmp_path):
+    import shutil
+
+    from brokers.manager.opsstore import OpsStore
+    s = OpsStore(tmp_path / "ops")
+    first = s.epoch()
+    assert first and s.epoch() == first
+    s.close()
+    s = OpsStore(tmp_path / "ops")
+    assert s.epoch() == first
+    s.close()
+    shutil.rmtree(tmp_path / "ops")
+    s = OpsStore(tmp_path / "ops")
+    assert s.epoch() != first
+    s.close()

@@ -78,11 +78,12 @@ class OpsCore:
     def __init__(self, config: dict[str, Any], jobs: list[wire.JobInfo], seq: int,
                  events_addr: str = "", presence_s: float = PRESENCE_S,
                  counters: collections.Counter | None = None,
-                 make_id: Callable[[], str] = lambda: new_id("job")) -> None:
+                 make_id: Callable[[], str] = lambda: new_id("job"), epoch: str = "") -> None:
         self.config = dict(config)
         self.jobs: dict[str, wire.JobInfo] = {j.job_id: j for j in jobs}
         self.seq = seq
         self.events_addr = events_addr
+        self.epoch = epoch  # the store's creation id, sent with seq (see follow.py)
         self.presence_s = presence_s
         self.counters = counters if counters is not None else collections.Counter()
         self.make_id = make_id
@@ -149,7 +150,7 @@ class OpsCore:
         if msg.host_id and len(msg.host_id) <= 256 and msg.role in ("daemon", "seed", "scheduler"):
             self.followers[msg.host_id] = _Follower(msg.role, msg.hostname[:256], now)
         mine = [j for j in self.jobs.values() if j.state == "running" and msg.host_id in j.hosts]
-        return [Send(sender, wire.SyncState(self.seq, dict(self.config), mine, self.events_addr))]
+        return [Send(sender, wire.SyncState(self.seq, dict(self.config), mine, self.events_addr, self.epoch))]
 
     def _config_set(self, sender: bytes, msg: wire.ConfigSet) -> list:
         key = msg.key.replace("-", "_")
@@ -173,7 +174,7 @@ class OpsCore:
             self.config = new
             self.seq += 1
             log.info("cluster setting %s = %s", key, "(unset)" if value is None else value)
-            out += [PersistOps(self.seq, config=dict(new)), Publish(wire.ConfigUpdate(self.seq, dict(new)))]
+            out += [PersistOps(self.seq, config=dict(new)), Publish(wire.ConfigUpdate(self.seq, dict(new), self.epoch))]
         out.append(Send(sender, wire.ConfigState(self.seq, dict(self.config))))
         return out
 

@@ -27,7 +27,7 @@ class Ops:
         self.store = OpsStore(Path(data) / "ops")
         self.counters = counters
         self.core = OpsCore(self.store.config(), self.store.jobs(), self.store.seq(),
-                            events_addr=events_addr, counters=counters)
+                            events_addr=events_addr, epoch=self.store.epoch(), counters=counters)
 
     def handles(self, msg: Any) -> bool:
         return self.core.handles(msg)
