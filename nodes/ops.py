@@ -70,13 +70,22 @@ def check_cache_id(cache_id: str) -> str:
     return cache_id
 
 
-def retune(bucket: TokenBucket, rate: int) -> None:
-    """Change a live bucket's rate; what it already handed out stays handed out."""
+def retune(bucket: TokenBucket, rate: int, now: float | None = None) -> None:
+    """Change a live bucket's rate. What it already handed out stays handed out (callers
+    already sleep for it), but the debt built at the old rate is not carried into the new
+    one: the balance is settled at the old rate up to `now` and kept within one new burst
+    either way, so lowering a rate can never stall transfers for the old backlog's time."""
     if bucket.rate == float(rate):
         return
+    now = time.monotonic() if now is None else now
+    if bucket.unlimited or bucket.last is None:
+        tokens = float("inf")  # unlimited until now: nothing owed
+    else:
+        tokens = bucket.tokens + max(0.0, now - bucket.last) * bucket.rate
     bucket.rate = float(rate)
     bucket.burst = float(max(rate / 4, 256 * 1024))
-    bucket.tokens = min(bucket.tokens, bucket.burst)
+    bucket.tokens = max(-bucket.burst, min(tokens, bucket.burst))
+    bucket.last = now
 
 
 class DaemonOps:

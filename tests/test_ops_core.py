@@ -192,3 +192,26 @@ def test_ops_store_epoch_is_stable_and_new_after_a_wipe(tmp_path):
     s = OpsStore(tmp_path / "ops")
     assert s.epoch() != first
     s.close()
+
+
+def test_lowering_a_rate_live_does_not_freeze_transfers():
+    """16 x 4 MiB reserved at 100 MB/s, then the rate drops to 1 MiB/s: the debt built at the
+    old rate must not be repaid at the new one (that was ~64 s without a byte)."""
+    from nodes.limits import TokenBucket
+    from nodes.ops import retune
+
+    MiB = 1 << 20
+    b = TokenBucket(100e6)
+    for _ in range(16):
+        b.reserve(4 * MiB, 0.0)
+    retune(b, MiB, now=0.1)
+    wait = b.reserve(256 * 1024, 0.1)
+    assert wait <= 0.6, wait  # at most the new burst's debt plus this piece
+    # raising it again: no free burst beyond the new bucket's
+    retune(b, 100 * MiB, now=0.2)
+    assert b.tokens <= b.burst
+    # a bucket that was unlimited starts limited with a full burst, not a stale balance
+    u = TokenBucket(0)
+    u.tokens = -1e9
+    retune(u, MiB, now=5.0)
+    assert u.reserve(1024, 5.0) == 0.0
