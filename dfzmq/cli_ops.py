@@ -243,6 +243,9 @@ def preheat(
         for u in urls:
             if "://" not in u:
                 raise fail(f"not a URL: {u!r}", 2)
+            if not u.lower().startswith(("http://", "https://")):
+                raise fail(f"cannot preheat {u!r}: only http:// and https:// URLs (seeds never read their own disk "
+                           "for the cluster; `dfzmq cache import` puts a local file in)", 2)
     job = run_guarded(ask, addr, wire.JobCreate("preheat", list(urls), scope, headers, tag, application,
                                                 note, digests), curve).job
     if not wait:

@@ -451,6 +451,11 @@ class Daemon:
         return run, True
 
     def seed_trigger(self, msg: wire.SeedTrigger) -> None:
+        from nodes.ops import remote_url_problem
+        if remote_url_problem(msg.url):  # never read this host's disk for a remote request
+            self.counters["seed-trigger.refused"] += 1
+            log.warning("seed trigger for task %s %s", msg.task_id[:12], remote_url_problem(msg.url))
+            return
         run, new = self.require_task(msg.task_id, msg.url, msg.headers, msg.tag, msg.application)
         if new:
             self._spawn_start(run)

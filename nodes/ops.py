@@ -70,6 +70,15 @@ def check_cache_id(cache_id: str) -> str:
     return cache_id
 
 
+def remote_url_problem(url: str) -> str:
+    """Why a URL from a remote request (a manager job, a scheduler's SeedTrigger) is refused,
+    or "". Only http(s): file:// would read this host's disk and serve it over P2P; a local
+    file is fetched with `dfzmq fetch` through the daemon's own 0600 control socket."""
+    if url.split("://", 1)[0].lower() in ("http", "https") and "://" in url:
+        return ""
+    return f"refused {url[:200]!r}: only http:// and https:// URLs are taken from remote requests"
+
+
 def retune(bucket: TokenBucket, rate: int, now: float | None = None) -> None:
     """Change a live bucket's rate. What it already handed out stays handed out (callers
     already sleep for it), but the debt built at the old rate is not carried into the new
@@ -208,6 +217,8 @@ class DaemonOps:
             async with limit:
                 if job.kind == "cache-rm":
                     await self.remove(url.removeprefix("cache:///"))
+                elif remote_url_problem(url):
+                    raise DownloadError(remote_url_problem(url))
                 else:
                     await self.warm(url, job.headers, job.tag, job.application, job.digests.get(url, ""))
 

@@ -215,3 +215,16 @@ def test_lowering_a_rate_live_does_not_freeze_transfers():
     u.tokens = -1e9
     retune(u, MiB, now=5.0)
     assert u.reserve(1024, 5.0) == 0.0
+
+
+def test_only_http_urls_from_remote_requests():
+    """Jobs and seed triggers come over the network: a daemon takes only http(s) URLs from them."""
+    from nodes.ops import remote_url_problem
+
+    assert remote_url_problem("http://o/x") == remote_url_problem("HTTPS://o/x") == ""
+    for url in ("file:///etc/hostname", "FILE:///etc/shadow", "ftp://o/x", "cache:///x", "/etc/passwd"):
+        assert "http" in remote_url_problem(url), url
+    core = core_with_hosts()
+    out = core.handle(CLI, wire.JobCreate("preheat", ["file:///etc/hostname"]), 1.0, 1.0)
+    err = sent(out, wire.Error)[0]
+    assert err.code == "bad-request" and "file:///etc/hostname" in err.detail and not core.jobs

@@ -189,7 +189,9 @@ class OpsCore:
             return refuse(f"unknown scope {msg.scope!r} (use seeds or all)")
         if not msg.urls or len(msg.urls) > MAX_URLS:
             return refuse(f"a job needs 1 to {MAX_URLS} URLs")
-        want = ("cache",) if msg.kind == "cache-rm" else ("http", "https", "file")
+        # Never file://: the manager is reachable over the network, and a preheat of a local
+        # path would make every seed read its own disk and serve the file over P2P.
+        want = ("cache",) if msg.kind == "cache-rm" else ("http", "https")
         for url in msg.urls:
             if urlsplit(url).scheme.lower() not in want:
                 return refuse(f"not a {'/'.join(want)} URL: {url[:200]!r}")
