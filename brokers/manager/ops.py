@@ -97,7 +97,7 @@ class OpsCore:
     # -- inputs -------------------------------------------------------------------------------
 
     def handle(self, sender: bytes, msg: Any, now: float, wall: float) -> list:
-        self.counters["ops.recv." + type(msg).KIND.decode()] += 1
+        self.counters["recv." + type(msg).KIND.decode()] += 1  # one family with membership requests
         if isinstance(msg, wire.SyncRequest):
             return self._sync(sender, msg, now)
         if isinstance(msg, wire.ConfigGet):

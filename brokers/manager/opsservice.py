@@ -49,7 +49,7 @@ class Ops:
         try:
             return fn(*args)
         except Exception:  # a bug here must not take the manager down
-            self.counters["error.internal"] += 1
+            self.counters["internal-error"] += 1  # the schedulers' name too
             log.exception("manager ops failed on %r", args[:2])
             return []
 
