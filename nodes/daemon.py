@@ -581,8 +581,10 @@ async def run_daemon(cfg: DaemonConfig, stop: asyncio.Event, on_ready: Callable[
                      curve: net.Curve | None = None) -> None:
     d = Daemon(cfg, curve)
     await d.start()
-    if cfg.manager and not cfg.scheduler:
-        d._spawn(d.ops.follow())  # a long-running daemon follows cluster settings and jobs
+    if cfg.manager:
+        # A long-running daemon follows cluster settings and jobs, with a fixed scheduler too
+        # (that only replaces scheduler discovery); with no manager there it just keeps asking.
+        d._spawn(d.ops.follow())
     if on_ready is not None:
         on_ready({"upload": d.upload.addr, "control": d.control_addr, "host_id": d.host_id,
                   **({"proxy": d.proxy.addr} if d.proxy is not None else {}),

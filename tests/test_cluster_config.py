@@ -158,3 +158,18 @@ def test_a_manager_on_a_wiped_ops_store_still_reaches_running_daemons(cl):
     assert eventually(lambda: daemon_setting(cl, "peer1", "source_rate") == 20_000_000)
     assert eventually(lambda: daemon_setting(cl, "seed0", "source_rate") == 20_000_000)
     dfzmq(cl, "config", "unset", "source_rate")
+
+
+def test_a_daemon_with_a_fixed_scheduler_still_follows_the_manager(cl):
+    """`scheduler` set (no scheduler discovery) and `manager` set: the daemon still takes the
+    cluster's settings (and so its jobs); it used to be left out silently."""
+    proc = cl.procs["peer2"]
+    proc.extra_env["DFZMQ_SCHEDULER"] = cl.scheduler_addrs[0]
+    try:
+        cl.restart("peer2")
+        assert dfzmq(cl, "config", "set", "upload_slots", "5").returncode == 0
+        assert eventually(lambda: daemon_setting(cl, "peer2", "upload_slots") == 5)
+    finally:
+        dfzmq(cl, "config", "unset", "upload_slots")
+        del proc.extra_env["DFZMQ_SCHEDULER"]
+        cl.restart("peer2")
