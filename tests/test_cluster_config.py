@@ -173,3 +173,17 @@ def test_a_daemon_with_a_fixed_scheduler_still_follows_the_manager(cl):
         dfzmq(cl, "config", "unset", "upload_slots")
         del proc.extra_env["DFZMQ_SCHEDULER"]
         cl.restart("peer2")
+
+
+def test_operator_commands_read_the_admin_section(cl, tmp_path):
+    """config/jobs/preheat/cache take the manager (and CURVE keys) from [admin], as hosts,
+    tasks and monitor do; a [daemon] section for the host's own daemon does not redirect them."""
+    cfg = tmp_path / "ops.toml"
+    cfg.write_text(f'[admin]\nmanager = "{cl.manager_addr}"\ntimeout_s = 5.0\n\n'
+                   '[daemon]\nmanager = "127.0.0.1:9"\n')
+    for args in (["config", "get", "--json"], ["jobs", "--json"], ["hosts", "--json"]):
+        r = run_cli(*args, "--config", str(cfg))
+        assert r.returncode == 0, (args, r.stderr)
+    r = run_cli("config", "set", "upload_slots", "6", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert dfzmq(cl, "config", "unset", "upload_slots").returncode == 0
