@@ -43,7 +43,11 @@ def admin_config(manager: str | None, timeout_s: float | None, config: Path | No
 
 
 class Refused(DfzmqError):
-    """The manager or daemon answered with an error."""
+    """The manager or daemon answered with an error (its wire.Error code in `code`)."""
+
+    def __init__(self, detail: str, code: str = "") -> None:
+        super().__init__(detail)
+        self.code = code
 
 
 def request(addr: str, msg: Any, curve: net.Curve | None = None, timeout_s: float = 3.0) -> Any:
@@ -57,7 +61,9 @@ def request(addr: str, msg: Any, curve: net.Curve | None = None, timeout_s: floa
     if reply is None:
         raise UnavailableError(f"no answer from {net.tcp(addr)} within {timeout_s:.0f}s")
     if isinstance(reply, wire.Error):
-        raise (ConfigError if reply.code == "bad-request" else Refused)(reply.detail or reply.code)
+        if reply.code == "bad-request":
+            raise ConfigError(reply.detail or reply.code)
+        raise Refused(reply.detail or reply.code, reply.code)
     return reply
 
 

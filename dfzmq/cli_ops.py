@@ -43,6 +43,18 @@ def _manager(manager: str | None, config: Path | None) -> tuple[str, Any, float]
     return net.tcp(cfg.manager), curve_of(cfg), cfg.timeout_s
 
 
+def create_job(addr: str, msg: wire.JobCreate, curve: Any, timeout_s: float, patience_s: float = 15.0) -> wire.JobInfo:
+    """JobCreate, asked again while a just-started manager waits for hosts to check in."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return ask(addr, msg, curve, timeout_s).job
+        except Refused as e:
+            if e.code != "starting" or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def _dump(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -227,8 +239,8 @@ def preheat(
             if not u.lower().startswith(("http://", "https://")):
                 raise fail(f"cannot preheat {u!r}: only http:// and https:// URLs (seeds never read their own disk "
                            "for the cluster; `dfzmq cache import` puts a local file in)", 2)
-    job = run_guarded(ask, addr, wire.JobCreate("preheat", list(urls), scope, headers, tag, application,
-                                                note, digests), curve, wait_s).job
+    job = run_guarded(create_job, addr, wire.JobCreate("preheat", list(urls), scope, headers, tag, application,
+                                                       note, digests), curve, wait_s)
     if not wait:
         if as_json:
             _dump(job_dict(job))
@@ -347,5 +359,6 @@ def cache_rm(cache_id: str,
         typer.echo(f"removed {cache_id} ({info.get('freed_bytes', 0)} bytes freed)")
         return
     addr, curve, wait_s = run_guarded(_manager, manager, config)
-    job = run_guarded(ask, addr, wire.JobCreate("cache-rm", [cache_url(cache_id)], "all", note=f"cache rm {cache_id}"), curve, wait_s).job
+    job = run_guarded(create_job, addr, wire.JobCreate("cache-rm", [cache_url(cache_id)], "all", note=f"cache rm {cache_id}"),
+                      curve, wait_s)
     _finish_job(run_guarded(wait_job, addr, curve, job, timeout), False)

@@ -228,3 +228,19 @@ def test_only_http_urls_from_remote_requests():
     out = core.handle(CLI, wire.JobCreate("preheat", ["file:///etc/hostname"]), 1.0, 1.0)
     err = sent(out, wire.Error)[0]
     assert err.code == "bad-request" and "file:///etc/hostname" in err.detail and not core.jobs
+
+
+def test_a_job_right_after_a_manager_start_says_hosts_have_not_checked_in():
+    """Presence is not stored: for one check-in round after a start the manager cannot know
+    the hosts yet, and says so with a code the CLI retries on (not a flat "no seed peer")."""
+    core = OpsCore({}, [], 0)
+    core.handle_timer(100.0, 0.0)
+    err = sent(core.handle(CLI, wire.JobCreate("preheat", ["http://o/x"]), 101.0, 0.0), wire.Error)[0]
+    assert err.code == "starting" and "try again" in err.detail
+    core.handle(A, wire.SyncRequest("seed-1", "seed"), 102.0, 0.0)
+    assert sent(core.handle(CLI, wire.JobCreate("preheat", ["http://o/x"]), 102.0, 0.0), wire.JobState)
+    err = sent(OpsCore({}, [], 0).handle(CLI, wire.JobCreate("preheat", ["http://o/x"], "all"), 0.0, 0.0), wire.Error)[0]
+    assert err.code == "no-hosts"  # a core whose timer never ran is not "starting"
+    late = OpsCore({}, [], 0)
+    late.handle_timer(100.0, 0.0)
+    assert sent(late.handle(CLI, wire.JobCreate("preheat", ["http://o/x"]), 115.0, 0.0), wire.Error)[0].code == "no-hosts"

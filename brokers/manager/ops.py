@@ -20,7 +20,8 @@ Decisions worth knowing:
 - A job is done when every host reported succeeded or failed; it succeeded only if all did.
   A host silent for `presence_s` while its part is open fails that part ("host gone").
 - After a manager restart, hosts get one presence window to ask again before their open
-  parts fail: presence is not stored, and jobs are.
+  parts fail: presence is not stored, and jobs are. A job asked for before any host checked in
+  (two sync intervals after the start) is refused as "starting", which the CLI retries.
 - The newest MAX_JOBS jobs are kept; older finished ones are dropped when a job is created.
 - Reports are idempotent: a daemon re-sends its result until the job shows it, and a report
   for a host that already finished, or for a finished job, changes nothing.
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from brokers.manager.follow import SYNC_INTERVAL_S
 from dfzmq import settings, wire
 from dfzmq.actions import Publish, Send
 from dfzmq.errors import ConfigError
@@ -52,6 +54,7 @@ TERMINAL = ("succeeded", "failed")
 MAX_URLS = 10_000
 MAX_JOBS = 1000
 PRESENCE_S = 20.0  # a follower asks every SYNC_INTERVAL_S (5 s); four misses and it is gone
+STARTUP_S = 2 * SYNC_INTERVAL_S  # after a start, hosts check in within this: "starting", not "no-hosts"
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +200,11 @@ class OpsCore:
                 return refuse(f"not a {'/'.join(want)} URL: {url[:200]!r}")
         roles = ("seed",) if msg.scope == "seeds" else ("seed", "daemon")
         hosts = sorted(h for h, f in self.followers.items() if f.role in roles and self._present(h, now))
+        if not hosts and self._born is not None and now - self._born < STARTUP_S:
+            self.counters["ops.error.starting"] += 1
+            return [Send(sender, wire.Error(
+                "starting", f"the manager started {now - self._born:.0f}s ago and hosts have not checked in "
+                            f"yet (every {SYNC_INTERVAL_S:.0f}s); try again"))]
         if not hosts:
             self.counters["ops.error.no-hosts"] += 1
             who = "seed peer" if msg.scope == "seeds" else "daemon"
