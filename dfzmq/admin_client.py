@@ -1,6 +1,8 @@
 """Operators' client side: ask the manager and the schedulers for their state, over ZeroMQ.
 
-Used by the admin commands (`dfzmq hosts|tasks|task`) and by `dfzmq monitor --once`: a
+Used by every operator command: `AdminConfig` (TOML section [admin]) and `request` serve
+`dfzmq config|jobs|preheat|cache` (dfzmq/cli_ops.py) as well. The admin commands
+(`dfzmq hosts|tasks|task`) and `dfzmq monitor --once` gather the cluster's state: a
 ClusterSnapshot from the manager says which schedulers exist, then each scheduler that is up
 is asked for its SchedulerState, all at once, each answer (or its absence) going into a
 `MonitorState`. A scheduler that does not answer is reported, not fatal; a manager that does not
@@ -20,7 +22,7 @@ import zmq
 
 from dfzmq import net, wire
 from dfzmq.config import DEFAULT_MANAGER, load_toml, resolve
-from dfzmq.errors import DfzmqError, RemoteProtocolError, UnavailableError
+from dfzmq.errors import ConfigError, DfzmqError, RemoteProtocolError, UnavailableError
 from dfzmq.monitor_state import MonitorState
 
 
@@ -38,6 +40,31 @@ def admin_config(manager: str | None, timeout_s: float | None, config: Path | No
     """Raises ConfigError."""
     return resolve(AdminConfig, "admin", {"manager": manager, "timeout_s": timeout_s},
                    load_toml(config))
+
+
+class Refused(DfzmqError):
+    """The manager or daemon answered with an error (its wire.Error code in `code`)."""
+
+    def __init__(self, detail: str, code: str = "") -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+def request(addr: str, msg: Any, curve: net.Curve | None = None, timeout_s: float = 3.0) -> Any:
+    """One request, one answer, for commands that need it: silence (or a malformed answer) is
+    an UnavailableError, a wire.Error is raised (ConfigError for bad requests, else Refused)."""
+    ctx = zmq.Context()
+    try:
+        reply = ask(ctx, addr, msg, timeout_s, curve)
+    finally:
+        ctx.destroy(linger=0)
+    if reply is None:
+        raise UnavailableError(f"no answer from {net.tcp(addr)} within {timeout_s:.0f}s")
+    if isinstance(reply, wire.Error):
+        if reply.code == "bad-request":
+            raise ConfigError(reply.detail or reply.code)
+        raise Refused(reply.detail or reply.code, reply.code)
+    return reply
 
 
 def ask(ctx: zmq.Context, addr: str, msg: Any, timeout_s: float,

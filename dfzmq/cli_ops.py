@@ -1,8 +1,9 @@
 """`dfzmq config`, `dfzmq preheat`, `dfzmq jobs` and `dfzmq cache`: operating a cluster's
 settings, jobs and cache from the command line (issue 6 part B).
 
-Settings and jobs are the manager's (`--manager`, DFZMQ_MANAGER or the config file's
-`manager`); the cache commands talk to the local daemon's control socket (`--daemon`,
+Settings and jobs are the manager's (`--manager`, DFZMQ_MANAGER, or `manager` in the config
+file's [admin] section or top level, with the CURVE keys and `timeout_s`: the one operators'
+config, shared with hosts/tasks/monitor in dfzmq/admin_client.py); the cache commands talk to the local daemon's control socket (`--daemon`,
 DFZMQ_DAEMON or the daemon at the default data directory), as `dfzmq fetch` does.
 Tables for people, `--json` for scripts. Exit codes: 0 done, 1 refused or failed,
 2 bad input, 3 a job or export failed, 4 manager or daemon not answering.
@@ -18,15 +19,16 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-import zmq
 from rich.console import Console
 from rich.table import Table
 
 from dfzmq import net, settings, wire
 from dfzmq.cli import (ConfigOpt, _default_daemon, _Progress, app, err_console, fail, fetch_via_daemon,
                        run_guarded)
-from dfzmq.config import DaemonConfig, curve_of, load_toml, resolve
-from dfzmq.errors import ConfigError, DfzmqError, DownloadError, UnavailableError
+from dfzmq.admin_client import Refused, admin_config
+from dfzmq.admin_client import request as ask
+from dfzmq.config import curve_of
+from dfzmq.errors import DfzmqError, DownloadError, UnavailableError
 
 out = Console(highlight=False, soft_wrap=True)
 
@@ -35,31 +37,22 @@ DaemonOpt = Annotated[Optional[str], typer.Option(envvar="DFZMQ_DAEMON", help="C
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-class Refused(DfzmqError):
-    """The manager or daemon answered with an error."""
+def _manager(manager: str | None, config: Path | None) -> tuple[str, Any, float]:
+    """The manager's address, CURVE keys and answer timeout: [admin], as for hosts/tasks/monitor."""
+    cfg = admin_config(manager, None, config)
+    return net.tcp(cfg.manager), curve_of(cfg), cfg.timeout_s
 
 
-def _manager(manager: str | None, config: Path | None) -> tuple[str, Any]:
-    cfg = resolve(DaemonConfig, "daemon", {"manager": manager}, load_toml(config))
-    return net.tcp(cfg.manager), curve_of(cfg)
-
-
-def ask(addr: str, msg: Any, curve: Any = None, timeout_s: float = 5.0) -> Any:
-    """One request, one answer; wire.Error becomes Refused (ConfigError for bad requests)."""
-    ctx = zmq.Context()
-    sock = net.make_socket(ctx, "control_dealer", curve)
-    try:
-        sock.connect(addr)
-        sock.send_multipart(wire.encode(msg))
-        if not sock.poll(int(timeout_s * 1000)):
-            raise UnavailableError(f"no answer from {addr} within {timeout_s:.0f}s")
-        reply = wire.decode(sock.recv_multipart())
-    finally:
-        sock.close(0)
-        ctx.term()
-    if isinstance(reply, wire.Error):
-        raise (ConfigError if reply.code == "bad-request" else Refused)(reply.detail or reply.code)
-    return reply
+def create_job(addr: str, msg: wire.JobCreate, curve: Any, timeout_s: float, patience_s: float = 15.0) -> wire.JobInfo:
+    """JobCreate, asked again while a just-started manager waits for hosts to check in."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return ask(addr, msg, curve, timeout_s).job
+        except Refused as e:
+            if e.code != "starting" or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _dump(obj: Any) -> None:
@@ -78,8 +71,8 @@ def config_get(key: Annotated[Optional[str], typer.Argument(help="One setting (d
     """Show the cluster settings; keys not set use each member's own setting."""
     if key is not None and key.replace("-", "_") not in settings.KEYS:
         raise fail(f"unknown setting {key!r} (known: {', '.join(sorted(settings.KEYS))})", 2)
-    addr, curve = run_guarded(_manager, manager, config)
-    state = run_guarded(ask, addr, wire.ConfigGet(), curve)
+    addr, curve, wait_s = run_guarded(_manager, manager, config)
+    state = run_guarded(ask, addr, wire.ConfigGet(), curve, wait_s)
     if key is not None:
         value = state.config.get(key.replace("-", "_"))
         if as_json:
@@ -101,8 +94,8 @@ def config_get(key: Annotated[Optional[str], typer.Argument(help="One setting (d
 def config_set(key: str, value: str, manager: ManagerOpt = None, config: ConfigOpt = None) -> None:
     """Set KEY to VALUE cluster-wide; running members apply it within seconds."""
     run_guarded(settings.parse, key, value)  # a bad key or value fails here, before any network
-    addr, curve = run_guarded(_manager, manager, config)
-    state = run_guarded(ask, addr, wire.ConfigSet(key, value), curve)
+    addr, curve, wait_s = run_guarded(_manager, manager, config)
+    state = run_guarded(ask, addr, wire.ConfigSet(key, value), curve, wait_s)
     typer.echo(f"{key.replace('-', '_')} = {state.config.get(key.replace('-', '_'))}")
 
 
@@ -111,8 +104,8 @@ def config_unset(key: str, manager: ManagerOpt = None, config: ConfigOpt = None)
     """Remove KEY cluster-wide; members fall back to their own setting."""
     if key.replace("-", "_") not in settings.KEYS:
         raise fail(f"unknown setting {key!r} (known: {', '.join(sorted(settings.KEYS))})", 2)
-    addr, curve = run_guarded(_manager, manager, config)
-    run_guarded(ask, addr, wire.ConfigSet(key, None, unset=True), curve)
+    addr, curve, wait_s = run_guarded(_manager, manager, config)
+    run_guarded(ask, addr, wire.ConfigSet(key, None, unset=True), curve, wait_s)
     typer.echo(f"{key.replace('-', '_')} unset")
 
 
@@ -182,9 +175,9 @@ def jobs(job_id: Annotated[Optional[str], typer.Argument(help="One job, with its
          limit: Annotated[int, typer.Option(help="Newest N jobs.")] = 50,
          manager: ManagerOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List the manager's jobs (preheat, cache removal), newest first."""
-    addr, curve = run_guarded(_manager, manager, config)
+    addr, curve, wait_s = run_guarded(_manager, manager, config)
     if job_id is not None:
-        job = run_guarded(ask, addr, wire.JobGet(job_id), curve).job
+        job = run_guarded(ask, addr, wire.JobGet(job_id), curve, wait_s).job
         if as_json:
             _dump(job_dict(job))
             return
@@ -196,7 +189,7 @@ def jobs(job_id: Annotated[Optional[str], typer.Argument(help="One job, with its
         for u in job.urls:
             typer.echo(u)
         return
-    reply = run_guarded(ask, addr, wire.JobList(limit), curve)
+    reply = run_guarded(ask, addr, wire.JobList(limit), curve, wait_s)
     if as_json:
         _dump([job_dict(j) for j in reply.jobs])
     else:
@@ -227,7 +220,7 @@ def preheat(
     if scope not in ("seeds", "all"):
         raise fail(f"bad scope {scope!r}: use seeds or all", 2)
     headers = run_guarded(_parse_headers, header)
-    addr, curve = run_guarded(_manager, manager, config)
+    addr, curve, wait_s = run_guarded(_manager, manager, config)
     digests: dict[str, str] = {}
     note = ""
     if image:
@@ -243,8 +236,11 @@ def preheat(
         for u in urls:
             if "://" not in u:
                 raise fail(f"not a URL: {u!r}", 2)
-    job = run_guarded(ask, addr, wire.JobCreate("preheat", list(urls), scope, headers, tag, application,
-                                                note, digests), curve).job
+            if not u.lower().startswith(("http://", "https://")):
+                raise fail(f"cannot preheat {u!r}: only http:// and https:// URLs (seeds never read their own disk "
+                           "for the cluster; `dfzmq cache import` puts a local file in)", 2)
+    job = run_guarded(create_job, addr, wire.JobCreate("preheat", list(urls), scope, headers, tag, application,
+                                                       note, digests), curve, wait_s)
     if not wait:
         if as_json:
             _dump(job_dict(job))
@@ -319,7 +315,7 @@ def cache_export(cache_id: str, output: Annotated[Path, typer.Option("--output",
 def cache_stat(cache_id: str, daemon: DaemonOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Who holds cache entry ID, and its size (the local daemon, then the entry's scheduler)."""
     info = run_guarded(_cache, daemon, wire.CacheStat(uuid.uuid4().hex, cache_id), 5.0)
-    _, curve = run_guarded(_manager, None, config)  # the cluster's CURVE key, if any
+    _, curve, _ = run_guarded(_manager, None, config)  # the cluster's CURVE key, if any
     holders: list[dict] = []
     sched = info.get("scheduler") or {}
     if sched.get("addr"):
@@ -362,6 +358,7 @@ def cache_rm(cache_id: str,
             raise fail(f"cache entry {cache_id} is not held here", 1)
         typer.echo(f"removed {cache_id} ({info.get('freed_bytes', 0)} bytes freed)")
         return
-    addr, curve = run_guarded(_manager, manager, config)
-    job = run_guarded(ask, addr, wire.JobCreate("cache-rm", [cache_url(cache_id)], "all", note=f"cache rm {cache_id}"), curve).job
+    addr, curve, wait_s = run_guarded(_manager, manager, config)
+    job = run_guarded(create_job, addr, wire.JobCreate("cache-rm", [cache_url(cache_id)], "all", note=f"cache rm {cache_id}"),
+                      curve, wait_s)
     _finish_job(run_guarded(wait_job, addr, curve, job, timeout), False)

@@ -678,6 +678,7 @@ class SyncState:
     config: dict[str, Any]
     jobs: list[JobInfo] = field(default_factory=list)  # running jobs only
     events_addr: str = ""  # the manager's PUB, where updates follow
+    epoch: str = ""  # the manager's ops store's creation id: a new one restarts the seq
 
 
 @message("CONFIG_UPDATE")
@@ -686,6 +687,7 @@ class ConfigUpdate:
 
     seq: int
     config: dict[str, Any]
+    epoch: str = ""  # as in SyncState
 
 
 @message("JOB_UPDATE")

@@ -451,6 +451,11 @@ class Daemon:
         return run, True
 
     def seed_trigger(self, msg: wire.SeedTrigger) -> None:
+        from nodes.ops import remote_url_problem
+        if remote_url_problem(msg.url):  # never read this host's disk for a remote request
+            self.counters["seed-trigger.refused"] += 1
+            log.warning("seed trigger for task %s %s", msg.task_id[:12], remote_url_problem(msg.url))
+            return
         run, new = self.require_task(msg.task_id, msg.url, msg.headers, msg.tag, msg.application)
         if new:
             self._spawn_start(run)
@@ -576,8 +581,10 @@ async def run_daemon(cfg: DaemonConfig, stop: asyncio.Event, on_ready: Callable[
                      curve: net.Curve | None = None) -> None:
     d = Daemon(cfg, curve)
     await d.start()
-    if cfg.manager and not cfg.scheduler:
-        d._spawn(d.ops.follow())  # a long-running daemon follows cluster settings and jobs
+    if cfg.manager:
+        # A long-running daemon follows cluster settings and jobs, with a fixed scheduler too
+        # (that only replaces scheduler discovery); with no manager there it just keeps asking.
+        d._spawn(d.ops.follow())
     if on_ready is not None:
         on_ready({"upload": d.upload.addr, "control": d.control_addr, "host_id": d.host_id,
                   **({"proxy": d.proxy.addr} if d.proxy is not None else {}),

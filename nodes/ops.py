@@ -19,7 +19,10 @@ with a final error, so an export fails cluster-wide with a clear message instead
 The id defaults to the file's blake3 (so the same content gets the same id everywhere); an id
 of one's own may not be reused for other content until it is removed.
 `rm` removes the local copy and tells the scheduler this host no longer has it; the CLI's
-`--cluster` makes it a manager job for every daemon. Imported entries are pieces and tasks like
+`--cluster` makes it a manager job for every daemon.
+LMDB work never runs on the event loop: reads (stat, the import's conflict check) in a worker
+thread, writes (pieces, the task record, removal with its manifest scan) on the daemon's writer
+thread, in order with its other writes. Imported entries are pieces and tasks like
 any other: the daemon's storage GC (quota, TTL) may evict them too.
 """
 
@@ -70,13 +73,31 @@ def check_cache_id(cache_id: str) -> str:
     return cache_id
 
 
-def retune(bucket: TokenBucket, rate: int) -> None:
-    """Change a live bucket's rate; what it already handed out stays handed out."""
+def remote_url_problem(url: str) -> str:
+    """Why a URL from a remote request (a manager job, a scheduler's SeedTrigger) is refused,
+    or "". Only http(s): file:// would read this host's disk and serve it over P2P; a local
+    file is fetched with `dfzmq fetch` through the daemon's own 0600 control socket."""
+    if url.split("://", 1)[0].lower() in ("http", "https") and "://" in url:
+        return ""
+    return f"refused {url[:200]!r}: only http:// and https:// URLs are taken from remote requests"
+
+
+def retune(bucket: TokenBucket, rate: int, now: float | None = None) -> None:
+    """Change a live bucket's rate. What it already handed out stays handed out (callers
+    already sleep for it), but the debt built at the old rate is not carried into the new
+    one: the balance is settled at the old rate up to `now` and kept within one new burst
+    either way, so lowering a rate can never stall transfers for the old backlog's time."""
     if bucket.rate == float(rate):
         return
+    now = time.monotonic() if now is None else now
+    if bucket.unlimited or bucket.last is None:
+        tokens = float("inf")  # unlimited until now: nothing owed
+    else:
+        tokens = bucket.tokens + max(0.0, now - bucket.last) * bucket.rate
     bucket.rate = float(rate)
     bucket.burst = float(max(rate / 4, 256 * 1024))
-    bucket.tokens = min(bucket.tokens, bucket.burst)
+    bucket.tokens = max(-bucket.burst, min(tokens, bucket.burst))
+    bucket.last = now
 
 
 class DaemonOps:
@@ -199,6 +220,8 @@ class DaemonOps:
             async with limit:
                 if job.kind == "cache-rm":
                     await self.remove(url.removeprefix("cache:///"))
+                elif remote_url_problem(url):
+                    raise DownloadError(remote_url_problem(url))
                 else:
                     await self.warm(url, job.headers, job.tag, job.application, job.digests.get(url, ""))
 
@@ -232,7 +255,7 @@ class DaemonOps:
             if isinstance(msg, wire.CacheImport):
                 info = await self.cache_import(msg.path, msg.cache_id)
             elif isinstance(msg, wire.CacheStat):
-                info = self.cache_stat(check_cache_id(msg.cache_id))
+                info = await self.cache_stat(check_cache_id(msg.cache_id))
             else:
                 info = await self.remove(check_cache_id(msg.cache_id))
             self.d._reply(ident, wire.CacheResult(msg.request_id, True, info=info))
@@ -260,16 +283,17 @@ class DaemonOps:
             # Exports check a 64-hex id as the content's blake3: it must be that.
             raise DownloadError(f"cache id {cache_id} looks like a blake3 digest but the file's is {file_digest}")
         tid = cache_task_id(cache_id)
-        meta = d.store.get_task(tid)
+        meta = await asyncio.to_thread(d.store.get_task, tid)
         if meta and meta.get("complete") and meta.get("file_digest") != file_digest:
             raise DownloadError(f"cache id {cache_id} holds other content (blake3 {meta.get('file_digest')}); "
                                 f"remove it first (dfzmq cache rm {cache_id})")
         if tid in d.tasks:
             raise DownloadError(f"cache id {cache_id} is being downloaded here right now; try again")
         pieces = await loop.run_in_executor(d.writer, _store_file, d.store, tid, src, size, file_digest)
-        d.store.put_task(tid, {"url": cache_url(cache_id), "tag": "", "application": "",
-                               "content_length": size, "complete": True, "file_digest": file_digest,
-                               "piece_count": pieces, "etag": "", "content_type": ""})
+        await loop.run_in_executor(d.writer, d.store.put_task, tid, {
+            "url": cache_url(cache_id), "tag": "", "application": "", "content_length": size,
+            "complete": True, "file_digest": file_digest, "piece_count": pieces, "etag": "",
+            "content_type": ""})
         d._held.pop(tid, None)  # a stale view from an earlier failed export
         d.gc.note_access(tid)  # freshly imported: the last thing LRU eviction should take
         run, new = d.require_task(tid, cache_url(cache_id), {}, "", "")
@@ -280,11 +304,10 @@ class DaemonOps:
         return {"cache_id": cache_id, "task_id": tid, "content_length": size, "pieces": pieces,
                 "file_digest": file_digest}
 
-    def cache_stat(self, cache_id: str) -> dict:
+    async def cache_stat(self, cache_id: str) -> dict:
         d = self.d
         tid = cache_task_id(cache_id)
-        meta = d.store.get_task(tid) or {}
-        held = d.store.manifest(tid)
+        meta, held = await asyncio.to_thread(lambda: (d.store.get_task(tid) or {}, d.store.manifest(tid)))
         link = d.scheduler_for(tid)
         return {
             "cache_id": cache_id, "task_id": tid, "host_id": d.host_id, "hostname": d.hostname,
@@ -302,10 +325,15 @@ class DaemonOps:
         run = d.tasks.get(tid)
         if run is not None:
             run.fail(DownloadError(f"cache entry {cache_id} was removed"))
-        existed = d.store.get_task(tid) is not None or bool(d.store.manifest(tid))
-        freed = await asyncio.get_running_loop().run_in_executor(d.writer, d.store.delete_task, tid)
+        existed, freed = await asyncio.get_running_loop().run_in_executor(d.writer, _remove, d.store, tid)
         d.forget(tid)
         return {"cache_id": cache_id, "task_id": tid, "removed": existed, "freed_bytes": freed}
+
+
+def _remove(store, tid: str) -> tuple[bool, int]:
+    """Writer thread: (whether anything of the task was here, bytes freed)."""
+    existed = store.get_task(tid) is not None or bool(store.manifest(tid))
+    return existed, store.delete_task(tid)
 
 
 def _file_blake3(path: Path) -> str:

@@ -102,3 +102,58 @@ def test_rm_local_then_cluster_wide(cl, tmp_path):
     r = cache(cl, "peer3", "export", cid, "-O", str(tmp_path / "c3"))
     assert r.returncode == 3 and "no peer in the cluster holds" in r.stderr
     assert len(data) and not (tmp_path / "c3").exists()
+
+
+class _Recording:
+    """A real PieceStore whose calls note the thread they ran on."""
+
+    def __init__(self, store):
+        self.store, self.calls = store, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.store, name)
+        if not callable(fn):
+            return fn
+
+        def call(*a, **kw):
+            import threading
+            self.calls.append((name, threading.get_ident()))
+            return fn(*a, **kw)
+        return call
+
+
+def test_cache_commands_keep_lmdb_off_the_event_loop(tmp_path):
+    """import's task record (a write transaction, which waits for the writer thread's GC
+    batches), stat's and rm's manifest scans: none on the daemon's event loop thread."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from dfzmq.config import DaemonConfig
+    from nodes.ops import DaemonOps
+    from nodes.store import PieceStore
+
+    make_file(tmp_path / "f.bin", 300_000, seed=5)
+    rec = _Recording(PieceStore(tmp_path / "store"))
+
+    async def main():
+        loop_thread = threading.get_ident()
+        done = asyncio.get_running_loop().create_future()
+        done.set_result({})
+        d = SimpleNamespace(cfg=DaemonConfig(), host_id="h", hostname="h", store=rec, tasks={}, _held={},
+                            writer=ThreadPoolExecutor(1), gc=SimpleNamespace(note_access=lambda *_: None),
+                            require_task=lambda *a: (SimpleNamespace(done=done), False),
+                            scheduler_for=lambda tid: None, forget=lambda tid: None)
+        ops = DaemonOps(d)
+        info = await ops.cache_import(str(tmp_path / "f.bin"), "x1")
+        stat = await ops.cache_stat("x1")
+        gone = await ops.remove("x1")
+        d.writer.shutdown()
+        return loop_thread, info, stat, gone
+
+    loop_thread, info, stat, gone = asyncio.run(main())
+    assert info["pieces"] >= 1 and stat["held"] and gone["removed"]
+    on_loop = [name for name, t in rec.calls if t == loop_thread]
+    assert on_loop == [], on_loop
+    rec.store.close()

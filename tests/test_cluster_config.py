@@ -139,3 +139,51 @@ def test_bad_keys_and_values(cl):
         assert isinstance(reply, wire.Error) and reply.code == "bad-request", reply
     reply = request(f"tcp://{cl.manager_addr}", wire.ConfigGet(), 3.0)
     assert "bogus" not in reply.config and "upload_slots" not in reply.config
+
+
+def test_a_manager_on_a_wiped_ops_store_still_reaches_running_daemons(cl):
+    """The manager's DATA/ops lost (disk replaced, directory removed): it starts again at seq 0.
+    Running daemons must take its (empty) settings and the changes made after it."""
+    import shutil
+
+    for value in ("30M", "31M", "32M"):  # the old store's seq is well above what the new one reaches
+        assert dfzmq(cl, "config", "set", "source_rate", value).returncode == 0
+    assert eventually(lambda: daemon_setting(cl, "peer1", "source_rate") == 32_000_000)
+    cl.procs["manager"].stop()
+    shutil.rmtree(cl.root / "manager" / "ops")
+    cl.procs["manager"].start(cl.env())
+    # nothing set on the new manager: the daemon's own setting (unlimited) again
+    assert eventually(lambda: daemon_setting(cl, "peer1", "source_rate") == 0)
+    assert dfzmq(cl, "config", "set", "source_rate", "20M").returncode == 0
+    assert eventually(lambda: daemon_setting(cl, "peer1", "source_rate") == 20_000_000)
+    assert eventually(lambda: daemon_setting(cl, "seed0", "source_rate") == 20_000_000)
+    dfzmq(cl, "config", "unset", "source_rate")
+
+
+def test_a_daemon_with_a_fixed_scheduler_still_follows_the_manager(cl):
+    """`scheduler` set (no scheduler discovery) and `manager` set: the daemon still takes the
+    cluster's settings (and so its jobs); it used to be left out silently."""
+    proc = cl.procs["peer2"]
+    proc.extra_env["DFZMQ_SCHEDULER"] = cl.scheduler_addrs[0]
+    try:
+        cl.restart("peer2")
+        assert dfzmq(cl, "config", "set", "upload_slots", "5").returncode == 0
+        assert eventually(lambda: daemon_setting(cl, "peer2", "upload_slots") == 5)
+    finally:
+        dfzmq(cl, "config", "unset", "upload_slots")
+        del proc.extra_env["DFZMQ_SCHEDULER"]
+        cl.restart("peer2")
+
+
+def test_operator_commands_read_the_admin_section(cl, tmp_path):
+    """config/jobs/preheat/cache take the manager (and CURVE keys) from [admin], as hosts,
+    tasks and monitor do; a [daemon] section for the host's own daemon does not redirect them."""
+    cfg = tmp_path / "ops.toml"
+    cfg.write_text(f'[admin]\nmanager = "{cl.manager_addr}"\ntimeout_s = 5.0\n\n'
+                   '[daemon]\nmanager = "127.0.0.1:9"\n')
+    for args in (["config", "get", "--json"], ["jobs", "--json"], ["hosts", "--json"]):
+        r = run_cli(*args, "--config", str(cfg))
+        assert r.returncode == 0, (args, r.stderr)
+    r = run_cli("config", "set", "upload_slots", "6", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert dfzmq(cl, "config", "unset", "upload_slots").returncode == 0

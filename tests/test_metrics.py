@@ -91,3 +91,40 @@ def test_manager_and_two_schedulers_in_one_process(tmp_path):
             while not both_up():
                 assert time.monotonic() < end, samples(minfo["metrics"])
                 time.sleep(0.1)
+
+
+def test_manager_counts_ops_requests_and_one_internal_error_name(tmp_path):
+    """Settings and job requests show in dfzmq_manager_messages_total like membership ones, and
+    a bug caught in either part of the manager counts as the one `internal-error` kind (the
+    schedulers' name too)."""
+    import collections
+
+    from brokers.manager.opsservice import Ops
+    from brokers.manager.service import _guard
+
+    mcfg = ManagerConfig(listen="127.0.0.1:0", data=tmp_path / "m", heartbeat_interval_s=0.2,
+                         metrics="127.0.0.1:0")
+    with serving(serve_manager, mcfg) as minfo:
+        ctx = zmq.Context()
+        sock = net.make_socket(ctx, "control_dealer")
+        sock.connect(minfo["router"])
+        for _ in range(2):
+            sock.send_multipart(wire.encode(wire.ConfigGet()))
+            assert sock.poll(int(TIMEOUT_S * 1000))
+            assert isinstance(wire.decode(sock.recv_multipart()), wire.ConfigState)
+        sock.close(0)
+        ctx.term()
+        m = samples(minfo["metrics"])
+        assert m[("dfzmq_manager_messages_total", (("kind", "CONFIG_GET"),))] == 2
+    c: collections.Counter = collections.Counter()
+
+    def boom(*_):
+        raise RuntimeError("bug")
+
+    assert _guard(boom, c) == []
+    ops = Ops(tmp_path / "o", "", c)
+    try:
+        assert ops._guard(boom) == []
+    finally:
+        ops.close()
+    assert c == {"internal-error": 2}

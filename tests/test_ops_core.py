@@ -159,3 +159,88 @@ def test_image_references_and_challenges():
     assert parse_challenge('Bearer realm="https://a/token",service="reg",scope="repository:x:pull"') == {
         "realm": "https://a/token", "service": "reg", "scope": "repository:x:pull"}
     assert parse_challenge('Basic realm="x"') == {}
+
+
+def test_follower_takes_a_reset_managers_settings():
+    """A manager whose ops store was wiped starts again at seq 0 under a new epoch: its
+    snapshot and later updates replace what the follower applied from the old store."""
+    f = Follower("peer-1", "daemon")
+    assert f.on_message(wire.SyncState(40, {"upload_rate": 1}, epoch="e1"), 1.0)[0]
+    assert f.on_message(wire.SyncState(0, {}, epoch="e2"), 2.0)[0] and f.config == {}
+    assert f.on_message(wire.ConfigUpdate(1, {"upload_rate": 5}, epoch="e2"), 2.0, False)[0]
+    assert f.config == {"upload_rate": 5} and f.config_seq == 1
+    assert f.on_message(wire.ConfigUpdate(0, {}, epoch="e2"), 2.0, False)[0] is False  # older, same epoch
+    # the manager core stamps its store's epoch on snapshots and updates
+    core = OpsCore({}, [], seq=0, epoch="e3")
+    assert sent(core.handle(b"a", wire.SyncRequest("peer-1", "daemon"), 0.0, 0.0), wire.SyncState)[0].epoch == "e3"
+    out = core.handle(b"c", wire.ConfigSet("upload_rate", "1MiB"), 0.0, 0.0)
+    assert published(out, wire.ConfigUpdate)[0].epoch == "e3"
+
+
+def test_ops_store_epoch_is_stable_and_new_after_a_wipe(tmp_path):
+    import shutil
+
+    from brokers.manager.opsstore import OpsStore
+    s = OpsStore(tmp_path / "ops")
+    first = s.epoch()
+    assert first and s.epoch() == first
+    s.close()
+    s = OpsStore(tmp_path / "ops")
+    assert s.epoch() == first
+    s.close()
+    shutil.rmtree(tmp_path / "ops")
+    s = OpsStore(tmp_path / "ops")
+    assert s.epoch() != first
+    s.close()
+
+
+def test_lowering_a_rate_live_does_not_freeze_transfers():
+    """16 x 4 MiB reserved at 100 MB/s, then the rate drops to 1 MiB/s: the debt built at the
+    old rate must not be repaid at the new one (that was ~64 s without a byte)."""
+    from nodes.limits import TokenBucket
+    from nodes.ops import retune
+
+    MiB = 1 << 20
+    b = TokenBucket(100e6)
+    for _ in range(16):
+        b.reserve(4 * MiB, 0.0)
+    retune(b, MiB, now=0.1)
+    wait = b.reserve(256 * 1024, 0.1)
+    assert wait <= 0.6, wait  # at most the new burst's debt plus this piece
+    # raising it again: no free burst beyond the new bucket's
+    retune(b, 100 * MiB, now=0.2)
+    assert b.tokens <= b.burst
+    # a bucket that was unlimited starts limited with a full burst, not a stale balance
+    u = TokenBucket(0)
+    u.tokens = -1e9
+    retune(u, MiB, now=5.0)
+    assert u.reserve(1024, 5.0) == 0.0
+
+
+def test_only_http_urls_from_remote_requests():
+    """Jobs and seed triggers come over the network: a daemon takes only http(s) URLs from them."""
+    from nodes.ops import remote_url_problem
+
+    assert remote_url_problem("http://o/x") == remote_url_problem("HTTPS://o/x") == ""
+    for url in ("file:///etc/hostname", "FILE:///etc/shadow", "ftp://o/x", "cache:///x", "/etc/passwd"):
+        assert "http" in remote_url_problem(url), url
+    core = core_with_hosts()
+    out = core.handle(CLI, wire.JobCreate("preheat", ["file:///etc/hostname"]), 1.0, 1.0)
+    err = sent(out, wire.Error)[0]
+    assert err.code == "bad-request" and "file:///etc/hostname" in err.detail and not core.jobs
+
+
+def test_a_job_right_after_a_manager_start_says_hosts_have_not_checked_in():
+    """Presence is not stored: for one check-in round after a start the manager cannot know
+    the hosts yet, and says so with a code the CLI retries on (not a flat "no seed peer")."""
+    core = OpsCore({}, [], 0)
+    core.handle_timer(100.0, 0.0)
+    err = sent(core.handle(CLI, wire.JobCreate("preheat", ["http://o/x"]), 101.0, 0.0), wire.Error)[0]
+    assert err.code == "starting" and "try again" in err.detail
+    core.handle(A, wire.SyncRequest("seed-1", "seed"), 102.0, 0.0)
+    assert sent(core.handle(CLI, wire.JobCreate("preheat", ["http://o/x"]), 102.0, 0.0), wire.JobState)
+    err = sent(OpsCore({}, [], 0).handle(CLI, wire.JobCreate("preheat", ["http://o/x"], "all"), 0.0, 0.0), wire.Error)[0]
+    assert err.code == "no-hosts"  # a core whose timer never ran is not "starting"
+    late = OpsCore({}, [], 0)
+    late.handle_timer(100.0, 0.0)
+    assert sent(late.handle(CLI, wire.JobCreate("preheat", ["http://o/x"]), 115.0, 0.0), wire.Error)[0].code == "no-hosts"

@@ -357,3 +357,15 @@ def test_a_seed_restarted_mid_job_finishes_its_part(cl, www, origin):
     assert "succeeded" in out
     # it resumed from the pieces it kept rather than reading the whole file again
     assert len(data) <= origin.bytes_served("resume.bin") < 1.6 * len(data)
+
+
+def test_preheat_of_a_local_file_is_refused(cl):
+    """file:// would make every seed read its own disk and serve the file over P2P."""
+    r = dfzmq(cl, "preheat", "file:///etc/hostname")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip().count("\n") == 0 and "error" in r.stderr and "http" in r.stderr, r.stderr
+    # the manager refuses it too (another client could send anything)
+    reply = request(f"tcp://{cl.manager_addr}", wire.JobCreate("preheat", ["file:///etc/hostname"], "all"), 3.0)
+    assert isinstance(reply, wire.Error) and reply.code == "bad-request", reply
+    jobs = request(f"tcp://{cl.manager_addr}", wire.JobList(1000), 3.0).jobs
+    assert not any(u.startswith("file:") for j in jobs for u in j.urls)

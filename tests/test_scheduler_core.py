@@ -587,3 +587,13 @@ def test_rank_prefers_pieces_free_slots_and_affinity_deterministically():
     ties = [cand(f"p{i}") for i in range(6)]
     firsts = {scoring.rank(ties, f"child{j}")[0].peer_id for j in range(12)}
     assert len(firsts) > 1  # equal candidates spread over children
+
+
+def test_a_file_url_never_makes_a_seed_read_its_own_disk():
+    """file:// (or any non-HTTP) task: the peer that asked reads it itself; no SeedTrigger, so
+    a remote registration cannot make a seed read a local file and serve it over P2P."""
+    net = FakeNet()
+    seed, a = net.host("seed", seed=True), net.host("a")
+    a.send(wire.PeerRegister(task_id=TASK, peer_id=a.peer(), url="file:///etc/hostname"))
+    assert seed.take(wire.SeedTrigger) == []
+    assert a.one(wire.BackToSource).peer_id == a.peer()

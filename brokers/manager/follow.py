@@ -6,7 +6,9 @@ The owner sends what `on_timer` returns on a DEALER to the manager, connects a S
 which says whether the settings changed and which jobs arrived. A snapshot (SyncState) is asked
 for at once and then every `interval_s`: that repairs an update lost on the PUB (slow joiner,
 high-water mark, manager restart) and tells the manager this host is alive. Updates and
-snapshots are applied only if newer than the settings already applied (`config_seq`).
+snapshots are applied only if newer than the settings already applied (`config_seq`), within
+one `epoch` (the manager's ops store's creation id): a manager whose store was wiped starts
+again at seq 0 under a new epoch, and its settings replace the old ones whatever their seq.
 `silent()` says when the manager has not answered for `liveness` intervals: the owner then
 opens a fresh DEALER (Paranoid Pirate), keeping what it applied meanwhile.
 This module never touches sockets or clocks.
@@ -29,6 +31,7 @@ class Follower:
         self.liveness = liveness
         self.config: dict[str, Any] = {}
         self.config_seq = -1
+        self.epoch = ""
         self.events_addr = ""
         self.synced = False  # a snapshot has been applied
         self._next_sync = 0.0
@@ -61,17 +64,20 @@ class Follower:
         if isinstance(msg, wire.SyncState):
             self.events_addr = msg.events_addr or self.events_addr
             self.synced = True
-            changed = self._apply(msg.seq, msg.config)
+            changed = self._apply(msg.seq, msg.config, msg.epoch)
             return changed, [j for j in msg.jobs if self.host_id in j.hosts]
         if isinstance(msg, wire.ConfigUpdate):
-            return self._apply(msg.seq, msg.config), []
+            return self._apply(msg.seq, msg.config, msg.epoch), []
         if isinstance(msg, wire.JobUpdate):
             return False, [msg.job] if self.host_id in msg.job.hosts else []
         if isinstance(msg, wire.JobState):
             return False, [msg.job] if self.host_id in msg.job.hosts else []
         return False, []
 
-    def _apply(self, seq: int, config: dict[str, Any]) -> bool:
+    def _apply(self, seq: int, config: dict[str, Any], epoch: str = "") -> bool:
+        if epoch != self.epoch:  # another store: its seq counts from its own start
+            self.epoch = epoch
+            self.config_seq = -1
         if seq < self.config_seq:
             return False
         self.config_seq = seq

@@ -20,7 +20,8 @@ Decisions worth knowing:
 - A job is done when every host reported succeeded or failed; it succeeded only if all did.
   A host silent for `presence_s` while its part is open fails that part ("host gone").
 - After a manager restart, hosts get one presence window to ask again before their open
-  parts fail: presence is not stored, and jobs are.
+  parts fail: presence is not stored, and jobs are. A job asked for before any host checked in
+  (two sync intervals after the start) is refused as "starting", which the CLI retries.
 - The newest MAX_JOBS jobs are kept; older finished ones are dropped when a job is created.
 - Reports are idempotent: a daemon re-sends its result until the job shows it, and a report
   for a host that already finished, or for a finished job, changes nothing.
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from brokers.manager.follow import SYNC_INTERVAL_S
 from dfzmq import settings, wire
 from dfzmq.actions import Publish, Send
 from dfzmq.errors import ConfigError
@@ -52,6 +54,7 @@ TERMINAL = ("succeeded", "failed")
 MAX_URLS = 10_000
 MAX_JOBS = 1000
 PRESENCE_S = 20.0  # a follower asks every SYNC_INTERVAL_S (5 s); four misses and it is gone
+STARTUP_S = 2 * SYNC_INTERVAL_S  # after a start, hosts check in within this: "starting", not "no-hosts"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +81,12 @@ class OpsCore:
     def __init__(self, config: dict[str, Any], jobs: list[wire.JobInfo], seq: int,
                  events_addr: str = "", presence_s: float = PRESENCE_S,
                  counters: collections.Counter | None = None,
-                 make_id: Callable[[], str] = lambda: new_id("job")) -> None:
+                 make_id: Callable[[], str] = lambda: new_id("job"), epoch: str = "") -> None:
         self.config = dict(config)
         self.jobs: dict[str, wire.JobInfo] = {j.job_id: j for j in jobs}
         self.seq = seq
         self.events_addr = events_addr
+        self.epoch = epoch  # the store's creation id, sent with seq (see follow.py)
         self.presence_s = presence_s
         self.counters = counters if counters is not None else collections.Counter()
         self.make_id = make_id
@@ -96,7 +100,7 @@ class OpsCore:
     # -- inputs -------------------------------------------------------------------------------
 
     def handle(self, sender: bytes, msg: Any, now: float, wall: float) -> list:
-        self.counters["ops.recv." + type(msg).KIND.decode()] += 1
+        self.counters["recv." + type(msg).KIND.decode()] += 1  # one family with membership requests
         if isinstance(msg, wire.SyncRequest):
             return self._sync(sender, msg, now)
         if isinstance(msg, wire.ConfigGet):
@@ -149,7 +153,7 @@ class OpsCore:
         if msg.host_id and len(msg.host_id) <= 256 and msg.role in ("daemon", "seed", "scheduler"):
             self.followers[msg.host_id] = _Follower(msg.role, msg.hostname[:256], now)
         mine = [j for j in self.jobs.values() if j.state == "running" and msg.host_id in j.hosts]
-        return [Send(sender, wire.SyncState(self.seq, dict(self.config), mine, self.events_addr))]
+        return [Send(sender, wire.SyncState(self.seq, dict(self.config), mine, self.events_addr, self.epoch))]
 
     def _config_set(self, sender: bytes, msg: wire.ConfigSet) -> list:
         key = msg.key.replace("-", "_")
@@ -173,7 +177,7 @@ class OpsCore:
             self.config = new
             self.seq += 1
             log.info("cluster setting %s = %s", key, "(unset)" if value is None else value)
-            out += [PersistOps(self.seq, config=dict(new)), Publish(wire.ConfigUpdate(self.seq, dict(new)))]
+            out += [PersistOps(self.seq, config=dict(new)), Publish(wire.ConfigUpdate(self.seq, dict(new), self.epoch))]
         out.append(Send(sender, wire.ConfigState(self.seq, dict(self.config))))
         return out
 
@@ -188,12 +192,19 @@ class OpsCore:
             return refuse(f"unknown scope {msg.scope!r} (use seeds or all)")
         if not msg.urls or len(msg.urls) > MAX_URLS:
             return refuse(f"a job needs 1 to {MAX_URLS} URLs")
-        want = ("cache",) if msg.kind == "cache-rm" else ("http", "https", "file")
+        # Never file://: the manager is reachable over the network, and a preheat of a local
+        # path would make every seed read its own disk and serve the file over P2P.
+        want = ("cache",) if msg.kind == "cache-rm" else ("http", "https")
         for url in msg.urls:
             if urlsplit(url).scheme.lower() not in want:
                 return refuse(f"not a {'/'.join(want)} URL: {url[:200]!r}")
         roles = ("seed",) if msg.scope == "seeds" else ("seed", "daemon")
         hosts = sorted(h for h, f in self.followers.items() if f.role in roles and self._present(h, now))
+        if not hosts and self._born is not None and now - self._born < STARTUP_S:
+            self.counters["ops.error.starting"] += 1
+            return [Send(sender, wire.Error(
+                "starting", f"the manager started {now - self._born:.0f}s ago and hosts have not checked in "
+                            f"yet (every {SYNC_INTERVAL_S:.0f}s); try again"))]
         if not hosts:
             self.counters["ops.error.no-hosts"] += 1
             who = "seed peer" if msg.scope == "seeds" else "daemon"

@@ -27,7 +27,7 @@ class Ops:
         self.store = OpsStore(Path(data) / "ops")
         self.counters = counters
         self.core = OpsCore(self.store.config(), self.store.jobs(), self.store.seq(),
-                            events_addr=events_addr, counters=counters)
+                            events_addr=events_addr, epoch=self.store.epoch(), counters=counters)
 
     def handles(self, msg: Any) -> bool:
         return self.core.handles(msg)
@@ -49,7 +49,7 @@ class Ops:
         try:
             return fn(*args)
         except Exception:  # a bug here must not take the manager down
-            self.counters["error.internal"] += 1
+            self.counters["internal-error"] += 1  # the schedulers' name too
             log.exception("manager ops failed on %r", args[:2])
             return []
 

@@ -2,7 +2,8 @@
 cluster settings, the jobs and the seq of their updates.
 
 An environment of its own at DATA/ops (next to the membership store, which it never touches):
-- `meta`: b"seq";
+- `meta`: b"seq", and b"epoch": an id made when the store is created, so followers can tell
+  a wiped store (seq back at 0) from a stale message;
 - `config`: setting name -> msgpack value;
 - `jobs`: job id -> msgpack map of JobInfo fields (a map, so older and newer records load).
 Short transactions; open after any fork; never touches sockets or clocks.
@@ -20,6 +21,7 @@ import msgpack
 
 from dfzmq import wire
 from dfzmq.errors import StorageError
+from dfzmq.ids import new_id
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,15 @@ class OpsStore:
         with self._env.begin(db=self._meta) as txn:
             raw = txn.get(b"seq")
         return int(bytes(raw).decode()) if raw is not None else 0
+
+    def epoch(self) -> str:
+        """This store's creation id (made on first use)."""
+        with self._env.begin(write=True, db=self._meta) as txn:
+            raw = txn.get(b"epoch")
+            if raw is None:
+                raw = new_id("ops").encode()
+                txn.put(b"epoch", raw)
+        return bytes(raw).decode()
 
     def config(self) -> dict[str, Any]:
         with self._env.begin(db=self._config) as txn:

@@ -114,7 +114,7 @@ def _guard(fn: Callable[..., list], counters: Counters, *args: Any) -> list:
     try:
         return fn(*args)
     except Exception:  # a core bug must not take the cluster's broker down with it
-        counters["error.internal"] += 1
+        counters["internal-error"] += 1  # the schedulers' name too
         log.exception("manager core failed on %r", args[:2])
         return []
 

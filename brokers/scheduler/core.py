@@ -453,6 +453,8 @@ class SchedulerCore:
             task.waiting.append(peer.peer_id)
 
     def _pick_seed(self, task: Task, exclude_host: str, now: float) -> Host | None:
+        if not task.url.lower().startswith(("http://", "https://")):
+            return None  # file:// is the asking host's own disk: never a seed's (nor cache://)
         seeds = [h.host_id for h in self.hosts.values()
                  if h.info.seed and h.host_id != exclude_host and self._alive(h.host_id, now)]
         if not seeds:
