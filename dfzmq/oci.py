@@ -23,7 +23,8 @@ from dfzmq.errors import ConfigError
 DOCKER_HUB = "registry-1.docker.io"
 DOCKER_HUB_NS = "docker.io"  # containerd's name for Docker Hub
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", DOCKER_HUB})
-SHA256_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+SHA256 = r"sha256:[0-9a-f]{64}"  # a blob digest as the registry API writes it
+SHA256_DIGEST = re.compile(f"^{SHA256}$")
 
 
 def blob_task_id(digest: str) -> str:

@@ -28,13 +28,12 @@ import re
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from dfzmq import ids
-from dfzmq.oci import registry_server
+from dfzmq.oci import SHA256, blob_task_id, registry_server
 
 if TYPE_CHECKING:
     from nodes.proxy import Exchange, ProxyServer
 
-BLOB = re.compile(r"^/v2/(?P<name>[a-z0-9]+(?:[._/-][a-z0-9]+)*)/blobs/(?P<digest>sha256:[0-9a-f]{64})$")
+BLOB = re.compile(r"^/v2/(?P<name>[a-z0-9]+(?:[._/-][a-z0-9]+)*)/blobs/" f"(?P<digest>{SHA256})$")
 
 
 def upstream_map(upstreams: list[str]) -> dict[str, str]:
@@ -83,7 +82,7 @@ class RegistryMirror:
         if m is not None and method == "GET":
             digest = m["digest"]
             self.proxy.counters["registry.blob"] += 1
-            tid = ids.task_id(url, content_digest=digest)
+            tid = blob_task_id(digest)
             await self.proxy.serve_task(ex, tid, url, headers, expected=digest,
                                         extra=[("Docker-Content-Digest", digest)])
             return

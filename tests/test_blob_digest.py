@@ -1,0 +1,120 @@
+"""Registry blobs are tasks named by their sha256 digest, and their bytes are checked against it
+before anything keeps them: on a real cluster (manager, scheduler, seed, two daemons as
+processes, peer1 serving a registry mirror) in front of a small token-auth registry
+(tests/test_preheat.TinyRegistry) that can be told to serve wrong bytes for a blob.
+
+- preheat --image with --tag stores each blob under the same task id the mirror uses, so a
+  pull through the mirror afterwards reads nothing from the registry;
+- a registry answering wrong bytes (same length) makes the preheat job / the mirror pull fail,
+  nothing stays stored under that task on any daemon, and a later pull of the right bytes works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import random
+import time
+
+import lmdb
+import pytest
+
+from dfzmq import wire
+from dfzmq.oci import blob_task_id
+from nodes.store import PieceStore
+from tests.clirun import run_cli
+from tests.test_preheat import TinyRegistry
+from tools.cluster import LocalCluster, free_port, request
+
+DEADLINE_S = 60
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    with TinyRegistry() as reg:
+        port = free_port()
+        env = {"peer1": {"DFZMQ_PROXY_LISTEN": f"127.0.0.1:{port}",
+                         "DFZMQ_REGISTRY_MIRRORS": f"http://127.0.0.1:{reg.port}"}}
+        with LocalCluster(tmp_path_factory.mktemp("blobs"), peers=2, seeds=1, daemon_env=env) as cl:
+            yield cl, reg, port
+
+
+def image(reg: TinyRegistry, tag: str, sizes: tuple[int, ...], seed: int) -> tuple[str, list[str]]:
+    """Push a one-platform image; its reference and its blob digests (config first)."""
+    rnd = random.Random(seed)
+    config = reg.add_blob(json.dumps({"architecture": "amd64", "seed": seed}).encode())
+    layers = [reg.add_blob(rnd.randbytes(n)) for n in sizes]
+    reg.add_manifest(tag, {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {**config, "mediaType": "application/vnd.oci.image.config.v1+json"},
+                           "layers": layers})
+    return f"127.0.0.1:{reg.port}/team/app:{tag}", [config["digest"]] + [l["digest"] for l in layers]
+
+
+def corrupt(data: bytes) -> bytes:
+    """Same length, one byte off in the middle: only the digest can tell."""
+    mid = len(data) // 2
+    return data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
+
+
+def stored(cl: LocalCluster, name: str, tid: str) -> tuple[dict | None, int]:
+    """(task meta, pieces held) in a daemon's LMDB store, read from this process (LMDB readers
+    may share an environment with the running daemon)."""
+    s = PieceStore.__new__(PieceStore)
+    s.env = lmdb.open(str(cl.root / name / "store.lmdb"), readonly=True, max_dbs=4, lock=True, readahead=False)
+    try:
+        s.pieces, s.manifest_db = s.env.open_db(b"pieces"), s.env.open_db(b"manifest")
+        s.tasks_db, s.refs_db = s.env.open_db(b"tasks"), s.env.open_db(b"refs")
+        return s.get_task(tid), len(s.manifest(tid))
+    finally:
+        s.env.close()
+
+
+def nothing_kept(cl: LocalCluster, tid: str) -> None:
+    """No daemon keeps the task once every run of it has ended (polled: the failure is async)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        left = {n: stored(cl, n, tid) for n in cl.seeds + cl.peers}
+        left = {n: v for n, v in left.items() if v != (None, 0)}
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"still stored: {left}"
+        time.sleep(0.2)
+
+
+def mirror_get(port: int, digest: str, read: bool = True) -> tuple[int, bytes]:
+    """GET a blob through peer1's mirror, as a registry client with the registry's token."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+    try:
+        conn.request("GET", f"/v2/team/app/blobs/{digest}",
+                     headers={"Authorization": f"Bearer {TinyRegistry.TOKEN}"})
+        resp = conn.getresponse()
+        return resp.status, resp.read() if read else b""
+    finally:
+        conn.close()
+
+
+def preheat(cl: LocalCluster, *args: str) -> dict:
+    r = run_cli("preheat", *args, "--wait", "--json", "--manager", cl.manager_addr)
+    out = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+    return {"rc": r.returncode, "stderr": r.stderr, **out}
+
+
+def scheduler_tasks(cl: LocalCluster) -> dict[str, dict]:
+    snap = request(f"tcp://{cl.scheduler_addrs[0]}", wire.SnapshotRequest(), 3.0)
+    return {t["task_id"]: t for t in snap.info["snapshot"]["tasks"]}
+
+
+def test_preheat_with_a_tag_stores_blobs_where_the_mirror_finds_them(setup):
+    cl, reg, port = setup
+    ref, digests = image(reg, "tagged", (600_000,), seed=1)
+    job = preheat(cl, "--image", ref, "--tag", "team-a", "--application", "ci")
+    assert job["rc"] == 0 and job["state"] == "succeeded", job
+    tasks = scheduler_tasks(cl)
+    for d in digests:
+        assert tasks[blob_task_id(d)]["complete"], d
+    layer = digests[1]
+    before = reg.blob_bytes[layer]
+    status, body = mirror_get(port, layer)
+    assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == layer
+    assert reg.blob_bytes[layer] == before  # served from the cluster, not the registry again
