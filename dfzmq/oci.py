@@ -40,3 +40,12 @@ def registry_server(text: str) -> tuple[str, str]:
     if parts.netloc.lower() in DOCKER_HUB_ALIASES:
         return DOCKER_HUB_NS, f"https://{DOCKER_HUB}"
     return parts.netloc, f"{parts.scheme}://{parts.netloc}"
+
+
+def blob_digest_of(task_id: str, url: str) -> str:
+    """The sha256 hex a task's content must have, when the task is a registry blob named by
+    its digest (its URL ends in `/blobs/sha256:HEX` and its id is that digest's); else ""."""
+    _, sep, tail = urlsplit(url).path.rpartition("/blobs/")
+    if sep and SHA256_DIGEST.match(tail) and blob_task_id(tail) == task_id:
+        return tail.removeprefix("sha256:")
+    return ""

@@ -118,3 +118,52 @@ def test_preheat_with_a_tag_stores_blobs_where_the_mirror_finds_them(setup):
     status, body = mirror_get(port, layer)
     assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == layer
     assert reg.blob_bytes[layer] == before  # served from the cluster, not the registry again
+
+
+def test_preheat_of_wrong_bytes_fails_keeps_nothing_and_a_later_preheat_works(setup):
+    cl, reg, _ = setup
+    ref, digests = image(reg, "bad-preheat", (900_000,), seed=2)
+    layer = digests[1]
+    good = reg.blobs[layer]
+    reg.blobs[layer] = corrupt(good)  # an upstream whose blob changed, or a proxy's error page
+    job = preheat(cl, "--image", ref)
+    assert job["rc"] != 0 and job.get("state") == "failed", job
+    assert "digest" in json.dumps(job), job
+    nothing_kept(cl, blob_task_id(layer))
+    assert not scheduler_tasks(cl).get(blob_task_id(layer), {}).get("complete")
+    reg.blobs[layer] = good
+    job = preheat(cl, "--image", ref)
+    assert job["rc"] == 0 and job["state"] == "succeeded", job
+    meta, pieces = stored(cl, cl.seeds[0], blob_task_id(layer))
+    assert meta and meta["complete"] and pieces == meta["piece_count"]
+
+
+@pytest.mark.parametrize("read", [True, False], ids=["client-reads", "client-leaves"])
+def test_mirror_pull_of_wrong_bytes_fails_keeps_nothing_and_a_later_pull_works(setup, read):
+    cl, reg, port = setup
+    _, digests = image(reg, f"bad-mirror-{read}", (1_500_000,), seed=3 + read)
+    layer = digests[1]
+    good = reg.blobs[layer]
+    reg.blobs[layer] = corrupt(good)
+    failed_before = sum(cl.stat(n)["counters"].get("task.digest-mismatch", 0) for n in cl.seeds + cl.peers)
+    try:
+        status, body = mirror_get(port, layer, read)
+    except (http.client.HTTPException, OSError):
+        status, body = -1, b""  # the mirror cut the connection rather than end a wrong body
+    assert not (status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == layer) or not read
+    assert status != 200 or not read or len(body) < len(good)
+    deadline = time.monotonic() + DEADLINE_S
+    while sum(cl.stat(n)["counters"].get("task.digest-mismatch", 0) for n in cl.seeds + cl.peers) == failed_before:
+        assert time.monotonic() < deadline, "no run noticed the wrong digest"
+        time.sleep(0.2)
+    nothing_kept(cl, blob_task_id(layer))
+    reg.blobs[layer] = good
+    status, body = mirror_get(port, layer)
+    assert status == 200 and body == good
+    # and a range of it, from what is now stored
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+    conn.request("GET", f"/v2/team/app/blobs/{layer}",
+                 headers={"Authorization": f"Bearer {TinyRegistry.TOKEN}", "Range": "bytes=1000-1999"})
+    resp = conn.getresponse()
+    assert resp.status == 206 and resp.read() == good[1000:2000]
+    conn.close()
