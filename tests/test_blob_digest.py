@@ -167,3 +167,33 @@ def test_mirror_pull_of_wrong_bytes_fails_keeps_nothing_and_a_later_pull_works(s
     resp = conn.getresponse()
     assert resp.status == 206 and resp.read() == good[1000:2000]
     conn.close()
+
+
+def test_a_wrong_blob_stored_before_digests_were_checked_is_dropped_on_first_use(setup):
+    """A complete blob task already in a daemon's store with wrong bytes (as an older dfzmq could
+    leave it) is checked when first used: that pull fails, the task is deleted, the next works."""
+    from dfzmq.wire import PieceInfo
+    from nodes.source import digest
+
+    cl, reg, port = setup
+    _, digests = image(reg, "legacy", (300_000,), seed=9)
+    layer, tid = digests[1], blob_task_id(digests[1])
+    good = reg.blobs[layer]
+    bad = corrupt(good)
+    url = f"http://127.0.0.1:{reg.port}/v2/team/app/blobs/{layer}"
+    store = PieceStore(cl.root / "peer1")  # LMDB: a second writer process waits for the lock
+    try:
+        store.put(tid, PieceInfo(0, 0, len(bad), digest(bad)), bad)
+        store.put_task(tid, {"url": url, "tag": "", "application": "", "content_length": len(bad),
+                             "complete": True, "file_digest": digest(bad), "piece_count": 1, "etag": "",
+                             "content_type": "", "origin_meta": {"status": "200"}})
+    finally:
+        store.env.close()
+    try:
+        status, body = mirror_get(port, layer)
+    except (http.client.HTTPException, OSError):
+        status, body = -1, b""
+    assert body != bad  # the wrong bytes are never served whole
+    nothing_kept(cl, tid)
+    status, body = mirror_get(port, layer)
+    assert status == 200 and body == good
