@@ -169,14 +169,17 @@ def test_mirror_pull_of_wrong_bytes_fails_keeps_nothing_and_a_later_pull_works(s
     conn.close()
 
 
-def test_a_wrong_blob_stored_before_digests_were_checked_is_dropped_on_first_use(setup):
+@pytest.mark.parametrize("verified", [False, True], ids=["stored-unchecked", "corrupted-after-check"])
+def test_a_wrong_blob_in_the_store_is_dropped_on_first_use(setup, verified):
     """A complete blob task already in a daemon's store with wrong bytes (as an older dfzmq could
-    leave it) is checked when first used: that pull fails, the task is deleted, the next works."""
+    leave it, or a disk could) is caught when first used: by the run's check when never checked,
+    by the mirror's streaming check otherwise. That pull fails, the task is deleted, the next
+    pull works."""
     from dfzmq.wire import PieceInfo
     from nodes.source import digest
 
     cl, reg, port = setup
-    _, digests = image(reg, "legacy", (300_000,), seed=9)
+    _, digests = image(reg, f"legacy-{verified}", (300_000,), seed=9 + verified)
     layer, tid = digests[1], blob_task_id(digests[1])
     good = reg.blobs[layer]
     bad = corrupt(good)
@@ -186,7 +189,7 @@ def test_a_wrong_blob_stored_before_digests_were_checked_is_dropped_on_first_use
         store.put(tid, PieceInfo(0, 0, len(bad), digest(bad)), bad)
         store.put_task(tid, {"url": url, "tag": "", "application": "", "content_length": len(bad),
                              "complete": True, "file_digest": digest(bad), "piece_count": 1, "etag": "",
-                             "content_type": "", "origin_meta": {"status": "200"}})
+                             "content_type": "", "origin_meta": {"status": "200"}, "verified": verified})
     finally:
         store.env.close()
     try:
@@ -195,5 +198,7 @@ def test_a_wrong_blob_stored_before_digests_were_checked_is_dropped_on_first_use
         status, body = -1, b""
     assert body != bad  # the wrong bytes are never served whole
     nothing_kept(cl, tid)
+    if verified:
+        assert cl.stat("peer1")["counters"].get("proxy.digest-mismatch", 0) >= 1
     status, body = mirror_get(port, layer)
     assert status == 200 and body == good
