@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Annotated, Optional
-from urllib.parse import urlsplit
 
 import typer
 
@@ -27,7 +26,7 @@ from dfzmq.cli import app
 from dfzmq.config import DaemonConfig, load_toml, resolve
 from dfzmq.errors import ConfigError
 from nodes.proxy import parse_listen
-from nodes.registry import DOCKER_HUB
+from dfzmq.oci import registry_server
 
 init_app = typer.Typer(no_args_is_help=True, help="Write or print container runtime settings for the registry mirror.")
 app.add_typer(init_app, name="init")
@@ -49,16 +48,7 @@ def registries(cfg: DaemonConfig) -> list[tuple[str, str]]:
     if not cfg.registry_mirrors:
         raise ConfigError("registry_mirrors is empty: name the registries to mirror "
                           "(e.g. registry_mirrors = [\"https://index.docker.io\"])")
-    out = []
-    for u in cfg.registry_mirrors:
-        parts = urlsplit(u if "://" in u else f"https://{u}")
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"registry mirror {u!r}: expected http(s)://HOST[:PORT]")
-        if parts.netloc in ("docker.io", "index.docker.io", DOCKER_HUB):
-            out.append(("docker.io", f"https://{DOCKER_HUB}"))
-        else:
-            out.append((parts.netloc, f"{parts.scheme}://{parts.netloc}"))
-    return out
+    return [registry_server(u) for u in cfg.registry_mirrors]
 
 
 def hosts_toml(server: str, mirror: str) -> str:

@@ -200,7 +200,7 @@ def jobs(job_id: Annotated[Optional[str], typer.Argument(help="One job, with its
 def preheat(
     urls: Annotated[Optional[list[str]], typer.Argument(help="URLs to fetch ahead of demand.")] = None,
     image: Annotated[Optional[str], typer.Option(help="REGISTRY/NAME:TAG: preheat the image's blobs.")] = None,
-    platform: Annotated[str, typer.Option(help="OS/ARCH[/VARIANT] to pick from a multi-platform image.")] = "linux/amd64",
+    platform: Annotated[str, typer.Option(help="OS/ARCH, or OS/ARCH/VARIANT, to pick from a multi-platform image.")] = "linux/amd64",
     plain_http: Annotated[Optional[bool], typer.Option("--plain-http/--https", help="Registry scheme (default: http for localhost only).")] = None,
     registry_user: Annotated[str, typer.Option(envvar="DFZMQ_REGISTRY_USER", help="For the registry's token service.")] = "",
     registry_password: Annotated[str, typer.Option(envvar="DFZMQ_REGISTRY_PASSWORD", help="For the registry's token service.")] = "",

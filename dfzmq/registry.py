@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from dfzmq.errors import ConfigError, SourceError
+from dfzmq.oci import DOCKER_HUB, DOCKER_HUB_ALIASES, SHA256_DIGEST
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -38,8 +39,7 @@ MANIFEST_TYPES = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 INDEX_TYPES = MANIFEST_TYPES[:2]
-DOCKER_HUB = "registry-1.docker.io"
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DIGEST = SHA256_DIGEST
 MAX_MANIFEST = 4 * 1024 * 1024
 
 
@@ -74,6 +74,8 @@ def parse_ref(text: str) -> ImageRef:
         registry, path = first, rest
     else:
         registry, path = DOCKER_HUB, name
+    if registry.lower() in DOCKER_HUB_ALIASES:  # docker.io/nginx is Docker Hub's library/nginx
+        registry = DOCKER_HUB
         if "/" not in path:
             path = "library/" + path
     tag = "latest"

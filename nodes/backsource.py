@@ -30,7 +30,7 @@ SOURCE_ATTEMPTS = 3  # tries at the origin for transient failures (cut connectio
 
 def _start_hasher(run: "TaskRun") -> None:
     """Writer thread: hash what is already held, in order; later pieces are fed as written."""
-    hasher = OrderedHasher(["blake3"], run._read_stored)
+    hasher = OrderedHasher(["blake3"] + (["sha256"] if run.expected_sha256 else []), run._read_stored)
     for num, info in sorted(run.daemon.store.manifest(run.task_id).items()):
         hasher.feed(info)
     run.hasher = hasher

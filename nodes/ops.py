@@ -240,8 +240,13 @@ class DaemonOps:
     async def warm(self, url: str, headers: dict[str, str], tag: str = "", application: str = "",
                    content_digest: str = "") -> dict:
         """Fetch `url` into the store only (no output file), as a client's download would."""
+        from dfzmq.oci import blob_task_id  # here: keeps this fix to warm() alone
+
         d = self.d
-        tid = ids.task_id(url, tag, application, content_digest)
+        if content_digest:  # a registry blob: one task per digest, as the mirror names it
+            tid, tag, application = blob_task_id(content_digest), "", ""
+        else:
+            tid = ids.task_id(url, tag, application)
         run, new = d.require_task(tid, url, headers, tag, application)
         d.gc.note_access(tid)
         if new:

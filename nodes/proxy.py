@@ -43,7 +43,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from dfzmq import ids
-from dfzmq.errors import ConfigError, DfzmqError, SourceError
+from dfzmq.errors import ConfigError, DfzmqError, IntegrityError, SourceError
 from nodes import httprules
 from nodes.source import REPLAY_HEADERS, _safe
 from nodes.stream import StreamSink
@@ -341,8 +341,18 @@ class ProxyServer:
         else:
             self.counters["proxy.p2p"] += 1
         await ex.respond(ans.status, out)  # 200: what a whole-body GET of the task got from the origin
-        async for chunk in sink.body(ans.start, ans.end, verify=(ans.status == 200)):
-            await ex.send(h11.Data(data=chunk))  # h11 passes the buffer through uncopied
+        try:
+            async for chunk in sink.body(ans.start, ans.end, verify=(ans.status == 200)):
+                await ex.send(h11.Data(data=chunk))  # h11 passes the buffer through uncopied
+        except IntegrityError:
+            # Stored bytes that do not match the blob's digest (its run checked them, so the
+            # store changed since): delete them, so the next pull reads the registry afresh.
+            self.counters["proxy.digest-mismatch"] += 1
+            await asyncio.wait([run.done])  # whole here, so ending; then nothing writes to it
+            if self.daemon.tasks.get(run.task_id) is None:
+                await run._in_writer(self.daemon.store.delete_task, run.task_id)
+                self.daemon.forget(run.task_id)
+            raise
         await ex.send(h11.EndOfMessage())
         self.counters["proxy.p2p-bytes"] += ans.end - ans.start
 

@@ -28,27 +28,21 @@ import re
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from dfzmq import ids
-from dfzmq.errors import ConfigError
+from dfzmq.oci import SHA256, blob_task_id, registry_server
 
 if TYPE_CHECKING:
     from nodes.proxy import Exchange, ProxyServer
 
-BLOB = re.compile(r"^/v2/(?P<name>[a-z0-9]+(?:[._/-][a-z0-9]+)*)/blobs/(?P<digest>sha256:[0-9a-f]{64})$")
-DOCKER_HUB = "registry-1.docker.io"  # what containerd's ns=docker.io means
+BLOB = re.compile(r"^/v2/(?P<name>[a-z0-9]+(?:[._/-][a-z0-9]+)*)/blobs/" f"(?P<digest>{SHA256})$")
 
 
 def upstream_map(upstreams: list[str]) -> dict[str, str]:
-    """ns (registry host[:port]) -> upstream base URL. Raises ConfigError on a bad URL."""
+    """ns (registry host[:port]; `docker.io` for every Docker Hub alias) -> upstream base URL.
+    Raises ConfigError on a bad URL."""
     out: dict[str, str] = {}
     for u in upstreams:
-        parts = urlsplit(u if "://" in u else f"https://{u}")
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"registry mirror {u!r}: expected http(s)://HOST[:PORT]")
-        base = f"{parts.scheme}://{parts.netloc}"
-        out.setdefault(parts.netloc, base)
-        if parts.netloc in (DOCKER_HUB, "index.docker.io", "docker.io"):
-            out.setdefault("docker.io", f"{parts.scheme}://{DOCKER_HUB}")
+        ns, base = registry_server(u)
+        out.setdefault(ns, base)
     return out
 
 
@@ -68,9 +62,7 @@ class RegistryMirror:
     def __init__(self, proxy: "ProxyServer", upstreams: list[str]) -> None:
         self.proxy = proxy
         self.upstreams = upstream_map(upstreams)
-        self.default = upstream_map(upstreams[:1]).popitem()[1] if upstreams else ""
-        if self.default and upstreams[0].split("://")[-1].rstrip("/") in ("docker.io", "index.docker.io"):
-            self.default = f"https://{DOCKER_HUB}"
+        self.default = registry_server(upstreams[0])[1] if upstreams else ""
 
     @property
     def enabled(self) -> bool:
@@ -90,7 +82,7 @@ class RegistryMirror:
         if m is not None and method == "GET":
             digest = m["digest"]
             self.proxy.counters["registry.blob"] += 1
-            tid = ids.task_id(url, content_digest=digest)
+            tid = blob_task_id(digest)
             await self.proxy.serve_task(ex, tid, url, headers, expected=digest,
                                         extra=[("Docker-Content-Digest", digest)])
             return

@@ -25,10 +25,12 @@ import zmq
 
 from dfzmq import net, wire
 from dfzmq.errors import DfzmqError, DownloadError, SourceError, StorageError
+from dfzmq.oci import blob_digest_of
 from dfzmq.service import decode_plain
 from nodes.limits import TokenBucket
 from nodes.picker import Picker
 from nodes.backsource import REPORT_INTERVAL_S, read_origin
+from nodes.blobcheck import verify_content
 from nodes.localhits import take_local
 from nodes.sink import OutputSink
 from nodes.source import digest
@@ -113,6 +115,9 @@ class TaskRun:
         self.stalls = 0  # stall timeouts in a row without progress
         self.done_reported = False  # registered as "succeeded": no PEER_DONE needed
         self.registered_at = time.monotonic()
+        # A registry blob stored under its digest: its sha256 is checked before it is kept.
+        self.expected_sha256 = blob_digest_of(task_id, url)
+        self.verified = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -131,6 +136,7 @@ class TaskRun:
             self.piece_count = meta.get("piece_count", -1)
         self.etag = meta.get("etag", "")
         self.content_type = meta.get("content_type", "")
+        self.verified = bool(meta.get("complete") and meta.get("verified"))
         stored = meta.get("origin_meta") or {}
         if not stored and meta.get("complete"):  # a task stored before origin_meta existed
             stored = {"status": "200", **({"etag": self.etag} if self.etag else {}),
@@ -140,6 +146,8 @@ class TaskRun:
         if self._all_held():
             # Already whole here (a seed asked for a task it holds, or a client for a cached
             # file): tell the scheduler we hold it, so others can use us, and finish.
+            if self.expected_sha256 and not self.verified and not await verify_content(self):
+                return  # a blob stored before digests were checked, and wrong: deleted
             await self.daemon.schedulers_known()
             self.scheduler = self.daemon.scheduler_for(self.task_id)
             if self.scheduler is not None:
@@ -231,6 +239,7 @@ class TaskRun:
             "content_length": self.content_length, "complete": self.complete,
             "file_digest": self.file_digest, "piece_count": self.piece_count,
             "etag": self.etag, "content_type": self.content_type, "origin_meta": self.origin_meta,
+            "verified": self.verified,
         })
 
     def _all_held(self) -> bool:
@@ -239,7 +248,7 @@ class TaskRun:
     # -- scheduler messages ---------------------------------------------------------------
 
     def on_scheduler(self, msg: Any) -> None:
-        if self.state in ("succeeded", "failed"):
+        if self.state in ("succeeded", "failed", "verifying"):
             return
         if isinstance(msg, wire.TaskManifest):
             self._on_manifest(msg)
@@ -445,7 +454,9 @@ class TaskRun:
         self.reports = []
 
     async def _finish(self) -> None:
-        if self.state in ("succeeded", "failed"):
+        if self.state in ("succeeded", "failed", "verifying"):
+            return
+        if self.expected_sha256 and not self.verified and not await verify_content(self):
             return
         self.state = "succeeded"
         try:
@@ -509,7 +520,7 @@ class TaskRun:
     # -- back to source -------------------------------------------------------------------
 
     def go_source(self, reason: str) -> None:
-        if self.state in ("source", "succeeded", "failed"):
+        if self.state in ("source", "succeeded", "failed", "verifying"):
             return
         self.log.info("back to source: %s", reason)
         self.state = "source"

@@ -248,3 +248,26 @@ def test_stream_sink_holds_back_the_last_piece_until_the_digest_matched():
     got, err = _stream(blob, list(range(11)), 0, 1050, "sha256:" + "0" * 64, verify=True)
     assert isinstance(err, IntegrityError)
     assert got == blob[:1000]  # everything but the last piece went out; the client sees a cut
+
+
+@pytest.mark.parametrize("hub", ["docker.io", "https://docker.io", "index.docker.io", "http://index.docker.io",
+                                 "registry-1.docker.io", "https://registry-1.docker.io/"])
+def test_every_docker_hub_alias_goes_to_registry_1(hub, monkeypatch):
+    """containerd's ns=docker.io, and docker's requests without ns, reach registry-1 (the API host)
+    whichever Docker Hub name the operator wrote; dfzmq init writes the same server."""
+    from dfzmq.cli_init import registries
+    from nodes.registry import RegistryMirror
+    ups = upstream_map([hub])
+    assert upstream_url(ups, "", "/v2/library/x/manifests/latest?ns=docker.io") == \
+        "https://registry-1.docker.io/v2/library/x/manifests/latest"
+    assert RegistryMirror(None, [hub]).default == "https://registry-1.docker.io"
+    monkeypatch.setenv("DFZMQ_PROXY_LISTEN", "65001")
+    assert registries(DaemonConfig(registry_mirrors=[hub])) == [("docker.io", "https://registry-1.docker.io")]
+
+
+@pytest.mark.parametrize("name", ["docker.io", "index.docker.io", "registry-1.docker.io"])
+def test_image_references_naming_docker_hub_resolve_to_registry_1(name):
+    from dfzmq.registry import parse_ref
+    for text, repo in ((f"{name}/nginx:1.27", "library/nginx"), (f"{name}/bitnami/redis:7", "bitnami/redis")):
+        r = parse_ref(text)
+        assert (r.registry, r.repository) == ("registry-1.docker.io", repo), text
