@@ -231,9 +231,10 @@ def test_live_monitor_in_tmux(ops, fetched, origin, www, tmp_path):
             return tmux(sock, "capture-pane", "-p", "-t", name).stdout
 
         for name in sessions:
+            # A whole frame: the footer is drawn last (a capture may land mid-redraw).
             first = wait_for(lambda: (s := screen(name)) and "peers 3 up" in s and "ops.bin" in s
-                             and "2 stream(s) live" in s and s, f"the {name} monitor's first frame")
-            assert "q or Ctrl-C" in first
+                             and "2 stream(s) live" in s and "q or Ctrl-C" in s and s,
+                             f"the {name} monitor's first frame")
             assert ("location" in first) == (name == "large"), first
         # A new download while they run: the task and its events arrive over the PUB streams.
         make_file(www / "live.bin", 1024 * 1024, seed=7)
