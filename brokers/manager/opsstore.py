@@ -22,6 +22,7 @@ import msgpack
 from dfzmq import wire
 from dfzmq.errors import StorageError
 from dfzmq.ids import new_id
+from brokers.manager.store import load_records
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +60,7 @@ class OpsStore:
             return {bytes(k).decode(): msgpack.unpackb(v, raw=False) for k, v in txn.cursor()}
 
     def jobs(self) -> list[wire.JobInfo]:
-        with self._env.begin(db=self._jobs) as txn:
-            rows = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
-        out = []
-        for key, value in rows:
-            try:
-                fields = msgpack.unpackb(value, raw=False)
-                out.append(wire.JobInfo(**{k: v for k, v in fields.items() if k in _JOB_FIELDS}))
-            except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as e:
-                log.warning("skipping unreadable job record %r: %s", key, e)
-        return out
+        return load_records(self._env, self._jobs, wire.JobInfo, "job")
 
     def write(self, seq: int, config: dict[str, Any] | None, jobs: list[wire.JobInfo],
               drop: list[str] = ()) -> None:

@@ -28,6 +28,22 @@ MAP_SIZE = 1 << 32  # address space, not disk: 4 GiB is far beyond any member ta
 _FIELDS = tuple(f.name for f in dataclasses.fields(wire.MemberInfo))
 
 
+def load_records(env: lmdb.Environment, db, cls: type, what: str) -> list:
+    """Every msgpack'd `cls` record in `db` (fields it does not know are ignored, so an older or
+    newer manager's records load); a record that does not load is logged and skipped."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    with env.begin(db=db) as txn:
+        rows = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+    out = []
+    for key, value in rows:
+        try:
+            fields = msgpack.unpackb(value, raw=False)
+            out.append(cls(**{k: v for k, v in fields.items() if k in names}))
+        except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as e:
+            log.warning("skipping unreadable %s record %r: %s", what, key, e)
+    return out
+
+
 class ManagerStore:
     def __init__(self, path: Path, map_size: int = MAP_SIZE) -> None:
         path = Path(path)
@@ -56,16 +72,7 @@ class ManagerStore:
 
     def members(self) -> list[wire.MemberInfo]:
         """Every stored member; a record that does not load is logged and skipped."""
-        with self._env.begin(db=self._members) as txn:
-            rows = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
-        out = []
-        for key, value in rows:
-            try:
-                fields = msgpack.unpackb(value, raw=False)
-                out.append(wire.MemberInfo(**{k: v for k, v in fields.items() if k in _FIELDS}))
-            except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as e:
-                log.warning("skipping unreadable member record %r: %s", key, e)
-        return out
+        return load_records(self._env, self._members, wire.MemberInfo, "member")
 
     def put_member(self, member: wire.MemberInfo, seq: int) -> None:
         """Store one member record and the seq that announced it, atomically."""
