@@ -68,13 +68,20 @@ def rss(pid: int) -> dict[str, int]:
     return out
 
 
-def bench_warm(root: Path, size: int, rounds: int) -> None:
-    www = root / "www-warm"
+def _http_server(root: Path, name: str, size: int) -> tuple[Path, int, subprocess.Popen]:
+    """A directory holding NAME.bin of `size` bytes, served by `python -m http.server` (curl's
+    side of the comparison: a plain, fast file server)."""
+    www = root / f"www-{name}"
     www.mkdir()
-    make(www / "warm.bin", size)
+    make(www / f"{name}.bin", size)
     port = free_port()
     http = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                              "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return www, port, http
+
+
+def bench_warm(root: Path, size: int, rounds: int) -> None:
+    www, port, http = _http_server(root, "warm", size)
     try:
         # One fresh peer per round: a peer that already holds the file would only export it.
         with Origin(www) as origin, LocalCluster(root / "c-warm", peers=1 + rounds, interval_s=1.0,
@@ -239,12 +246,7 @@ def bench_killed(root: Path, size: int, peers: int = 4) -> None:
 
 
 def bench_proxy(root: Path, size: int, rounds: int) -> None:
-    www = root / "www-proxy"
-    www.mkdir()
-    make(www / "proxy.bin", size)
-    port = free_port()
-    http = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                             "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    www, port, http = _http_server(root, "proxy", size)
     proxies = {f"peer{i + 2}": f"127.0.0.1:{free_port()}" for i in range(rounds)}
     env = {n: {"DFZMQ_PROXY_LISTEN": a, "DFZMQ_PROXY_RULES": r"\.bin$"} for n, a in proxies.items()}
     noproxy = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "no_proxy", "all_proxy")}
