@@ -32,117 +32,26 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import logging
 import random
-from dataclasses import dataclass, field
 from typing import Any
 
 from brokers.scheduler import scoring
+from brokers.scheduler.model import (  # noqa: F401 (the model's names, re-exported)
+    DOWNLOADING_STATES, PARENT_STATES, TRANSITIONS, Action, Host, Peer, PeerEvent, PeerState, Refused, Task)
+from brokers.scheduler.parents import ParentChoice
 from dfzmq import wire
-from dfzmq.ids import rendezvous, short
 from dfzmq.actions import Publish, Send
+from dfzmq.ids import rendezvous, short
 
 log = logging.getLogger(__name__)
-
-Action = Send | Publish
-
-
-class PeerState(enum.Enum):
-    PENDING = "Pending"
-    RUNNING = "Running"
-    BACK_TO_SOURCE = "BackToSource"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    LEAVE = "Leave"
-
-
-class PeerEvent(enum.Enum):
-    PARENTS = "parents"  # the scheduler handed it parents
-    BACK_TO_SOURCE = "back-to-source"  # the scheduler sent it to the origin
-    WAIT = "wait"  # waiting for a triggered seed
-    PIECES = "pieces"  # it reported pieces
-    RESCHEDULE = "reschedule"  # it asked for new parents
-    SUCCEED = "succeed"  # it holds the whole task
-    FAIL = "fail"
-    LEAVE = "leave"
-
 
 _P, _R, _B, _S, _F, _L = (PeerState.PENDING, PeerState.RUNNING, PeerState.BACK_TO_SOURCE,
                           PeerState.SUCCEEDED, PeerState.FAILED, PeerState.LEAVE)
 _E = PeerEvent
 
-TRANSITIONS: dict[tuple[PeerState, PeerEvent], PeerState] = {
-    (_P, _E.PARENTS): _R, (_R, _E.PARENTS): _R, (_B, _E.PARENTS): _R,
-    (_P, _E.BACK_TO_SOURCE): _B, (_R, _E.BACK_TO_SOURCE): _B, (_B, _E.BACK_TO_SOURCE): _B,
-    (_P, _E.WAIT): _P,
-    (_P, _E.PIECES): _P, (_R, _E.PIECES): _R, (_B, _E.PIECES): _B,
-    (_P, _E.RESCHEDULE): _P, (_R, _E.RESCHEDULE): _R, (_B, _E.RESCHEDULE): _B,
-    (_P, _E.SUCCEED): _S, (_R, _E.SUCCEED): _S, (_B, _E.SUCCEED): _S, (_S, _E.SUCCEED): _S,
-    (_P, _E.FAIL): _F, (_R, _E.FAIL): _F, (_B, _E.FAIL): _F, (_F, _E.FAIL): _F,
-    **{(s, _E.LEAVE): _L for s in PeerState if s is not _L},
-}
 
-# States in which a peer can serve pieces to others.
-PARENT_STATES = frozenset({_R, _B, _S})
-# States in which a peer still wants pieces (and so wants manifest updates).
-DOWNLOADING_STATES = frozenset({_P, _R})
-
-
-class Refused(Exception):
-    """A request that cannot be served; `handle` answers it with wire.Error."""
-
-    def __init__(self, code: str, detail: str, ref: str = "") -> None:
-        super().__init__(detail)
-        self.code, self.detail, self.ref = code, detail, ref
-
-
-@dataclass(slots=True)
-class Host:
-    host_id: str
-    ident: bytes
-    info: wire.HostAnnounce
-    last_seen: float
-    peers: set[str] = field(default_factory=set)
-
-
-@dataclass(slots=True)
-class Task:
-    task_id: str
-    url: str
-    headers: dict[str, str]
-    tag: str
-    application: str
-    manifest: dict[int, wire.PieceInfo] = field(default_factory=dict)
-    content_length: int = -1
-    complete: bool = False
-    file_digest: str = ""
-    piece_count: int = -1
-    source_peer: str | None = None
-    failed_reason: str | None = None
-    failed_at: float = 0.0
-    seed_triggered: bool = False
-    seed_deadline: float | None = None  # set while a triggered seed has not registered
-    waiting: list[str] = field(default_factory=list)  # peers waiting for the seed
-    peers: set[str] = field(default_factory=set)
-    version: int = 0  # bumped whenever the set of possible parents changes
-    bad_peers: set[str] = field(default_factory=set)  # served corrupt bytes: never a parent again
-    meta: dict[str, str] = field(default_factory=dict)  # origin headers proxies replay (issue 4)
-
-
-@dataclass(slots=True)
-class Peer:
-    peer_id: str
-    task_id: str
-    host_id: str
-    state: PeerState = PeerState.PENDING
-    pieces: set[int] = field(default_factory=set)
-    parents: dict[str, str] = field(default_factory=dict)  # parent peer id -> its host id
-    blocklist: set[str] = field(default_factory=set)
-    seen_version: int = -1  # Task.version when its parents were last decided
-
-
-class SchedulerCore:
+class SchedulerCore(ParentChoice):
     def __init__(self, scheduler_id: str, interval_s: float, liveness: int,
                  max_parents: int = 6, candidate_parents: int = 15,
                  seed_timeout_s: float = 5.0, refresh_interval_s: float = 1.0,
@@ -510,125 +419,6 @@ class SchedulerCore:
         best = max(running, key=lambda p: (len(p.pieces), p.peer_id))
         self.counters["source-handover"] += 1
         self._make_source(best, task, now, out, "source peer lost")
-
-    # -----------------------------------------------------------------------------------------
-    # Parents
-
-    def _qualifies(self, child: Peer, cand: Peer, now: float) -> bool:
-        return (cand.peer_id != child.peer_id
-                and cand.state in PARENT_STATES
-                and cand.host_id != child.host_id
-                and cand.peer_id not in child.blocklist
-                and cand.host_id not in child.blocklist
-                and cand.peer_id not in self.tasks[cand.task_id].bad_peers
-                and self._alive(cand.host_id, now))
-
-    def _choose_parents(self, child: Peer, task: Task, now: float, keep: list[str]) -> list[str]:
-        """Up to max_parents parents: `keep` (still valid), the source, then the best others."""
-        cands = [self.peers[pid] for pid in sorted(task.peers)]
-        cands = [c for c in cands if self._qualifies(child, c, now)]
-        valid = {c.peer_id for c in cands}
-        chosen = [pid for pid in keep if pid in valid][: self.max_parents]
-        src = task.source_peer
-        if (src is not None and not task.complete and src in valid and src not in chosen
-                and len(chosen) < self.max_parents):
-            # Only the source is sure to get every piece while the task is incomplete.
-            chosen.insert(0, src)
-        room = self.max_parents - len(chosen)
-        rest = [c for c in cands if c.peer_id not in chosen]
-        if room <= 0 or not rest:
-            return chosen
-        # The load limit: a host whose upload slots are all taken gets no more children (the
-        # source above is the exception: without it an incomplete task cannot finish).
-        rest = [c for c in rest if self._children_of_host(c.host_id) < self.hosts[c.host_id].info.upload_slots]
-        if not rest:
-            return chosen
-        if len(rest) > self.candidate_parents:
-            rest = self.rng.sample(rest, self.candidate_parents)
-        host = self.hosts[child.host_id]
-        ranked = scoring.rank([self._candidate(task, c) for c in rest], child.peer_id,
-                              host.info.idc, host.info.location, self.weights)
-        return chosen + [c.peer_id for c in ranked[:room]]
-
-    def _candidate(self, task: Task, peer: Peer) -> scoring.Candidate:
-        info = self.hosts[peer.host_id].info
-        total = task.piece_count if task.piece_count > 0 else len(task.manifest)
-        if peer.state is _S:
-            fraction = 1.0
-        else:
-            fraction = len(peer.pieces) / total if total else 0.0
-        return scoring.Candidate(
-            peer_id=peer.peer_id, host_id=peer.host_id, pieces_fraction=fraction,
-            free_slots=info.upload_slots - self._children_of_host(peer.host_id),
-            upload_slots=info.upload_slots, idc=info.idc, location=info.location,
-            seed=info.seed)
-
-    def _children_of_host(self, host_id: str) -> int:
-        return self._children.get(host_id, 0)
-
-    def _set_parents(self, peer: Peer, parents: dict[str, str]) -> None:
-        for h in peer.parents.values():
-            self._children[h] -= 1
-            if self._children[h] <= 0:
-                del self._children[h]
-        peer.parents = parents
-        for h in parents.values():
-            self._children[h] += 1
-
-    def _assign_parents(self, peer: Peer, task: Task, chosen: list[str],
-                        out: list[Action]) -> None:
-        self._transition(peer, _E.PARENTS)
-        if peer.peer_id in task.waiting:
-            task.waiting.remove(peer.peer_id)
-        self._set_parents(peer, {pid: self.peers[pid].host_id for pid in chosen})
-        peer.seen_version = task.version
-        out.append(Send(self.hosts[peer.host_id].ident, self._parents_msg(peer)))
-
-    def _parents_msg(self, peer: Peer) -> wire.PeerParents:
-        parents = []
-        for pid, hid in peer.parents.items():
-            host = self.hosts.get(hid)
-            if host is not None:
-                parents.append(wire.ParentInfo(pid, hid, host.info.upload_addr, host.info.seed))
-        return wire.PeerParents(peer.task_id, peer.peer_id, parents)
-
-    def _refresh_parents(self, now: float, out: list[Action]) -> None:
-        """Grow and repair parent lists of downloading peers after the swarm changed."""
-        for task in list(self.tasks.values()):
-            if task.failed_reason is not None:
-                continue
-            for pid in sorted(task.peers):
-                peer = self.peers.get(pid)
-                if peer is None or peer.seen_version == task.version:
-                    continue
-                if peer.state is _R:
-                    self._refresh_running(peer, task, now, out)
-                elif peer.state is _P and pid in task.waiting:
-                    chosen = self._choose_parents(peer, task, now, keep=[])
-                    if chosen:
-                        self._assign_parents(peer, task, chosen, out)
-                    else:
-                        peer.seen_version = task.version
-
-    def _refresh_running(self, peer: Peer, task: Task, now: float, out: list[Action]) -> None:
-        valid = [p for p in peer.parents
-                 if p in self.peers and self._qualifies(peer, self.peers[p], now)]
-        if len(valid) == len(peer.parents) >= self.max_parents:
-            peer.seen_version = task.version
-            return
-        chosen = self._choose_parents(peer, task, now, keep=valid)
-        if not chosen:
-            self.counters["orphaned"] += 1
-            if task.source_peer is None and not task.complete:
-                self._make_source(peer, task, now, out, "parents gone")
-            else:
-                self._back_to_source(peer, task, out, "parents gone")
-            return
-        if chosen == list(peer.parents):
-            peer.seen_version = task.version
-            return
-        self.counters["parents-updated"] += 1
-        self._assign_parents(peer, task, chosen, out)
 
     # -----------------------------------------------------------------------------------------
     # Progress, completion, failure, departure

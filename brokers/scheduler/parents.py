@@ -1,0 +1,137 @@
+"""Parent choice: which peers a downloading peer pulls from, chosen, grown and repaired.
+
+A mixin of `SchedulerCore` (brokers/scheduler/core.py), kept apart so that swarm-speed work
+reads and changes parent choice without wading through registration and failure handling.
+Pure like the core: no zmq, lmdb, asyncio or clock; `now` is passed in. Scores come from
+brokers/scheduler/scoring.py.
+"""
+
+from __future__ import annotations
+
+from brokers.scheduler import scoring
+from brokers.scheduler.model import (PARENT_STATES, Action, Peer, PeerEvent, PeerState, Task)
+from dfzmq import wire
+from dfzmq.actions import Send
+
+_P, _R, _S = PeerState.PENDING, PeerState.RUNNING, PeerState.SUCCEEDED
+_E = PeerEvent
+
+
+class ParentChoice:
+    """Parent choice for `SchedulerCore`, which owns the state these methods read."""
+
+    def _qualifies(self, child: Peer, cand: Peer, now: float) -> bool:
+        return (cand.peer_id != child.peer_id
+                and cand.state in PARENT_STATES
+                and cand.host_id != child.host_id
+                and cand.peer_id not in child.blocklist
+                and cand.host_id not in child.blocklist
+                and cand.peer_id not in self.tasks[cand.task_id].bad_peers
+                and self._alive(cand.host_id, now))
+
+    def _choose_parents(self, child: Peer, task: Task, now: float, keep: list[str]) -> list[str]:
+        """Up to max_parents parents: `keep` (still valid), the source, then the best others."""
+        cands = [self.peers[pid] for pid in sorted(task.peers)]
+        cands = [c for c in cands if self._qualifies(child, c, now)]
+        valid = {c.peer_id for c in cands}
+        chosen = [pid for pid in keep if pid in valid][: self.max_parents]
+        src = task.source_peer
+        if (src is not None and not task.complete and src in valid and src not in chosen
+                and len(chosen) < self.max_parents):
+            # Only the source is sure to get every piece while the task is incomplete.
+            chosen.insert(0, src)
+        room = self.max_parents - len(chosen)
+        rest = [c for c in cands if c.peer_id not in chosen]
+        if room <= 0 or not rest:
+            return chosen
+        # The load limit: a host whose upload slots are all taken gets no more children (the
+        # source above is the exception: without it an incomplete task cannot finish).
+        rest = [c for c in rest if self._children_of_host(c.host_id) < self.hosts[c.host_id].info.upload_slots]
+        if not rest:
+            return chosen
+        if len(rest) > self.candidate_parents:
+            rest = self.rng.sample(rest, self.candidate_parents)
+        host = self.hosts[child.host_id]
+        ranked = scoring.rank([self._candidate(task, c) for c in rest], child.peer_id,
+                              host.info.idc, host.info.location, self.weights)
+        return chosen + [c.peer_id for c in ranked[:room]]
+
+    def _candidate(self, task: Task, peer: Peer) -> scoring.Candidate:
+        info = self.hosts[peer.host_id].info
+        total = task.piece_count if task.piece_count > 0 else len(task.manifest)
+        if peer.state is _S:
+            fraction = 1.0
+        else:
+            fraction = len(peer.pieces) / total if total else 0.0
+        return scoring.Candidate(
+            peer_id=peer.peer_id, host_id=peer.host_id, pieces_fraction=fraction,
+            free_slots=info.upload_slots - self._children_of_host(peer.host_id),
+            upload_slots=info.upload_slots, idc=info.idc, location=info.location,
+            seed=info.seed)
+
+    def _children_of_host(self, host_id: str) -> int:
+        return self._children.get(host_id, 0)
+
+    def _set_parents(self, peer: Peer, parents: dict[str, str]) -> None:
+        for h in peer.parents.values():
+            self._children[h] -= 1
+            if self._children[h] <= 0:
+                del self._children[h]
+        peer.parents = parents
+        for h in parents.values():
+            self._children[h] += 1
+
+    def _assign_parents(self, peer: Peer, task: Task, chosen: list[str],
+                        out: list[Action]) -> None:
+        self._transition(peer, _E.PARENTS)
+        if peer.peer_id in task.waiting:
+            task.waiting.remove(peer.peer_id)
+        self._set_parents(peer, {pid: self.peers[pid].host_id for pid in chosen})
+        peer.seen_version = task.version
+        out.append(Send(self.hosts[peer.host_id].ident, self._parents_msg(peer)))
+
+    def _parents_msg(self, peer: Peer) -> wire.PeerParents:
+        parents = []
+        for pid, hid in peer.parents.items():
+            host = self.hosts.get(hid)
+            if host is not None:
+                parents.append(wire.ParentInfo(pid, hid, host.info.upload_addr, host.info.seed))
+        return wire.PeerParents(peer.task_id, peer.peer_id, parents)
+
+    def _refresh_parents(self, now: float, out: list[Action]) -> None:
+        """Grow and repair parent lists of downloading peers after the swarm changed."""
+        for task in list(self.tasks.values()):
+            if task.failed_reason is not None:
+                continue
+            for pid in sorted(task.peers):
+                peer = self.peers.get(pid)
+                if peer is None or peer.seen_version == task.version:
+                    continue
+                if peer.state is _R:
+                    self._refresh_running(peer, task, now, out)
+                elif peer.state is _P and pid in task.waiting:
+                    chosen = self._choose_parents(peer, task, now, keep=[])
+                    if chosen:
+                        self._assign_parents(peer, task, chosen, out)
+                    else:
+                        peer.seen_version = task.version
+
+    def _refresh_running(self, peer: Peer, task: Task, now: float, out: list[Action]) -> None:
+        valid = [p for p in peer.parents
+                 if p in self.peers and self._qualifies(peer, self.peers[p], now)]
+        if len(valid) == len(peer.parents) >= self.max_parents:
+            peer.seen_version = task.version
+            return
+        chosen = self._choose_parents(peer, task, now, keep=valid)
+        if not chosen:
+            self.counters["orphaned"] += 1
+            if task.source_peer is None and not task.complete:
+                self._make_source(peer, task, now, out, "parents gone")
+            else:
+                self._back_to_source(peer, task, out, "parents gone")
+            return
+        if chosen == list(peer.parents):
+            peer.seen_version = task.version
+            return
+        self.counters["parents-updated"] += 1
+        self._assign_parents(peer, task, chosen, out)
