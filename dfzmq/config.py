@@ -91,6 +91,10 @@ class DaemonConfig:
     proxy_filter_params: list[str] = field(default_factory=list)  # more query params left out of task ids
     registry_mirrors: list[str] = field(default_factory=list)  # upstream registries; the first is the default
     metrics: str = ""  # HOST:PORT of the Prometheus /metrics endpoint; "" = off
+    # Each parent's credit window is what it sent us in this many seconds while busy (at
+    # least 2 pieces, at most window_bytes): a slow parent's queue stays short (nodes/picker.py).
+    # 0 = every parent gets window_bytes.
+    window_target_s: float = 1.0
 
     def control_addr(self) -> str:
         return self.control or f"ipc://{Path(self.data).resolve()}/control.sock"

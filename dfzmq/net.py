@@ -42,6 +42,14 @@ ROLES: dict[str, int] = {
 
 SERVER_TYPES = (zmq.ROUTER, zmq.PUB)
 
+# Control traffic asks IP for low delay (TOS 0x10, what interactive ssh used): requests,
+# heartbeats, HAVEs to the scheduler and the TCP acks of our downloads then pass bulk piece
+# uploads in any queue that honours it (Linux's pfifo_fast, many routers). A host whose uplink
+# is full of uploads otherwise delays its own piece requests and acks by seconds, and its
+# downloads crawl (issue 3, measured in the network lab). Piece uploads stay best effort.
+LOW_DELAY_TOS = 0x10
+BULK_ROLES = frozenset({"upload_router"})
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Curve:
@@ -64,6 +72,8 @@ def make_socket(ctx: zmq.Context, role: str, curve: Curve | None = None) -> zmq.
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+    if role not in BULK_ROLES:
+        sock.setsockopt(zmq.TOS, LOW_DELAY_TOS)
     if kind == zmq.PUB:
         # Monitors that fall behind lose updates rather than stall the publisher.
         sock.setsockopt(zmq.SNDHWM, 10000)

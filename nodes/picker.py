@@ -35,6 +35,12 @@ class ParentState:
     pieces_received: int = 0
     failures: int = 0
     latency_s: float | None = None  # moving average, request to verified piece
+    # Upload rate this parent gives us, measured only while it had requests of ours (a parent
+    # we left idle is not slow): bytes over the time since the later of its last arrival and
+    # the start of its current busy period.
+    rate_bps: float | None = None
+    busy_from: float | None = None
+    last_arrival: float = 0.0
 
     def outstanding_bytes(self, manifest: dict[int, PieceInfo]) -> int:
         return sum(manifest[n].length for n in self.outstanding if n in manifest)
@@ -43,8 +49,12 @@ class ParentState:
 class Picker:
     def __init__(self, window_bytes: int = 8 << 20, min_window: int = 2,
                  piece_timeout_s: float = 20.0, rng: random.Random | None = None,
-                 max_outstanding: int = 0, endgame_after_s: float = 1.0) -> None:
+                 max_outstanding: int = 0, endgame_after_s: float = 1.0,
+                 window_target_s: float = 0.0) -> None:
         self.window_bytes = window_bytes
+        # > 0: each parent's window is what it sends us in this many seconds (at least
+        # min_window pieces, at most window_bytes), so a slow parent's queue stays short.
+        self.window_target_s = window_target_s
         self.max_outstanding = max_outstanding  # requests in flight for the task; 0 = no cap
         # The endgame only makes sense once the manifest is whole: while the source is still
         # reading, "everything requested" just means "caught up", and duplicates would be waste.
@@ -62,12 +72,14 @@ class Picker:
         self.requested: dict[int, set[str]] = {}  # num -> parents it is outstanding at
         self.rng = rng or random.Random()
         self._tiebreak: dict[int, float] = {}
+        self._piece_len = 0  # the longest piece in the manifest
 
     # -- inputs ---------------------------------------------------------------------------
 
     def add_manifest(self, pieces: list[PieceInfo]) -> None:
         for p in pieces:
             self.manifest[p.num] = p
+            self._piece_len = max(self._piece_len, p.length)
             self._tiebreak.setdefault(p.num, self.rng.random())
 
     def add_parent(self, pid: str, seed: bool = False) -> None:
@@ -100,6 +112,8 @@ class Picker:
         if st is not None and now is not None and num in st.outstanding:
             latency = now - st.outstanding[num]
             st.latency_s = latency if st.latency_s is None else 0.8 * st.latency_s + 0.2 * latency
+            if num in self.manifest:
+                self._measure(st, self.manifest[num].length, now)
         self.have.add(num)
         for other in list(self.requested.get(num, ())):
             st = self.parents.get(other)
@@ -155,6 +169,15 @@ class Picker:
             for n, t in st.outstanding.items()
             if now - t > self.piece_timeout_s
         ]
+
+    def silence_allowed_s(self, pid: str, liveness_s: float) -> float:
+        """How long `pid` may stay silent before it counts as dead. A parent holding our requests
+        answers heartbeats behind the pieces it is sending us, on a link that may be full: while
+        a request is outstanding, its piece timeout (expired()) judges it, not the heartbeat."""
+        st = self.parents.get(pid)
+        if st is not None and st.outstanding:
+            return max(liveness_s, self.piece_timeout_s)
+        return liveness_s
 
     def missing(self) -> list[int]:
         return [n for n in self.manifest if n not in self.have]
@@ -216,14 +239,31 @@ class Picker:
             # of requests there, so the seed spreads distinct pieces that children then trade.
             return 1 if len(st.outstanding) < self.min_window else 0
         used = st.outstanding_bytes(self.manifest)
+        window = self.window_bytes
+        if self.window_target_s > 0:
+            window = min(window, max(int((st.rate_bps or 0.0) * self.window_target_s),
+                                     self.min_window * self._piece_len))
         if len(st.outstanding) < self.min_window:
-            return max(self.window_bytes - used, 1)
-        return self.window_bytes - used
+            return max(window - used, 1)
+        return window - used
 
     def _other_has(self, num: int, pid: str) -> bool:
         return self.counts.get(num, 0) > (1 if pid in self.parents and num in self.parents[pid].have else 0)
 
+    def _measure(self, st: ParentState, length: int, now: float) -> None:
+        start = max(st.last_arrival, st.busy_from if st.busy_from is not None else now)
+        st.last_arrival = now
+        dt = now - start
+        if dt <= 0:
+            return
+        sample = length / dt
+        st.rate_bps = sample if st.rate_bps is None else 0.75 * st.rate_bps + 0.25 * sample
+        if len(st.outstanding) <= 1:
+            st.busy_from = None  # this was the last one: idle until the next request
+
     def _request(self, st: ParentState, num: int, now: float) -> None:
+        if not st.outstanding or st.busy_from is None:
+            st.busy_from = now
         st.outstanding[num] = now
         self.requested.setdefault(num, set()).add(st.pid)
 

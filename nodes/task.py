@@ -34,6 +34,7 @@ from nodes.blobcheck import verify_content
 from nodes.localhits import take_local
 from nodes.sink import OutputSink
 from nodes.source import digest
+from nodes.trace import trace
 
 if TYPE_CHECKING:
     from nodes.daemon import Daemon, SchedulerLink
@@ -89,7 +90,8 @@ class TaskRun:
         self.complete = False
         self.file_digest = ""
         self.piece_count = -1
-        self.picker = Picker(window_bytes=self.cfg.window_bytes, max_outstanding=self.cfg.concurrent_pieces)
+        self.picker = Picker(window_bytes=self.cfg.window_bytes, max_outstanding=self.cfg.concurrent_pieces,
+                             window_target_s=self.cfg.window_target_s)
         self.parents: dict[str, ParentLink] = {}
         self.blocklist: set[str] = set()
         self.bad_parents: set[str] = set()  # sent bytes that failed verification
@@ -341,6 +343,7 @@ class TaskRun:
         info = self.manifest.get(msg.num)
         if msg.num in self.held or msg.num in self.writing:
             self.picker.cancel(pid, msg.num)  # an endgame duplicate; the first copy wins
+            trace("dup", self.task_id, msg.num, pid)
             self.stats["duplicate_bytes"] += len(msg.data)
             return
         if info is None or msg.digest != info.digest or len(msg.data) != info.length:
@@ -381,6 +384,7 @@ class TaskRun:
         for pid, num in self.picker.next_requests(time.monotonic()):
             info = self.manifest[num]
             self.parents[pid].send(wire.PieceRequest(self.task_id, num, info.digest))
+            trace("req", self.task_id, num, pid)
 
     def _drop_parent(self, pid: str, block: bool) -> None:
         link = self.parents.pop(pid, None)
@@ -425,6 +429,7 @@ class TaskRun:
             self._bad_piece(pid, info.num)
             return
         self._stored(info, source)
+        trace("got", self.task_id, info.num, pid)
         self.picker.on_piece(pid, info.num, time.monotonic())
         self._pump()
 
@@ -584,11 +589,13 @@ class TaskRun:
                 for link in self.parents.values():
                     link.send(wire.Heartbeat(self.peer_id))
             dead = [pid for pid, l in self.parents.items()
-                    if now - l.last_seen > interval * self.cfg.liveness]
+                    if now - l.last_seen > self.picker.silence_allowed_s(pid, interval * self.cfg.liveness)]
             for pid in dead:
                 self.log.info("parent %s silent: dropping it", pid)
+                trace("silent", self.task_id, -1, pid)
                 self._drop_parent(pid, block=True)
             for pid, num in self.picker.expired(now):
+                trace("timeout", self.task_id, num, pid)
                 self.picker.on_failure(pid, num)
                 if self.picker.parents.get(pid) and self.picker.parents[pid].failures >= 2:
                     self._drop_parent(pid, block=True)

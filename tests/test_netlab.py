@@ -29,13 +29,20 @@ def test_lab_distributes_every_copy_reading_origin_once():
     reason = netlab.unavailable_reason()
     if reason is not None:
         pytest.skip(f"network namespaces cannot be made here: {reason}")
-    spec = netlab.LabSpec(peers=4, size_mib=16, peer_up_mbit=200, peer_down_mbit=200, origin_up_mbit=400)
+    spec = netlab.LabSpec(peers=4, size_mib=16, peer_up_mbit=200, peer_down_mbit=200, origin_up_mbit=400,
+                          trace=True)
     result = netlab.run_lab(spec)
 
     assert result["ok"], (result["problems"], result.get("logs"))
     peers = result["hosts"][1:]
     assert len(peers) == 4 and all(h["copy_ok"] for h in peers), [(h["host"], h["error"]) for h in peers]
     assert result["origin_bytes"] <= 1.01 * spec.size
+    # --trace: each daemon's piece trace and the bridge's counters made it into the report
+    trace = result["trace"]
+    assert set(trace["uplinks"]) == {f"h{i}" for i in range(5)}
+    assert sum(v["use"] for v in trace["uplinks"].values()) > 0
+    for name, late in trace["late"].items():
+        assert late["pieces"] >= 1 and late["last"], name
     left = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
             if n.startswith(result["run_id"] + "-")]
     assert left == []

@@ -77,6 +77,11 @@ class LabSpec:
     slow_half_up_mbit: float | None = None  # the last N//2 peers upload at this rate
     delay_ms: float = 0  # one-way, added on every host's upload
     timeout_s: float | None = None  # default: from the plain-download time
+    trace: bool = False  # sample uplinks and keep piece traces (tools/labtrace.py)
+    env: tuple[tuple[str, str], ...] = ()  # extra DFZMQ_* settings for every dfzmq process (A/B runs)
+    # The queue behind each shaped link: pfifo_fast (Linux's classic default qdisc: three bands by
+    # IP TOS, so low-delay control packets pass bulk data) or pfifo (one FIFO for everything).
+    leaf_qdisc: str = "pfifo_fast"
 
     @property
     def size(self) -> int:
@@ -231,8 +236,8 @@ class Topology:
             sh(*host, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
             sh(*host, "link", "set", "eth0", "up")
             sh(*host, "link", "set", "lo", "up")
-            self.shape(ns, "eth0", spec.up_mbit(i), spec.delay_ms)
-            self.shape(self.bridge_ns, f"h{i}", spec.down_mbit(i), 0)
+            self.shape(ns, "eth0", spec.up_mbit(i), spec.delay_ms, spec.leaf_qdisc)
+            self.shape(self.bridge_ns, f"h{i}", spec.down_mbit(i), 0, spec.leaf_qdisc)
 
     def _add_ns(self, name: str) -> None:
         sh("ip", "netns", "add", name)
@@ -248,7 +253,7 @@ class Topology:
             sh("ip", "netns", "del", probe, check=False)
 
     @staticmethod
-    def shape(ns: str, dev: str, mbit: float, delay_ms: float) -> None:
+    def shape(ns: str, dev: str, mbit: float, delay_ms: float, leaf: str = "pfifo_fast") -> None:
         tc = ("tc", "-n", ns)
         rate = f"{int(mbit * 1000)}kbit"
         # one htb class; burst of one GSO super-packet (veths hand 64 KiB skbs to the qdisc)
@@ -258,8 +263,10 @@ class Topology:
         if delay_ms > 0:
             sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "netem",
                "delay", f"{delay_ms}ms", "limit", "100000")
-        else:
+        elif leaf == "pfifo":
             sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "pfifo", "limit", "1000")
+        else:  # pfifo_fast: its queue length is the device's txqueuelen (1000 on veths)
+            sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "pfifo_fast")
 
     def counters(self) -> dict[int, tuple[int, int]]:
         """Per host, (bytes it received, bytes it sent), read at the bridge's end of its veth."""
@@ -384,17 +391,20 @@ class Lab:
         py = [sys.executable]
         self._add("origin", ns0, [*py, "-m", "tools.origin", "--root", str(www), "--host", h0,
                                   "--port", str(ORIGIN_PORT), "--port-file", str(self.work / "origin.port")])
+        extra = dict(self.spec.env)
         self._add("manager", ns0, [*py, "-m", "dfzmq", "manager", "--listen", manager,
-                                   "--data", str(self.work / "manager")])
+                                   "--data", str(self.work / "manager")], extra)
         self._add("scheduler", ns0, [*py, "-m", "dfzmq", "scheduler", "--manager", manager,
-                                     "--listen", f"{h0}:{SCHEDULER_PORT}", "--advertise", h0])
+                                     "--listen", f"{h0}:{SCHEDULER_PORT}", "--advertise", h0], extra)
         for i in range(self.spec.peers + 1):
             name = f"h{i}"
             ip = self.topo.ip(i)
             args = [*py, "-m", "dfzmq", "daemon", "--manager", manager, "--data", str(self.work / name),
                     "--listen", f"{ip}:0", "--advertise", ip]
-            self._add(name, self.topo.ns[i], args + (["--seed"] if i == 0 else []),
-                      {"DFZMQ_HOSTNAME": f"{self.run_id}-{name}"})
+            env = {**dict(self.spec.env), "DFZMQ_HOSTNAME": f"{self.run_id}-{name}"}
+            if self.spec.trace:
+                env["DFZMQ_PIECE_TRACE"] = str(self.work / f"{name}.trace")
+            self._add(name, self.topo.ns[i], args + (["--seed"] if i == 0 else []), env)
             self.daemons.append(name)
         env = child_env()
         for p in self.procs.values():
@@ -455,19 +465,43 @@ class Lab:
         wire0 = self.topo.counters()
         cpu0 = {n: proc_cpu_s(p.popen.pid) for n, p in self.procs.items()}
         cpu0["lab"] = proc_cpu_s(os.getpid())
+        samples: list[tuple[float, dict[int, tuple[int, int]]]] = []
+        stop_sampling = threading.Event()
+
+        def sample(t0: float) -> None:  # bytes each host sent so far, for --trace
+            while True:
+                samples.append((time.monotonic() - t0, self.topo.counters()))
+                if stop_sampling.wait(0.5):
+                    return
+
         with CpuMonitor() as mon:
             t0 = time.monotonic()
+            sampler = threading.Thread(target=sample, args=(t0,), daemon=True)
+            if spec.trace:
+                sampler.start()
             threads = [threading.Thread(target=one, args=(n, t0), daemon=True) for n in peers]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(max(0.0, t0 + timeout_s - time.monotonic()))
             wall_s = time.monotonic() - t0
+            stop_sampling.set()
+            if spec.trace:
+                sampler.join()
         wire1 = self.topo.counters()
         cpu1 = {n: proc_cpu_s(p.popen.pid) for n, p in self.procs.items()}
         cpu1["lab"] = proc_cpu_s(os.getpid())
         origin = self.origin_stats()
-        return self._report(results, origin, wire0, wire1, cpu0, cpu1, mon, wall_s, bound_s, plain_s)
+        report = self._report(results, origin, wire0, wire1, cpu0, cpu1, mon, wall_s, bound_s, plain_s)
+        if spec.trace:
+            from tools import labtrace
+
+            rates = {i: (bytes_per_s(spec.down_mbit(i)), bytes_per_s(spec.up_mbit(i)))
+                     for i in range(spec.peers + 1)}
+            traces = {n: self.work / f"{n}.trace" for n in peers}
+            finish = {n: results.get(n, {}).get("finish_s") for n in peers}
+            report["trace"] = labtrace.summarize(samples, rates, t0, report["last_s"], wall_s, traces, finish)
+        return report
 
     def _report(self, results, origin, wire0, wire1, cpu0, cpu1, mon, wall_s, bound_s, plain_s) -> dict:
         spec, f = self.spec, self.spec.size
@@ -672,6 +706,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--delay-ms", type=float, default=0, help="one-way delay added on each host's upload")
     run.add_argument("--timeout-s", type=float, default=None, help="give up on the fetches after this long")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
+    run.add_argument("--env", action="append", default=[], metavar="DFZMQ_NAME=VALUE",
+                     help="a setting for every dfzmq process, e.g. DFZMQ_WINDOW_TARGET_S=0 (repeatable)")
+    run.add_argument("--leaf-qdisc", choices=("pfifo_fast", "pfifo"), default="pfifo_fast",
+                     help="queue behind each shaped link (pfifo_fast honours IP TOS; pfifo is one FIFO)")
+    run.add_argument("--trace", action="store_true",
+                     help="also report upload use per host over time and where the last pieces came from")
     run.add_argument("--keep", action="store_true", help="keep the work dir (logs, copies)")
     clean = sub.add_parser("cleanup", help="remove namespaces and temp dirs left by earlier runs")
     clean.add_argument("--force", action="store_true", help="also those of runs that still seem alive")
@@ -700,8 +740,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGHUP, interrupted)
+    extra_env = []
+    for item in args.env:
+        name, eq, value = item.partition("=")
+        if not eq or not name.startswith("DFZMQ_"):
+            err.print(f"netlab: --env wants DFZMQ_NAME=VALUE, got {item!r}")
+            return 2
+        extra_env.append((name, value))
     spec = LabSpec(args.peers, args.size_mib, args.peer_up_mbit, args.peer_down_mbit, args.origin_up_mbit,
-                   args.slow_half_up_mbit, args.delay_ms, args.timeout_s)
+                   args.slow_half_up_mbit, args.delay_ms, args.timeout_s, args.trace, tuple(extra_env),
+                   args.leaf_qdisc)
     try:
         result = run_lab(spec, args.keep, log=lambda m: err.print(f"[dim]{m}[/dim]"))
     except LabError as e:

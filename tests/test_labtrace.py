@@ -1,0 +1,58 @@
+"""tools/labtrace.py: the arithmetic of a lab run's trace (link use, late pieces, waste), on
+made-up samples and trace lines; the lab test in tests/test_netlab.py runs it for real."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools import labtrace
+
+
+def test_host_of_lab_peer_ids():
+    assert labtrace.host_of("dfzl123-h5-abcdef0123/6b402ad769b4c52a") == "h5"
+    assert labtrace.host_of("dfzl9-h12-ff/x") == "h12"
+    assert labtrace.host_of("plain") == "plain"
+
+
+def test_link_use_shares_idle_time_and_fifths():
+    rate = 1000.0  # bytes per second
+    # host 1 sends at full rate for 5 s, then nothing for 5 s; host 2 at half rate throughout
+    samples = [(float(t), {1: int(rate * min(t, 5)), 2: int(rate * t / 2)}) for t in range(11)]
+    use = labtrace.link_use(samples, {1: rate, 2: rate}, t_end=10.0)
+    assert use["h1"]["use"] == pytest.approx(0.5)
+    assert use["h1"]["use_first_fifth"] == pytest.approx(1.0)
+    assert use["h1"]["use_last_fifth"] == pytest.approx(0.0)
+    assert use["h1"]["below_half_s"] == pytest.approx(5.0)
+    assert use["h2"]["use"] == pytest.approx(0.5) and use["h2"]["below_half_s"] == 0.0
+    # only the time until t_end counts
+    assert labtrace.link_use(samples, {1: rate}, t_end=5.0)["h1"]["use"] == pytest.approx(1.0)
+    assert labtrace.link_use(samples[:1], {1: rate}, t_end=5.0) == {}
+
+
+def test_late_pieces_and_waste_from_trace_lines(tmp_path):
+    lines = [
+        [100.0, "req", "t", 1, "lab-h1-aa/t", None],
+        [100.0, "req", "t", 2, "lab-h5-bb/t", None],
+        [100.5, "got", "t", 1, "lab-h1-aa/t", None],
+        [104.0, "timeout", "t", 2, "lab-h5-bb/t", None],
+        [104.0, "req", "t", 2, "lab-h1-aa/t", None],
+        [104.2, "got", "t", 2, "lab-h1-aa/t", None],
+        [104.3, "dup", "t", 2, "lab-h5-bb/t", None],
+        [104.4, "silent", "t", -1, "lab-h5-bb/t", None],
+    ]
+    path = tmp_path / "h2.trace"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "not json\n")
+    events = labtrace.read_trace(path)
+    assert len(events) == len(lines)
+    late = labtrace.late_pieces(events, t0=100.0, finish_s=4.3, last_k=1)
+    assert late["pieces"] == 2 and late["pieces_from"] == {"h1": 2}
+    assert late["last"] == [{"at_s": 4.2, "num": 2, "from": "h1", "wait_s": 0.2}]
+    assert late["slowest"][-1] == {"wait_s": 0.5, "num": 1, "from": "h1"}
+    assert labtrace.waste({"h2": events}) == {"timeout": {"h5": 1}, "dup": {"h5": 1}, "silent": {"h5": 1}}
+    summary = labtrace.summarize([(0.0, {1: (0, 0)}), (1.0, {1: (500, 1000)})], {1: (1000.0, 1000.0)},
+                                 100.0, 1.0, 1.0, {"h2": path}, {"h2": 4.3})
+    assert summary["uplinks"]["h1"]["use"] == pytest.approx(1.0)
+    assert summary["downlinks"]["h1"]["use"] == pytest.approx(0.5)
+    assert summary["late"]["h2"]["finish_s"] == 4.3

@@ -1,0 +1,100 @@
+"""nodes/picker.py with parents of unequal speed: windows sized from the rate each parent gives
+while busy, and the last pieces kept out of a slow parent's queue.
+
+A tiny discrete-event network: each parent serves our requests in order at its own rate
+(bytes per second), the way a shaped uplink drains a FIFO. No sockets, no clock."""
+
+from __future__ import annotations
+
+import random
+
+from dfzmq.wire import PieceInfo
+from nodes.picker import Picker
+
+PIECE = 128 * 1024
+
+
+def manifest(n: int) -> list[PieceInfo]:
+    return [PieceInfo(i, i * PIECE, PIECE, f"{i:064x}") for i in range(n)]
+
+
+def simulate(picker: Picker, rates: dict[str, float], n: int, seed_pid: str | None = None,
+             max_t: float = 600.0) -> dict:
+    """Download n pieces from parents that all hold everything; returns finish time, duplicate
+    count, and the longest any request waited."""
+    picker.add_manifest(manifest(n))
+    picker.complete = True
+    for pid in rates:
+        picker.add_parent(pid, seed=pid == seed_pid)
+        picker.on_have(pid, range(n))
+    busy_until = {pid: 0.0 for pid in rates}
+    queue: list[tuple[float, str, int]] = []  # (arrives at, parent, num)
+    asked: dict[tuple[str, int], float] = {}
+    now, longest, arrivals = 0.0, 0.0, 0
+    while picker.missing() and now < max_t:
+        for pid, num in picker.next_requests(now):
+            start = max(now, busy_until[pid])
+            busy_until[pid] = start + PIECE / rates[pid]
+            queue.append((busy_until[pid], pid, num))
+            asked[(pid, num)] = now
+        queue.sort()
+        t, pid, num = queue.pop(0)
+        now = t
+        arrivals += 1
+        if num in picker.have:
+            picker.cancel(pid, num)  # the endgame's other copy
+            continue
+        longest = max(longest, now - asked[(pid, num)])
+        picker.on_piece(pid, num, now)
+    assert not picker.missing()
+    return {"finish_s": now, "arrivals": arrivals, "duplicates": arrivals - n, "longest_wait_s": longest}
+
+
+def test_rate_measured_only_while_busy():
+    p = Picker(window_bytes=8 * PIECE, window_target_s=1.0)
+    p.add_manifest(manifest(4))
+    p.add_parent("A")
+    p.on_have("A", range(4))
+    reqs = p.next_requests(0.0)
+    assert len(reqs) == 2  # no rate yet: min_window pieces
+    p.on_piece("A", reqs[0][1], 0.5)
+    p.on_piece("A", reqs[1][1], 1.0)  # 2 pieces in 1 s of being busy
+    assert abs(p.parents["A"].rate_bps - 2 * PIECE) < 0.2 * PIECE
+    # Idle for 100 s, then asked again: the idle time is not counted against it.
+    p.next_requests(101.0)
+    first = next(iter(p.parents["A"].outstanding))
+    p.on_piece("A", first, 101.5)
+    assert p.parents["A"].rate_bps > 1.5 * PIECE
+
+
+def test_window_follows_the_parents_rate():
+    fast, slow = 40 * PIECE, 2 * PIECE  # bytes per second
+    p = Picker(window_bytes=16 * PIECE, window_target_s=1.0, rng=random.Random(1))
+    simulate(p, {"fast": fast, "slow": slow}, 400)
+    assert p.parents["slow"].rate_bps < 3 * PIECE
+    assert p._budget(p.parents["fast"]) > 8 * p._budget(p.parents["slow"]) or p.parents["fast"].rate_bps > 10 * slow
+
+
+def test_rate_sized_windows_finish_near_the_links_sum_and_keep_waits_short():
+    """One fast and three slow parents. Fixed 1 MiB windows queue 8 pieces at each slow parent
+    (4 s each): the last piece waits behind them. Windows of one second's worth do not."""
+    rates = {"f": 24 * PIECE, "s1": 2 * PIECE, "s2": 2 * PIECE, "s3": 2 * PIECE}
+    ideal = 300 * PIECE / sum(rates.values())  # 10 s
+    fixed = simulate(Picker(window_bytes=8 * PIECE, rng=random.Random(2), endgame_after_s=1.0), rates, 300)
+    sized = simulate(Picker(window_bytes=8 * PIECE, window_target_s=1.0, rng=random.Random(2),
+                            endgame_after_s=1.0), rates, 300)
+    assert sized["longest_wait_s"] < 2.5 < fixed["longest_wait_s"]
+    assert sized["finish_s"] < 1.15 * ideal
+    assert sized["duplicates"] <= 3
+
+
+def test_a_parent_holding_our_requests_is_judged_by_its_piece_timeout_not_heartbeats():
+    p = Picker(window_bytes=8 * PIECE, window_target_s=1.0, piece_timeout_s=20.0)
+    p.add_manifest(manifest(4))
+    for pid in "AB":
+        p.add_parent(pid)
+    p.on_have("A", range(4))
+    assert p.next_requests(0.0)  # A holds our requests, B holds none
+    assert p.silence_allowed_s("A", 4.0) == 20.0
+    assert p.silence_allowed_s("B", 4.0) == 4.0
+    assert p.silence_allowed_s("gone", 4.0) == 4.0
