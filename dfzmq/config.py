@@ -95,6 +95,7 @@ class DaemonConfig:
     # least 2 pieces, at most window_bytes): a slow parent's queue stays short (nodes/picker.py).
     # 0 = every parent gets window_bytes.
     window_target_s: float = 1.0
+    window_mode: str = "aimd"  # "aimd" (children of a parent converge to equal shares) or "rate"
 
     def control_addr(self) -> str:
         return self.control or f"ipc://{Path(self.data).resolve()}/control.sock"

@@ -41,25 +41,38 @@ class ParentState:
     rate_bps: float | None = None
     busy_from: float | None = None
     last_arrival: float = 0.0
+    window: float = 0.0  # window_mode "aimd": this parent's credit window in bytes (0 = not yet set)
 
     def outstanding_bytes(self, manifest: dict[int, PieceInfo]) -> int:
         return sum(manifest[n].length for n in self.outstanding if n in manifest)
+
+
+# A request this many times older than our parents' median latency is stuck (_rescue).
+RESCUE_FACTOR = 3.0
+AIMD_DECREASE = 0.25  # of a piece, per late piece (window_mode "aimd")
 
 
 class Picker:
     def __init__(self, window_bytes: int = 8 << 20, min_window: int = 2,
                  piece_timeout_s: float = 20.0, rng: random.Random | None = None,
                  max_outstanding: int = 0, endgame_after_s: float = 1.0,
-                 window_target_s: float = 0.0) -> None:
+                 window_target_s: float = 0.0, window_mode: str = "aimd") -> None:
         self.window_bytes = window_bytes
         # > 0: each parent's window is what it sends us in this many seconds (at least
         # min_window pieces, at most window_bytes), so a slow parent's queue stays short.
         self.window_target_s = window_target_s
+        # How a window follows its parent when window_target_s > 0: "aimd" grows it by a piece
+        # per window of pieces that came within the target and shrinks it by a quarter per window
+        # that came late (children of one parent converge to equal shares, as TCP flows do);
+        # "rate" makes it the bytes the parent sent us in window_target_s while busy (shares
+        # stay as unequal as they started: a child served less asks for less).
+        self.window_mode = window_mode
         self.max_outstanding = max_outstanding  # requests in flight for the task; 0 = no cap
         # The endgame only makes sense once the manifest is whole: while the source is still
         # reading, "everything requested" just means "caught up", and duplicates would be waste.
         self.complete = False
         self.duplicates = 0  # endgame duplicate requests made
+        self.rescued = 0  # of which stuck requests asked again before the endgame (_rescue)
         # Only a request this old is duplicated: on a healthy link the first copy is coming,
         # and a duplicate would cost a piece's worth of someone's upload for nothing.
         self.endgame_after_s = endgame_after_s
@@ -114,6 +127,7 @@ class Picker:
             st.latency_s = latency if st.latency_s is None else 0.8 * st.latency_s + 0.2 * latency
             if num in self.manifest:
                 self._measure(st, self.manifest[num].length, now)
+                self._adapt(st, self.manifest[num].length, latency)
         self.have.add(num)
         for other in list(self.requested.get(num, ())):
             st = self.parents.get(other)
@@ -171,13 +185,15 @@ class Picker:
         ]
 
     def silence_allowed_s(self, pid: str, liveness_s: float) -> float:
-        """How long `pid` may stay silent before it counts as dead. A parent holding our requests
-        answers heartbeats behind the pieces it is sending us, on a link that may be full: while
-        a request is outstanding, its piece timeout (expired()) judges it, not the heartbeat."""
+        """How long `pid` may stay silent before it counts as dead. A parent answers heartbeats
+        behind the pieces it is sending, on an uplink that may be full: while it holds a request
+        of ours, its piece timeout (expired()) judges it; otherwise twice the liveness interval.
+        (A parent whose host died is also taken out of our list by the scheduler, which hears
+        the host's own heartbeats.)"""
         st = self.parents.get(pid)
         if st is not None and st.outstanding:
-            return max(liveness_s, self.piece_timeout_s)
-        return liveness_s
+            return max(2 * liveness_s, self.piece_timeout_s)
+        return 2 * liveness_s
 
     def missing(self) -> list[int]:
         return [n for n in self.manifest if n not in self.have]
@@ -194,9 +210,10 @@ class Picker:
     def _next_requests(self, now: float) -> list[tuple[str, int]]:
         if not any(self._budget(st) > 0 for st in self.parents.values()):
             return []
+        # A stuck request is older news than any new piece: it gets a parent's room first.
+        out: list[tuple[str, int]] = self._rescue(now) if self.complete and self.window_target_s > 0 else []
         wanted = [n for n in self.manifest if n not in self.have and n not in self.requested]
         wanted.sort(key=lambda n: (self.counts.get(n, 0), self._tiebreak[n]))
-        out: list[tuple[str, int]] = []
         # Non-seed parents first: the seed serves what only it has.
         order = sorted(self.parents.values(), key=lambda s: (s.seed, len(s.outstanding)))
         taken: set[int] = set()
@@ -240,7 +257,9 @@ class Picker:
             return 1 if len(st.outstanding) < self.min_window else 0
         used = st.outstanding_bytes(self.manifest)
         window = self.window_bytes
-        if self.window_target_s > 0:
+        if self.window_target_s > 0 and self.window_mode == "aimd":
+            window = int(st.window) or self.min_window * self._piece_len
+        elif self.window_target_s > 0:
             window = min(window, max(int((st.rate_bps or 0.0) * self.window_target_s),
                                      self.min_window * self._piece_len))
         if len(st.outstanding) < self.min_window:
@@ -249,6 +268,20 @@ class Picker:
 
     def _other_has(self, num: int, pid: str) -> bool:
         return self.counts.get(num, 0) > (1 if pid in self.parents and num in self.parents[pid].have else 0)
+
+    def _adapt(self, st: ParentState, length: int, latency: float) -> None:
+        """AIMD on delay: a piece within window_target_s of its request adds length/window pieces
+        (one piece per window's worth), a later one takes a quarter piece (a quarter of the window
+        per window's worth). Between min_window pieces and window_bytes."""
+        if self.window_target_s <= 0 or self.window_mode != "aimd":
+            return
+        floor = self.min_window * max(self._piece_len, length)
+        w = st.window or floor
+        if latency <= self.window_target_s:
+            w += length * length / w
+        else:
+            w -= AIMD_DECREASE * length
+        st.window = min(float(self.window_bytes), max(float(floor), w))
 
     def _measure(self, st: ParentState, length: int, now: float) -> None:
         start = max(st.last_arrival, st.busy_from if st.busy_from is not None else now)
@@ -266,6 +299,37 @@ class Picker:
             st.busy_from = now
         st.outstanding[num] = now
         self.requested.setdefault(num, set()).add(st.pid)
+
+    def _rescue(self, now: float) -> list[tuple[str, int]]:
+        """Before the endgame: a request stuck far beyond what our parents usually take (a
+        starved TCP flow, a slow parent's long queue) is asked once more of the fastest parent
+        with room that holds it; the first copy wins. Only with rate-sized windows, where a
+        parent's queue is about `window_target_s` long and "far beyond" means something."""
+        lat = sorted(st.latency_s for st in self.parents.values() if st.latency_s is not None)
+        if not lat:
+            return []
+        typical = RESCUE_FACTOR * lat[len(lat) // 2]
+        stuck = []
+        for st in self.parents.values():
+            # A parent slower than the rest (a slow uplink) is given up to twice its own usual
+            # time before its request counts as stuck, but never more than twice `typical`.
+            late_after = max(self.endgame_after_s, typical, min(2 * (st.latency_s or 0.0), 2 * typical))
+            stuck += [(asked_at, n) for n, asked_at in st.outstanding.items()
+                      if now - asked_at >= late_after and len(self.requested.get(n, ())) == 1]
+        stuck.sort()
+        out = []
+        for _, n in stuck:
+            best = None
+            for st in self.parents.values():
+                if n in st.have and n not in st.outstanding and self._budget(st) > 0:
+                    if best is None or (st.rate_bps or 0.0) > (best.rate_bps or 0.0):
+                        best = st
+            if best is not None:
+                self._request(best, n, now)
+                out.append((best.pid, n))
+                self.duplicates += 1
+                self.rescued += 1
+        return out
 
     def _endgame(self, now: float) -> list[tuple[str, int]]:
         out = []

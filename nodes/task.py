@@ -91,7 +91,7 @@ class TaskRun:
         self.file_digest = ""
         self.piece_count = -1
         self.picker = Picker(window_bytes=self.cfg.window_bytes, max_outstanding=self.cfg.concurrent_pieces,
-                             window_target_s=self.cfg.window_target_s)
+                             window_target_s=self.cfg.window_target_s, window_mode=self.cfg.window_mode)
         self.parents: dict[str, ParentLink] = {}
         self.blocklist: set[str] = set()
         self.bad_parents: set[str] = set()  # sent bytes that failed verification

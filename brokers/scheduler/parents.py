@@ -4,17 +4,26 @@ A mixin of `SchedulerCore` (brokers/scheduler/core.py), kept apart so that swarm
 reads and changes parent choice without wading through registration and failure handling.
 Pure like the core: no zmq, lmdb, asyncio or clock; `now` is passed in. Scores come from
 brokers/scheduler/scoring.py.
+
+Laggards (issue 3): the scheduler sees every peer's progress. A Running peer more than
+LAG_FRACTION of the file behind the task's median has drawn a poor set of parents (slow
+uplinks, starved flows); each refresh gives it one more parent, up to LAG_EXTRA_PARENTS
+beyond max_parents, best scored first (most pieces, most free slots). Nobody loses a parent
+for it, and a peer that caught up keeps what it has until its list is next repaired.
 """
 
 from __future__ import annotations
 
 from brokers.scheduler import scoring
-from brokers.scheduler.model import (PARENT_STATES, Action, Peer, PeerEvent, PeerState, Task)
+from brokers.scheduler.model import PARENT_STATES, Action, Peer, PeerEvent, PeerState, Task
 from dfzmq import wire
 from dfzmq.actions import Send
 
 _P, _R, _S = PeerState.PENDING, PeerState.RUNNING, PeerState.SUCCEEDED
 _E = PeerEvent
+
+LAG_FRACTION = 0.10  # of the task's pieces behind the median Running peer
+LAG_EXTRA_PARENTS = 3
 
 
 class ParentChoice:
@@ -115,6 +124,31 @@ class ParentChoice:
                         self._assign_parents(peer, task, chosen, out)
                     else:
                         peer.seen_version = task.version
+            self._boost_laggards(task, now, out)
+
+    def _boost_laggards(self, task: Task, now: float, out: list[Action]) -> None:
+        """One more parent for each Running peer far behind the others (module docstring)."""
+        total = task.piece_count if task.piece_count > 0 else len(task.manifest)
+        running = [self.peers[pid] for pid in sorted(task.peers) if self.peers[pid].state is _R]
+        if total <= 0 or len(running) < 3:
+            return
+        held = sorted(len(p.pieces) for p in running)
+        median = held[len(held) // 2]
+        for peer in running:
+            if median - len(peer.pieces) < LAG_FRACTION * total:
+                continue
+            if len(peer.parents) >= self.max_parents + LAG_EXTRA_PARENTS:
+                continue
+            cands = [c for c in (self.peers[pid] for pid in sorted(task.peers))
+                     if c.peer_id not in peer.parents and self._qualifies(peer, c, now)
+                     and self._children_of_host(c.host_id) < self.hosts[c.host_id].info.upload_slots]
+            if not cands:
+                continue
+            host = self.hosts[peer.host_id]
+            best = scoring.rank([self._candidate(task, c) for c in cands], peer.peer_id,
+                                host.info.idc, host.info.location, self.weights)[0]
+            self.counters["parents-laggard"] += 1
+            self._assign_parents(peer, task, [*peer.parents, best.peer_id], out)
 
     def _refresh_running(self, peer: Peer, task: Task, now: float, out: list[Action]) -> None:
         valid = [p for p in peer.parents

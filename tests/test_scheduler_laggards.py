@@ -1,0 +1,71 @@
+"""brokers/scheduler/parents.py: a Running peer far behind the others gets more parents, on the
+fake network of tests/test_scheduler_core.py."""
+
+from __future__ import annotations
+
+from brokers.scheduler import parents as parents_mod
+from dfzmq import wire
+from tests.test_scheduler_core import FakeNet
+
+PIECES = 100
+
+
+def swarm(n: int = 8, max_parents: int = 3):
+    net = FakeNet(max_parents=max_parents)
+    hosts = [net.host(f"h{i}") for i in range(n)]
+    hosts[0].register()  # the source
+    hosts[0].report(range(PIECES), content_length=PIECES * 100)
+    for h in hosts[1:]:
+        h.register()
+    net.advance(2.0)
+    for h in hosts:
+        h.take()
+    return net, hosts
+
+
+def test_a_peer_far_behind_the_median_gets_one_more_parent_per_refresh_up_to_a_cap():
+    net, hosts = swarm()
+    for h in hosts[1:6]:
+        h.report(range(60), source="p2p")
+    slow = hosts[6]
+    slow.report(range(20), source="p2p")  # 40% behind the median
+    hosts[7].report(range(55), source="p2p")  # 5% behind: fine
+    net.advance(1.0)
+    grown = [m for m in slow.take(wire.PeerParents)]
+    assert grown and len(grown[-1].parents) == 4
+    assert hosts[7].take(wire.PeerParents) == []
+    assert all(h.take(wire.PeerParents) == [] for h in hosts[1:6])
+    net.advance(5.0)
+    last = slow.take(wire.PeerParents)[-1].parents
+    assert len(last) == 3 + parents_mod.LAG_EXTRA_PARENTS
+    ids = [p.peer_id for p in last]
+    assert len(set(ids)) == len(ids) and slow.peer() not in ids
+    assert net.core.counters["parents-laggard"] == parents_mod.LAG_EXTRA_PARENTS
+
+
+def test_extra_parents_are_the_best_scored_ones_and_nobody_loses_a_parent():
+    net, hosts = swarm()
+    before = {h.host_id: list(net.core.peers[h.peer()].parents) for h in hosts[1:]}
+    for h in hosts[1:7]:
+        h.report(range(70), source="p2p")
+    hosts[7].report(range(5), source="p2p")
+    net.advance(1.0)
+    after = [p.peer_id for p in hosts[7].take(wire.PeerParents)[-1].parents]
+    assert after[:3] == before["h7"]  # kept, in order
+    added = net.core.peers[after[3]]
+    assert len(added.pieces) >= 70  # one of the peers furthest on (or the source)
+    for h in hosts[1:7]:
+        assert list(net.core.peers[h.peer()].parents) == before[h.host_id]
+
+
+def test_no_boost_in_a_small_or_even_swarm():
+    net, hosts = swarm(n=3)
+    hosts[1].report(range(90), source="p2p")
+    hosts[2].report(range(1), source="p2p")
+    net.advance(2.0)  # two Running peers: no median worth the name
+    assert hosts[2].take(wire.PeerParents) == []
+    net, hosts = swarm()
+    for h in hosts[1:]:
+        h.report(range(50), source="p2p")
+    net.advance(3.0)
+    assert net.core.counters["parents-laggard"] == 0
