@@ -301,21 +301,26 @@ class Picker:
         self.requested.setdefault(num, set()).add(st.pid)
 
     def _rescue(self, now: float) -> list[tuple[str, int]]:
-        """Before the endgame: a request stuck far beyond what our parents usually take (a
-        starved TCP flow, a slow parent's long queue) is asked once more of the fastest parent
-        with room that holds it; the first copy wins. Only with rate-sized windows, where a
-        parent's queue is about `window_target_s` long and "far beyond" means something."""
+        """Before the endgame: the requests at a parent that has gone quiet far beyond what our
+        parents usually take (a starved TCP flow) are asked once more of the fastest parent with
+        room that holds them; the first copy wins. A slow parent that still delivers at its own
+        pace is not quiet: its requests are left alone (each copy costs a piece of upload).
+        Only with rate-sized windows, where a parent's queue is about `window_target_s` long."""
         lat = sorted(st.latency_s for st in self.parents.values() if st.latency_s is not None)
         if not lat:
             return []
         typical = RESCUE_FACTOR * lat[len(lat) // 2]
         stuck = []
         for st in self.parents.values():
-            # A parent slower than the rest (a slow uplink) is given up to twice its own usual
-            # time before its request counts as stuck, but never more than twice `typical`.
-            late_after = max(self.endgame_after_s, typical, min(2 * (st.latency_s or 0.0), 2 * typical))
+            if not st.outstanding:
+                continue
+            quiet = now - max(st.last_arrival, st.busy_from if st.busy_from is not None else now)
+            # its own time per piece for us, so a slow uplink is judged by its own pace
+            own = self._piece_len / st.rate_bps if st.rate_bps else 0.0
+            if quiet < max(self.endgame_after_s, typical, min(2 * own, 2 * typical)):
+                continue
             stuck += [(asked_at, n) for n, asked_at in st.outstanding.items()
-                      if now - asked_at >= late_after and len(self.requested.get(n, ())) == 1]
+                      if len(self.requested.get(n, ())) == 1]
         stuck.sort()
         out = []
         for _, n in stuck:

@@ -22,7 +22,7 @@ from dfzmq.actions import Send
 _P, _R, _S = PeerState.PENDING, PeerState.RUNNING, PeerState.SUCCEEDED
 _E = PeerEvent
 
-LAG_FRACTION = 0.10  # of the task's pieces behind the median Running peer
+LAG_FRACTION = 0.05  # of the task's pieces behind the median Running peer
 LAG_EXTRA_PARENTS = 3
 
 
