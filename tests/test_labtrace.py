@@ -56,3 +56,12 @@ def test_late_pieces_and_waste_from_trace_lines(tmp_path):
     assert summary["uplinks"]["h1"]["use"] == pytest.approx(1.0)
     assert summary["downlinks"]["h1"]["use"] == pytest.approx(0.5)
     assert summary["late"]["h2"]["finish_s"] == 4.3
+
+
+def test_gso_segments_keep_a_packet_within_its_link_time():
+    from tools import netlab
+
+    assert netlab.gso_segments(100, 0) == 0  # off: veth defaults
+    assert netlab.gso_segments(2.5, 5) == 1  # 1448 bytes already take 4.6 ms
+    assert netlab.gso_segments(25, 5) == 10
+    assert netlab.gso_segments(10_000, 5) == 44  # never above a 64 KiB super-packet

@@ -82,6 +82,11 @@ class LabSpec:
     # The queue behind each shaped link: pfifo_fast (Linux's classic default qdisc: three bands by
     # IP TOS, so low-delay control packets pass bulk data) or pfifo (one FIFO for everything).
     leaf_qdisc: str = "pfifo_fast"
+    # Longest packet a host hands its shaped link, in ms of that link's time. A veth passes 64 KiB
+    # GSO super-packets; at 2.5 Mbit/s one takes 200 ms, and every ack or request waits behind it.
+    # A real NIC puts 1500-byte frames on the wire: --packet-ms caps GSO at about this many ms
+    # (0, the default, leaves it: the cap more than doubles softirq work, and two cores are few).
+    packet_ms: float = 0.0
 
     @property
     def size(self) -> int:
@@ -109,6 +114,14 @@ def bounds(spec: LabSpec) -> tuple[float, float]:
     us, d = bytes_per_s(spec.origin_up_mbit), bytes_per_s(spec.peer_down_mbit)
     u = sum(bytes_per_s(spec.up_mbit(i)) for i in range(1, n + 1)) / n
     return max(f / us, f / d, n * f / (us + n * u)), max(n * f / us, f / d)
+
+
+def gso_segments(mbit: float, packet_ms: float) -> int:
+    """TCP segments per GSO packet so that one packet takes about `packet_ms` on a `mbit` link
+    (at least 1, at most 44: a 64 KiB super-packet); 0 when packet_ms is 0 (veth defaults)."""
+    if packet_ms <= 0:
+        return 0
+    return max(1, min(44, int(bytes_per_s(mbit) * packet_ms / 1000 / 1448)))
 
 
 def read_cpu() -> list[tuple[int, int]]:
@@ -233,6 +246,9 @@ class Topology:
             sh(*br, "link", "add", f"h{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
             sh(*br, "link", "set", f"h{i}", "master", "br0", "up")
             sh(*host, "link", "set", "eth0", "addrgenmode", "none")  # no IPv6 chatter on the links
+            segs = gso_segments(min(spec.up_mbit(i), spec.down_mbit(i)), spec.packet_ms)
+            if segs:
+                sh(*host, "link", "set", "dev", "eth0", "gso_max_segs", str(segs), "gso_max_size", str(segs * 1500))
             sh(*host, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
             sh(*host, "link", "set", "eth0", "up")
             sh(*host, "link", "set", "lo", "up")
@@ -710,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="a setting for every dfzmq process, e.g. DFZMQ_WINDOW_TARGET_S=0 (repeatable)")
     run.add_argument("--leaf-qdisc", choices=("pfifo_fast", "pfifo"), default="pfifo_fast",
                      help="queue behind each shaped link (pfifo_fast honours IP TOS; pfifo is one FIFO)")
+    run.add_argument("--packet-ms", type=float, default=0.0,
+                     help="cap GSO packets at about this many ms of link time (0 = veth's 64 KiB)")
     run.add_argument("--trace", action="store_true",
                      help="also report upload use per host over time and where the last pieces came from")
     run.add_argument("--keep", action="store_true", help="keep the work dir (logs, copies)")
@@ -749,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         extra_env.append((name, value))
     spec = LabSpec(args.peers, args.size_mib, args.peer_up_mbit, args.peer_down_mbit, args.origin_up_mbit,
                    args.slow_half_up_mbit, args.delay_ms, args.timeout_s, args.trace, tuple(extra_env),
-                   args.leaf_qdisc)
+                   args.leaf_qdisc, args.packet_ms)
     try:
         result = run_lab(spec, args.keep, log=lambda m: err.print(f"[dim]{m}[/dim]"))
     except LabError as e:
