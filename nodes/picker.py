@@ -15,6 +15,21 @@ Choice, in order:
   the last piece hostage; the first copy to arrive wins.
 A parent whose request times out or whose bytes fail verification loses its outstanding
 requests; the caller decides whether to drop it.
+
+Windows (issue 3, measured in the network lab with half the peers on slow uplinks). With
+`window_target_s` > 0 (the daemon's default) a parent's window is not a fixed number of bytes:
+- "aimd" (default): it grows by a piece per window's worth of pieces that arrived within the
+  target and shrinks by a quarter per window's worth that came late, between `min_window`
+  pieces and `window_bytes`. A slow uplink's queue stays about the target long (a fixed 1 MiB
+  per child queued 5-19 s at a 5 Mbit/s parent, and the last pieces waited there), and the
+  children of one parent converge to equal shares, as TCP flows do;
+- "rate": the bytes the parent sent us in `window_target_s`, measured only while it had our
+  requests (a parent left idle is not slow). Lab runs could not tell the two apart.
+- rescue: a parent gone quiet far beyond what our parents usually take (a starved TCP flow;
+  judged against its own pace, so a slow parent that still delivers is left alone) has its
+  requests asked once more of the fastest parent with room, before any new piece is asked.
+  The slow copy still comes (the wire has no cancel that could reach bytes already queued in
+  the parent's socket): each rescue costs a piece of upload, and the lab counts them.
 """
 
 from __future__ import annotations

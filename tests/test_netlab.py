@@ -51,4 +51,4 @@ def test_lab_distributes_every_copy_reading_origin_once():
 
     out = io.StringIO()
     Console(file=out, width=140, color_system=None).print(netlab.render(result))
-    assert "last / bound" in out.getvalue()
+    assert "last / bound" in out.getvalue() and "slowest piece wait" in out.getvalue()

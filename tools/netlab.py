@@ -4,7 +4,9 @@
 namespaces (`dfzl<pid>-h0..hN`), each joined by a veth pair to one Linux bridge that lives in a
 namespace of its own (`dfzl<pid>-br`), with addresses in 10.X.0.0/24 (X random per run). Each
 host's upload is shaped on the egress of its own veth end, its download on the egress of the
-bridge's end (htb, plus netem when `--delay-ms` is given and the kernel has it). Host 0 is the
+bridge's end (htb, with a pfifo_fast queue behind it: Linux's classic default qdisc, which lets
+packets marked low-delay pass bulk data, as dfzmq marks its control sockets; `--leaf-qdisc pfifo`
+gives one FIFO for everything; netem when `--delay-ms` is given and the kernel has it). Host 0 is the
 origin site: the counting HTTP origin (tools/origin.py), manager, scheduler and a seed peer; hosts
 1..N run one peer daemon each. Every process is the real `python -m dfzmq ...` run with
 `ip netns exec`. All N peers fetch a generated file at once through their daemons' control
@@ -17,6 +19,12 @@ redundant bytes (what the peers' stats say they stored beyond N*F); bytes on the
 peer (the bridge port's counters: payload plus TCP/IP and ZeroMQ overhead plus any duplicates);
 and CPU use from /proc/stat and each process's /proc/PID/stat, so a run limited by the two cores
 rather than by the links shows as such. `--json` prints the same as JSON.
+
+`--trace` adds what the time went on (tools/labtrace.py): each host's uplink and downlink use
+over the run (the bridge's counters sampled twice a second), where each peer's last pieces came
+from and how long they waited (every daemon writes a piece trace, nodes/trace.py), and the
+duplicates, timeouts and dropped parents by parent host. `--env DFZMQ_X=Y` passes a setting to
+every dfzmq process, for A/B runs of one change.
 
 What it must never do: touch anything outside what it made. Nothing is created in the root
 namespace (no route, address or link), the subnet exists only inside the lab's namespaces, and
@@ -706,7 +714,22 @@ def render(result: dict):
         summary.add_row(f"goal: {goal}", "met" if met else "NOT MET")
     for problem in result["problems"]:
         summary.add_row("FAILED", problem)
-    return Group(hosts, summary)
+    if "trace" not in result:
+        return Group(hosts, summary)
+    trace = result["trace"]
+    links = Table(title="--trace: link use, share of the shaped rate (whole run / last fifth); slowest piece wait")
+    for col in ("host", "up use", "down use", "slowest wait s", "last piece from"):
+        links.add_column(col, justify="left" if col == "host" else "right")
+    for h in result["hosts"]:
+        up, dn = trace["uplinks"].get(h["host"], {}), trace.get("downlinks", {}).get(h["host"], {})
+        late = trace["late"].get(h["host"], {})
+        slowest = max((x["wait_s"] for x in late.get("slowest", [])), default=None)
+        last = late.get("last") or [{}]
+        links.add_row(h["host"], f"{up.get('use', 0):.2f} / {up.get('use_last_fifth') or 0:.2f}",
+                      f"{dn['use']:.2f} / {dn.get('use_last_fifth') or 0:.2f}" if dn else "-",
+                      "-" if slowest is None else f"{slowest:.1f}", last[-1].get("from", "-"))
+    waste = ", ".join(f"{ev} {sum(c.values())}" for ev, c in trace["waste"].items()) or "none"
+    return Group(hosts, summary, links, f"duplicates / timeouts / parents dropped silent: {waste}")
 
 
 def main(argv: list[str] | None = None) -> int:
