@@ -57,6 +57,7 @@ class ParentState:
     busy_from: float | None = None
     last_arrival: float = 0.0
     window: float = 0.0  # window_mode "aimd": this parent's credit window in bytes (0 = not yet set)
+    benched: bool = False  # went quiet and had requests rescued: no new ones until it delivers
 
     def outstanding_bytes(self, manifest: dict[int, PieceInfo]) -> int:
         return sum(manifest[n].length for n in self.outstanding if n in manifest)
@@ -64,6 +65,10 @@ class ParentState:
 
 # A request this many times older than our parents' median latency is stuck (_rescue).
 RESCUE_FACTOR = 3.0
+# Rescues are copies: at most this share of the task's pieces (and RESCUE_MIN), so a swarm of
+# starved flows cannot turn into a swarm of duplicates (the issue's goal: redundant bytes < 2%).
+RESCUE_BUDGET = 0.01
+RESCUE_MIN = 2
 AIMD_DECREASE = 0.25  # of a piece, per late piece (window_mode "aimd")
 
 
@@ -140,6 +145,7 @@ class Picker:
         if st is not None and now is not None and num in st.outstanding:
             latency = now - st.outstanding[num]
             st.latency_s = latency if st.latency_s is None else 0.8 * st.latency_s + 0.2 * latency
+            st.benched = False
             if num in self.manifest:
                 self._measure(st, self.manifest[num].length, now)
                 self._adapt(st, self.manifest[num].length, latency)
@@ -172,6 +178,14 @@ class Picker:
             st.outstanding.pop(num, None)
         self._unrequest(num, pid)
 
+    def on_duplicate(self, pid: str, num: int) -> None:
+        """`pid` delivered a piece another parent's copy already brought: forget the request
+        without blame, and take the parent off the bench (it is alive and delivering)."""
+        st = self.parents.get(pid)
+        if st is not None:
+            st.benched = False
+        self.cancel(pid, num)
+
     def on_failure(self, pid: str, num: int) -> None:
         """Bytes from `pid` failed verification, or the request timed out."""
         st = self.parents.get(pid)
@@ -200,15 +214,13 @@ class Picker:
         ]
 
     def silence_allowed_s(self, pid: str, liveness_s: float) -> float:
-        """How long `pid` may stay silent before it counts as dead. A parent answers heartbeats
-        behind the pieces it is sending, on an uplink that may be full: while it holds a request
-        of ours, its piece timeout (expired()) judges it; otherwise twice the liveness interval.
-        (A parent whose host died is also taken out of our list by the scheduler, which hears
-        the host's own heartbeats.)"""
-        st = self.parents.get(pid)
-        if st is not None and st.outstanding:
-            return max(2 * liveness_s, self.piece_timeout_s)
-        return 2 * liveness_s
+        """How long `pid` may stay silent before it counts as dead: on the piece timeout's scale,
+        not the heartbeat's. A parent's heartbeat replies and HAVEs leave through the same
+        uplink as its uploads to every child, and a full slow uplink holds them for seconds (a
+        0.6 Mbit/s parent in the lab: 85 parents dropped as silent in one run). A parent whose
+        host died is taken out of our list by the scheduler, which hears the host's own
+        heartbeats on a low-delay socket within its liveness."""
+        return max(2 * liveness_s, self.piece_timeout_s)
 
     def missing(self) -> list[int]:
         return [n for n in self.manifest if n not in self.have]
@@ -266,6 +278,8 @@ class Picker:
         return out
 
     def _budget(self, st: ParentState) -> int:
+        if st.benched:
+            return 0
         if st.seed:
             # A seed's upload is the swarm's scarcest resource: each child keeps only a couple
             # of requests there, so the seed spreads distinct pieces that children then trade.
@@ -321,8 +335,9 @@ class Picker:
         room that holds them; the first copy wins. A slow parent that still delivers at its own
         pace is not quiet: its requests are left alone (each copy costs a piece of upload).
         Only with rate-sized windows, where a parent's queue is about `window_target_s` long."""
+        cap = max(RESCUE_MIN, int(RESCUE_BUDGET * len(self.manifest)))
         lat = sorted(st.latency_s for st in self.parents.values() if st.latency_s is not None)
-        if not lat:
+        if not lat or self.rescued >= cap:
             return []
         typical = RESCUE_FACTOR * lat[len(lat) // 2]
         stuck = []
@@ -334,11 +349,14 @@ class Picker:
             own = self._piece_len / st.rate_bps if st.rate_bps else 0.0
             if quiet < max(self.endgame_after_s, typical, min(2 * own, 2 * typical)):
                 continue
+            st.benched = True
             stuck += [(asked_at, n) for n, asked_at in st.outstanding.items()
                       if len(self.requested.get(n, ())) == 1]
         stuck.sort()
         out = []
         for _, n in stuck:
+            if self.rescued >= cap:
+                break
             best = None
             for st in self.parents.values():
                 if n in st.have and n not in st.outstanding and self._budget(st) > 0:

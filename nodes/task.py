@@ -342,7 +342,7 @@ class TaskRun:
         pid = link.info.peer_id
         info = self.manifest.get(msg.num)
         if msg.num in self.held or msg.num in self.writing:
-            self.picker.cancel(pid, msg.num)  # an endgame duplicate; the first copy wins
+            self.picker.on_duplicate(pid, msg.num)  # an endgame or rescue copy; the first one wins
             trace("dup", self.task_id, msg.num, pid)
             self.stats["duplicate_bytes"] += len(msg.data)
             return
