@@ -182,3 +182,18 @@ def test_a_benched_parent_gets_no_new_requests_until_it_delivers():
     assert p.parents["quiet"].benched and p._budget(p.parents["quiet"]) == 0
     p.on_duplicate("quiet", at_quiet[0])  # its late copy: alive after all
     assert not p.parents["quiet"].benched
+
+
+def test_aimd_window_shrinks_to_one_piece_at_a_parent_that_is_always_late():
+    p = Picker(window_bytes=8 * PIECE, window_target_s=1.0, rng=random.Random(7))
+    p.add_manifest(manifest(40))
+    p.add_parent("late")
+    p.on_have("late", range(40))
+    now = 0.0
+    for _ in range(30):
+        reqs = p.next_requests(now)
+        now += 3.0  # every piece takes three times the target
+        for _, num in reqs:
+            p.on_piece("late", num, now)
+    assert p.parents["late"].window == PIECE
+    assert len(p.next_requests(now)) == 1  # one piece in flight
