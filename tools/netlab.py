@@ -39,7 +39,6 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -56,20 +55,18 @@ if str(ROOT) not in sys.path:  # run as a script: make `tools` and `dfzmq` of th
     sys.path.insert(0, str(ROOT))
 
 from dfzmq import wire  # noqa: E402
+from tools.labnet import (  # noqa: E402,F401 (re-exported: the lab's API in one place)
+    PREFIX, LabError, Topology, bytes_per_s, gso_segments, pick_subnet, remove_ns, sh, unavailable_reason)
+from tools.labview import render  # noqa: E402,F401
 from tools.cluster import request  # noqa: E402
 
 MiB = 2**20
-PREFIX = "dfzl"
 ORIGIN_LIMIT = 1.01  # origin bytes / F above this fails the run
 RATIO_GOAL = 1.25  # issue 3's goals, reported per run
 REDUNDANT_GOAL_PCT = 2.0
 # Fixed ports are safe here: host 0 is a namespace of this run alone.
 MANAGER_PORT, SCHEDULER_PORT, ORIGIN_PORT = 7000, 7010, 8080
 FILE_NAME = "lab.bin"
-
-
-class LabError(RuntimeError):
-    """The lab could not be built or run (not a dfzmq failure: those are in the report)."""
 
 
 # --- the run's parameters and the pure arithmetic ------------------------------------------------
@@ -112,24 +109,12 @@ class LabSpec:
         return self.origin_up_mbit if host == 0 else self.peer_down_mbit
 
 
-def bytes_per_s(mbit: float) -> float:
-    return mbit * 1e6 / 8
-
-
 def bounds(spec: LabSpec) -> tuple[float, float]:
     """(lower bound of any distribution, time of plain downloads from the origin), in seconds."""
     f, n = spec.size, spec.peers
     us, d = bytes_per_s(spec.origin_up_mbit), bytes_per_s(spec.peer_down_mbit)
     u = sum(bytes_per_s(spec.up_mbit(i)) for i in range(1, n + 1)) / n
     return max(f / us, f / d, n * f / (us + n * u)), max(n * f / us, f / d)
-
-
-def gso_segments(mbit: float, packet_ms: float) -> int:
-    """TCP segments per GSO packet so that one packet takes about `packet_ms` on a `mbit` link
-    (at least 1, at most 44: a 64 KiB super-packet); 0 when packet_ms is 0 (veth defaults)."""
-    if packet_ms <= 0:
-        return 0
-    return max(1, min(44, int(bytes_per_s(mbit) * packet_ms / 1000 / 1448)))
 
 
 def read_cpu() -> list[tuple[int, int]]:
@@ -194,129 +179,6 @@ class CpuMonitor:
 
     def busy(self) -> list[float]:
         return cpu_busy(self.first, self.last)
-
-
-# --- the network: namespaces, veths, one bridge, tc ----------------------------------------------
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise LabError(f"`{' '.join(cmd)}` failed: {r.stderr.strip() or r.stdout.strip()}")
-    return r
-
-
-def unavailable_reason() -> str | None:
-    """Why namespaces cannot be made here, or None when they can."""
-    if os.geteuid() != 0:
-        return f"network namespaces need root (running as uid {os.geteuid()})"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` (iproute2) is not installed"
-    probe = f"{PREFIX}{os.getpid()}-probe"
-    r = sh("ip", "netns", "add", probe, check=False)
-    if r.returncode != 0:
-        return f"cannot create a network namespace: {r.stderr.strip()}"
-    sh("ip", "netns", "del", probe, check=False)
-    return None
-
-
-def pick_subnet() -> int:
-    """A second octet for 10.X.0.0/24 that the root namespace does not route (for clarity only:
-    the lab's subnet lives in its own namespaces and cannot clash)."""
-    used = {int(m) for m in re.findall(r"\b10\.(\d+)\.", sh("ip", "-4", "route", "show", "table", "all").stdout)}
-    free = [x for x in range(64, 255) if x not in used]
-    return random.choice(free or list(range(64, 255)))
-
-
-class Topology:
-    def __init__(self, run_id: str, hosts: int, subnet: int) -> None:
-        self.bridge_ns = f"{run_id}-br"
-        self.ns = [f"{run_id}-h{i}" for i in range(hosts)]
-        self.subnet = subnet
-        self.made: list[str] = []  # namespaces, in creation order
-
-    def ip(self, host: int) -> str:
-        return f"10.{self.subnet}.0.{host + 1}"
-
-    def build(self, spec: LabSpec) -> None:
-        has_netem = spec.delay_ms <= 0 or self._has_netem()
-        if not has_netem:
-            raise LabError("--delay-ms needs the netem qdisc, which this kernel lacks (CONFIG_NET_SCH_NETEM)")
-        self._add_ns(self.bridge_ns)
-        br = ("ip", "-n", self.bridge_ns)
-        sh(*br, "link", "add", "br0", "type", "bridge")
-        sh(*br, "link", "set", "br0", "up")
-        for i, ns in enumerate(self.ns):
-            self._add_ns(ns)
-            host = ("ip", "-n", ns)
-            # created straight inside the two namespaces: nothing ever appears in the root one
-            sh(*br, "link", "add", f"h{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            sh(*br, "link", "set", f"h{i}", "master", "br0", "up")
-            sh(*host, "link", "set", "eth0", "addrgenmode", "none")  # no IPv6 chatter on the links
-            segs = gso_segments(min(spec.up_mbit(i), spec.down_mbit(i)), spec.packet_ms)
-            if segs:
-                sh(*host, "link", "set", "dev", "eth0", "gso_max_segs", str(segs), "gso_max_size", str(segs * 1500))
-            sh(*host, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
-            sh(*host, "link", "set", "eth0", "up")
-            sh(*host, "link", "set", "lo", "up")
-            self.shape(ns, "eth0", spec.up_mbit(i), spec.delay_ms, spec.leaf_qdisc)
-            self.shape(self.bridge_ns, f"h{i}", spec.down_mbit(i), 0, spec.leaf_qdisc)
-
-    def _add_ns(self, name: str) -> None:
-        sh("ip", "netns", "add", name)
-        self.made.append(name)
-
-    def _has_netem(self) -> bool:
-        probe = f"{self.bridge_ns}-netem"
-        sh("ip", "netns", "add", probe)
-        try:
-            return sh("tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
-                      check=False).returncode == 0
-        finally:
-            sh("ip", "netns", "del", probe, check=False)
-
-    @staticmethod
-    def shape(ns: str, dev: str, mbit: float, delay_ms: float, leaf: str = "pfifo_fast") -> None:
-        tc = ("tc", "-n", ns)
-        rate = f"{int(mbit * 1000)}kbit"
-        # one htb class; burst of one GSO super-packet (veths hand 64 KiB skbs to the qdisc)
-        sh(*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1")
-        sh(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", rate,
-           "ceil", rate, "burst", "64k", "cburst", "64k", "quantum", "65536")
-        if delay_ms > 0:
-            sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "netem",
-               "delay", f"{delay_ms}ms", "limit", "100000")
-        elif leaf == "pfifo":
-            sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "pfifo", "limit", "1000")
-        else:  # pfifo_fast: its queue length is the device's txqueuelen (1000 on veths)
-            sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "pfifo_fast")
-
-    def counters(self) -> dict[int, tuple[int, int]]:
-        """Per host, (bytes it received, bytes it sent), read at the bridge's end of its veth."""
-        links = json.loads(sh("ip", "-n", self.bridge_ns, "-s", "-j", "link", "show").stdout)
-        out = {}
-        for link in links:
-            m = re.fullmatch(r"h(\d+)", link.get("ifname", ""))
-            if m:
-                s = link["stats64"]
-                out[int(m.group(1))] = (s["tx"]["bytes"], s["rx"]["bytes"])
-        return out
-
-    def teardown(self) -> None:
-        for ns in reversed(self.made):
-            remove_ns(ns)
-        self.made.clear()
-
-
-def remove_ns(ns: str) -> None:
-    """Kill whatever still runs in `ns`, then delete it (its veth ends, and so their peers, go too)."""
-    for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-    sh("ip", "netns", "del", ns, check=False)
 
 
 # --- processes inside the namespaces --------------------------------------------------------------
@@ -661,75 +523,6 @@ def cleanup(force: bool = False) -> tuple[list[str], list[str]]:
             remove_ns(item)
         removed.append(item)
     return removed, busy
-
-
-# --- the view -------------------------------------------------------------------------------------
-
-
-def _mib(b) -> str:
-    return "-" if b is None else f"{b / MiB:.1f}"
-
-
-def render(result: dict):
-    """The report as rich renderables (a pure function of the result)."""
-    from rich.console import Group
-    from rich.table import Table
-
-    hosts = Table(title=f"dfzmq lab {result['run_id']}: {result['file_bytes'] / MiB:g} MiB to "
-                        f"{result['spec']['peers']} peers ({result['subnet']})")
-    # MiB columns: what the daemon stored from the origin / the seed / other peers, bytes on its
-    # link in and out, and piece bytes its upload server sent
-    for col in ("host", "up/dn Mbit", "done s", "origin", "seed", "peers", "wire in", "wire out",
-                "sent", "CPU s", "copy"):
-        hosts.add_column(col, justify="left" if col in ("host", "copy") else "right")
-    for h in result["hosts"]:
-        copy = "-" if "copy_ok" not in h else ("ok" if h["copy_ok"] else f"BAD {h['error']}"[:60])
-        hosts.add_row(h["host"] + (" seed" if h["role"] != "peer" else ""),
-                      f"{h['up_mbit']:g}/{h['down_mbit']:g}",
-                      "-" if h["finish_s"] is None else f"{h['finish_s']:.2f}",
-                      _mib(h["origin_bytes"]), _mib(h["seed_bytes"]), _mib(h["peer_bytes"]),
-                      _mib(h["wire_rx_bytes"]), _mib(h["wire_tx_bytes"]), _mib(h["uploaded_bytes"]),
-                      f"{h['cpu_s']:.1f}", copy)
-    summary = Table(show_header=False, box=None)
-    cpu = result["cpu"]
-    last = result["last_s"]
-    for k, v in (
-        ("last host finished", "FAILED" if last is None else f"{last:.2f} s"),
-        ("lower bound", f"{result['bound_s']:.2f} s"),
-        ("last / bound", "-" if result["ratio"] is None else f"{result['ratio']:.2f}"),
-        ("plain downloads from origin", f"{result['plain_s']:.2f} s"),
-        ("origin bytes / F", f"{result['origin_over_f']:.3f}"),
-        ("redundant bytes (stored beyond N*F)", f"{result['redundant_bytes']} ({result['redundant_pct']:.2f}%)"),
-        ("redundant bytes (sent beyond N*F)", f"{result['redundant_sent_bytes']} ({result['redundant_sent_pct']:.2f}%)"),
-        ("wire bytes into peers / N*F", f"{result['wire_rx_over_nf']:.3f} (incl. TCP/IP and ZeroMQ overhead)"),
-        ("CPU used by this lab (all cores)", f"{cpu['lab_pct']:.0f}%"),
-        ("CPU busy, whole machine (mean / peak)", f"{cpu['busy_pct']:.0f}% / {cpu['peak_pct']:.0f}%, "
-                                              f"softirq {cpu['softirq_pct']:.0f}% "
-                                              f"(per core {', '.join(f'{c:.0f}%' for c in cpu['per_core_pct'])})"),
-        ("CPU s: peers / seed / scheduler / origin", f"{cpu['peer_daemons_cpu_s']:.1f} / {cpu['seed_cpu_s']:.1f} / "
-                                                    f"{cpu['cpu_s']['scheduler']:.1f} / {cpu['cpu_s']['origin']:.1f}"),
-    ):
-        summary.add_row(k, v)
-    for goal, met in result["goals"].items():
-        summary.add_row(f"goal: {goal}", "met" if met else "NOT MET")
-    for problem in result["problems"]:
-        summary.add_row("FAILED", problem)
-    if "trace" not in result:
-        return Group(hosts, summary)
-    trace = result["trace"]
-    links = Table(title="--trace: link use, share of the shaped rate (whole run / last fifth); slowest piece wait")
-    for col in ("host", "up use", "down use", "slowest wait s", "last piece from"):
-        links.add_column(col, justify="left" if col == "host" else "right")
-    for h in result["hosts"]:
-        up, dn = trace["uplinks"].get(h["host"], {}), trace.get("downlinks", {}).get(h["host"], {})
-        late = trace["late"].get(h["host"], {})
-        slowest = max((x["wait_s"] for x in late.get("slowest", [])), default=None)
-        last = late.get("last") or [{}]
-        links.add_row(h["host"], f"{up.get('use', 0):.2f} / {up.get('use_last_fifth') or 0:.2f}",
-                      f"{dn['use']:.2f} / {dn.get('use_last_fifth') or 0:.2f}" if dn else "-",
-                      "-" if slowest is None else f"{slowest:.1f}", last[-1].get("from", "-"))
-    waste = ", ".join(f"{ev} {sum(c.values())}" for ev, c in trace["waste"].items()) or "none"
-    return Group(hosts, summary, links, f"duplicates / timeouts / parents dropped silent: {waste}")
 
 
 def main(argv: list[str] | None = None) -> int:
