@@ -37,7 +37,7 @@ from dfzmq.service import Counters, decode_plain, decode_routed
 from nodes.gc import GarbageCollector
 from nodes.limits import TokenBucket
 from nodes.metrics import DaemonMetrics, host_stats
-from nodes.sink import OutputSink
+from nodes.sink import OutputSink, store_reader
 from nodes.store import PieceStore
 from nodes.task import TaskRun
 from nodes.upload import UploadServer
@@ -482,7 +482,8 @@ class Daemon:
         if "://" not in url:
             raise DownloadError(f"not a URL: {url!r}")
         tid = ids.task_id(url, tag, application)
-        sink = OutputSink(output, digest)
+        # Every piece a run hands a sink is verified against the manifest first (nodes/sink.py).
+        sink = OutputSink(output, digest, reader=store_reader(self.store), pieces_verified=True)
         run, new = self.require_task(tid, url, headers, tag, application)
         self.gc.note_access(tid)
         try:
