@@ -181,6 +181,8 @@ class Daemon:
         # One thread does every piece store, output write and whole-file hash, in order, so the
         # event loop keeps receiving while bytes are copied (both release the GIL).
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfzmq-writer")
+        # Piece digests, ahead of the writer (nodes/task.py _on_piece_data).
+        self.verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfzmq-verify")
         self.ops = DaemonOps(self)  # cluster settings, jobs and the cache (nodes/ops.py)
         self.download_bucket = TokenBucket(cfg.download_rate)
         self.source_bucket = TokenBucket(cfg.source_rate)
@@ -254,6 +256,7 @@ class Daemon:
         self.upload.close()
         self.control.close(0)
         self.writer.shutdown(wait=True)
+        self.verifier.shutdown(wait=True)
         self.store.close()
         self.ctx.term()
         if self.metrics is not None:

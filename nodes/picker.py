@@ -62,6 +62,10 @@ class Picker:
         self.requested: dict[int, set[str]] = {}  # num -> parents it is outstanding at
         self.rng = rng or random.Random()
         self._tiebreak: dict[int, float] = {}
+        # >= 0 while a client reads the task in order from this byte offset (the proxy streams
+        # it): pieces are asked for in order from there, so the client's reads overlap the
+        # download instead of waiting for a contiguous prefix that rarest-first builds last.
+        self.stream_offset = -1
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -172,7 +176,10 @@ class Picker:
         if not any(self._budget(st) > 0 for st in self.parents.values()):
             return []
         wanted = [n for n in self.manifest if n not in self.have and n not in self.requested]
-        wanted.sort(key=lambda n: (self.counts.get(n, 0), self._tiebreak[n]))
+        if self.stream_offset >= 0:
+            wanted.sort(key=self._stream_rank)
+        else:
+            wanted.sort(key=lambda n: (self.counts.get(n, 0), self._tiebreak[n]))
         out: list[tuple[str, int]] = []
         # Non-seed parents first: the seed serves what only it has.
         order = sorted(self.parents.values(), key=lambda s: (s.seed, len(s.outstanding)))
@@ -209,6 +216,10 @@ class Picker:
         if self.complete and not out and not [n for n in wanted if n not in taken]:
             out.extend(self._endgame(now))
         return out
+
+    def _stream_rank(self, num: int) -> tuple[bool, int]:
+        end = self.manifest[num].offset + self.manifest[num].length
+        return end <= self.stream_offset, self.manifest[num].offset
 
     def _budget(self, st: ParentState) -> int:
         if st.seed:
