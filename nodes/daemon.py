@@ -312,7 +312,15 @@ class Daemon:
                             continue
                 if not self._schedulers_known.is_set() and now > first_deadline:
                     self._schedulers_known.set()  # no manager answer: tasks go to source
-                if sock is None or not await sock.poll(timeout=100):
+                # Sleep until something is due (the next scheduler list, the member link's
+                # heartbeat or liveness check), not on a fixed 100 ms tick: idle daemons are many.
+                due = next_list if sock is not None else now + 0.1
+                if member is not None:
+                    due = min(due, member.next_deadline())
+                if not self._schedulers_known.is_set():
+                    due = min(due, first_deadline)
+                wait_ms = int(max(10.0, min(1000.0, (due - time.monotonic()) * 1000)))
+                if sock is None or not await sock.poll(timeout=wait_ms):
                     if sock is None:
                         await asyncio.sleep(0.1)
                     continue
@@ -486,7 +494,8 @@ class Daemon:
             raise DownloadError(f"not a URL: {url!r}")
         tid = ids.task_id(url, tag, application)
         # Every piece a run hands a sink is verified against the manifest first (nodes/sink.py).
-        sink = OutputSink(output, digest, reader=store_reader(self.store), pieces_verified=True)
+        sink = OutputSink(output, digest, reader=store_reader(self.store), pieces_verified=True,
+                          direct=self.cfg.output_direct)
         run, new = self.require_task(tid, url, headers, tag, application)
         self.gc.note_access(tid)
         try:
