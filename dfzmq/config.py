@@ -91,6 +91,10 @@ class DaemonConfig:
     proxy_filter_params: list[str] = field(default_factory=list)  # more query params left out of task ids
     registry_mirrors: list[str] = field(default_factory=list)  # upstream registries; the first is the default
     metrics: str = ""  # HOST:PORT of the Prometheus /metrics endpoint; "" = off
+    # Output files of `dfzmq fetch`/`sync` written with O_DIRECT (nodes/directio.py): the piece
+    # store caches the bytes already. false: through the page cache (a slow disk under a fast
+    # network, where the page cache absorbing the writes matters more than memory).
+    output_direct: bool = True
 
     def control_addr(self) -> str:
         return self.control or f"ipc://{Path(self.data).resolve()}/control.sock"
