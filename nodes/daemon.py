@@ -495,7 +495,7 @@ class Daemon:
         tid = ids.task_id(url, tag, application)
         # Every piece a run hands a sink is verified against the manifest first (nodes/sink.py).
         sink = OutputSink(output, digest, reader=store_reader(self.store), pieces_verified=True,
-                          direct=self.cfg.output_direct)
+                          direct=self.cfg.output_direct, background=True)
         run, new = self.require_task(tid, url, headers, tag, application)
         self.gc.note_access(tid)
         try:

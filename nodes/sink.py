@@ -28,6 +28,7 @@ import errno
 import hashlib
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,10 +105,14 @@ class OutputSink:
 
     `reader(info) -> bytes` gives a piece's bytes again for the in-order hash of a user's
     digest (default: read back from the temporary file). `pieces_verified`: the caller checked
-    every piece against the manifest, so the task's whole-file blake3 is not recomputed."""
+    every piece against the manifest, so the task's whole-file blake3 is not recomputed.
+    `background`: each piece is written by a thread of the sink's own while the caller goes on
+    (the daemon's writer thread stores the next piece meanwhile: an O_DIRECT write waits for
+    the disk); at most one write is in flight, and its error surfaces at the next write or at
+    `finish`, which fails the output as if the write itself had failed."""
 
     def __init__(self, output: str, expected: str = "", reader: Callable[[PieceInfo], Any] | None = None,
-                 pieces_verified: bool = False, direct: bool = True) -> None:
+                 pieces_verified: bool = False, direct: bool = True, background: bool = False) -> None:
         self.path = Path(output).expanduser().absolute()
         self.expected = parse_digest(expected) if expected else None
         parent = self.path.parent
@@ -132,6 +137,8 @@ class OutputSink:
             algos.append(self.expected[0])
         self.hasher = OrderedHasher(algos, reader or self._read_back) if algos else None
         self.extents: dict[int, tuple[int, int]] = {}  # num -> (offset, length) written
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dfzmq-output") if background else None
+        self._pending: Future | None = None  # the write in flight in the background
         self.bytes = 0
         self.closed = False
         self.error: Exception | None = None  # set when finishing failed
@@ -155,16 +162,29 @@ class OutputSink:
         if info.num in self.extents or self.closed:
             return
         try:
-            self.out.pwrite(data, info.offset)
+            self._settle()
+            if self._pool is None:
+                self.out.pwrite(data, info.offset)
+            else:
+                self._pending = self._pool.submit(self.out.pwrite, data, info.offset)
         except OSError as e:
             self.abort()
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageError(f"disk full writing {self.path}") from e
-            raise StorageError(f"cannot write {self.path}: {e.strerror}") from e
+            raise self._write_error(e) from e
         self.extents[info.num] = (info.offset, info.length)
         self.bytes += info.length
         if self.hasher is not None:
             self.hasher.feed(info, data)
+
+    def _settle(self) -> None:
+        """Wait for the background write in flight; raises its OSError."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write_error(self, e: OSError) -> StorageError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageError(f"disk full writing {self.path}")
+        return StorageError(f"cannot write {self.path}: {e.strerror}")
 
     def _covered(self) -> int:
         """Bytes from 0 covered by the written pieces without a gap or an overlap."""
@@ -177,6 +197,11 @@ class OutputSink:
 
     def finish(self, content_length: int, file_digest: str) -> None:
         """Verify the whole file and rename it into place. Raises and cleans up on mismatch."""
+        try:
+            self._settle()
+        except OSError as e:
+            self.abort()
+            raise self._write_error(e) from e
         try:
             covered = self._covered()
             if covered != content_length or self.bytes != content_length:
@@ -196,6 +221,7 @@ class OutputSink:
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(self.fd, 0o666 & ~umask)
+            self._stop_pool()
             self.out.close()
             os.close(self.fd)
             self.closed = True
@@ -207,8 +233,15 @@ class OutputSink:
             self.abort()
             raise
 
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # a write in flight ends before its descriptor closes
+            self._pool = None
+        self._pending = None
+
     def abort(self) -> None:
         if not self.closed:
+            self._stop_pool()
             try:
                 self.out.close()
                 os.close(self.fd)

@@ -42,11 +42,12 @@ def direct_works(d: Path) -> bool:
         (d / ".probe").unlink()
 
 
-def sink_roundtrip(d: Path, data: bytes, lengths: list[int], shuffle: int | None = None) -> OutputSink:
+def sink_roundtrip(d: Path, data: bytes, lengths: list[int], shuffle: int | None = None,
+                   background: bool = False) -> OutputSink:
     pieces = pieces_of(data, lengths)
     if shuffle is not None:
         random.Random(shuffle).shuffle(pieces)
-    sink = OutputSink(str(d / "out.bin"), pieces_verified=True)
+    sink = OutputSink(str(d / "out.bin"), pieces_verified=True, background=background)
     sink.set_length(len(data))
     for info, chunk in pieces:
         sink.write(info, chunk)
@@ -56,10 +57,11 @@ def sink_roundtrip(d: Path, data: bytes, lengths: list[int], shuffle: int | None
     return sink
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("size", [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, 3 * 65536 + 17, 1 << 20, (1 << 20) + 4095])
-def test_sizes_on_disk(tmp_path, size):
+def test_sizes_on_disk(tmp_path, size, background):
     data = random.Random(size).randbytes(size)
-    sink = sink_roundtrip(tmp_path, data, [65536], shuffle=size)
+    sink = sink_roundtrip(tmp_path, data, [65536], shuffle=size, background=background)
     if direct_works(tmp_path):
         # Everything but the last partial block went around the page cache.
         assert sink.out.buffered_bytes == size % ALIGN if size >= ALIGN else sink.out.buffered_bytes == size
@@ -70,7 +72,7 @@ def test_unaligned_piece_boundaries(tmp_path):
     """Content-defined pieces start anywhere: blocks across a boundary go the plain way, and
     two pieces sharing a block both land."""
     data = random.Random(1).randbytes(700_000)
-    sink = sink_roundtrip(tmp_path, data, [5000, 123_457, 4096, 1, 70_001, 8192 * 3], shuffle=2)
+    sink = sink_roundtrip(tmp_path, data, [5000, 123_457, 4096, 1, 70_001, 8192 * 3], shuffle=2, background=True)
     if direct_works(tmp_path):
         assert sink.out.direct_bytes > len(data) // 2
         assert sink.out.buffered_bytes > 0
@@ -180,3 +182,28 @@ def test_refused_at_open_falls_back(tmp_path, monkeypatch):
     data = random.Random(13).randbytes(2 * 65536 + 5)
     sink = sink_roundtrip(tmp_path, data, [65536], shuffle=1)
     assert not sink.out.direct and sink.out.direct_bytes == 0 and sink.out.buffered_bytes == len(data)
+
+
+@pytest.mark.parametrize("fail_at", [1, 3])  # a middle write (seen at the next write), the last (seen at finish)
+def test_background_write_failure_fails_the_output(tmp_path, monkeypatch, fail_at):
+    import errno
+
+    from dfzmq.errors import StorageError
+
+    real = DirectFile.pwrite
+    calls = []
+
+    def pwrite(self, data, offset):
+        calls.append(offset)
+        if len(calls) == fail_at + 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, offset)
+
+    monkeypatch.setattr(DirectFile, "pwrite", pwrite)
+    data = random.Random(17).randbytes(4 * 65536)
+    sink = OutputSink(str(tmp_path / "o"), pieces_verified=True, background=True)
+    with pytest.raises(StorageError, match="disk full"):
+        for info, chunk in pieces_of(data, [65536]):
+            sink.write(info, chunk)
+        sink.finish(len(data), "")
+    assert list(tmp_path.iterdir()) == []
