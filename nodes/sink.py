@@ -143,10 +143,6 @@ class OutputSink:
         self.closed = False
         self.error: Exception | None = None  # set when finishing failed
 
-    @property
-    def written(self) -> set[int]:
-        return set(self.extents)
-
     def _read_back(self, info: PieceInfo) -> bytes:
         return os.pread(self.fd, info.length, info.offset)
 
