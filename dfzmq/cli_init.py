@@ -25,7 +25,6 @@ from dfzmq.cli import ConfigOpt, err_console, fail, run_guarded
 from dfzmq.cli import app
 from dfzmq.config import DaemonConfig, load_toml, resolve
 from dfzmq.errors import ConfigError
-from nodes.proxy import parse_listen
 from dfzmq.oci import registry_server
 
 init_app = typer.Typer(no_args_is_help=True, help="Write or print container runtime settings for the registry mirror.")
@@ -37,6 +36,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/containerd/certs.d")
 def mirror_url(cfg: DaemonConfig) -> str:
     if not cfg.proxy_listen:
         raise ConfigError("proxy_listen is not set: the daemon serves no registry mirror (e.g. proxy_listen = \"65001\")")
+    from nodes.proxy import parse_listen  # here, not at the top: aiohttp costs every command ~0.2 s to import
+
     host, port = parse_listen(cfg.proxy_listen)
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"

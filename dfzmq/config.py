@@ -96,6 +96,10 @@ class DaemonConfig:
     # 0 = every parent gets window_bytes.
     window_target_s: float = 1.0
     window_mode: str = "aimd"  # "aimd" (children of a parent converge to equal shares) or "rate"
+    # Output files of `dfzmq fetch`/`sync` written with O_DIRECT (nodes/directio.py): the piece
+    # store caches the bytes already. false: through the page cache (a slow disk under a fast
+    # network, where the page cache absorbing the writes matters more than memory).
+    output_direct: bool = True
 
     def control_addr(self) -> str:
         return self.control or f"ipc://{Path(self.data).resolve()}/control.sock"

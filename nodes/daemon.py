@@ -37,7 +37,7 @@ from dfzmq.service import Counters, decode_plain, decode_routed
 from nodes.gc import GarbageCollector
 from nodes.limits import TokenBucket
 from nodes.metrics import DaemonMetrics, host_stats
-from nodes.sink import OutputSink
+from nodes.sink import OutputSink, store_reader
 from nodes.store import PieceStore
 from nodes.task import TaskRun
 from nodes.upload import UploadServer
@@ -181,6 +181,8 @@ class Daemon:
         # One thread does every piece store, output write and whole-file hash, in order, so the
         # event loop keeps receiving while bytes are copied (both release the GIL).
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfzmq-writer")
+        # Piece digests, ahead of the writer (nodes/task.py _on_piece_data).
+        self.verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfzmq-verify")
         self.ops = DaemonOps(self)  # cluster settings, jobs and the cache (nodes/ops.py)
         self.download_bucket = TokenBucket(cfg.download_rate)
         self.source_bucket = TokenBucket(cfg.source_rate)
@@ -254,6 +256,7 @@ class Daemon:
         self.upload.close()
         self.control.close(0)
         self.writer.shutdown(wait=True)
+        self.verifier.shutdown(wait=True)
         self.store.close()
         self.ctx.term()
         if self.metrics is not None:
@@ -309,7 +312,15 @@ class Daemon:
                             continue
                 if not self._schedulers_known.is_set() and now > first_deadline:
                     self._schedulers_known.set()  # no manager answer: tasks go to source
-                if sock is None or not await sock.poll(timeout=100):
+                # Sleep until something is due (the next scheduler list, the member link's
+                # heartbeat or liveness check), not on a fixed 100 ms tick: idle daemons are many.
+                due = next_list if sock is not None else now + 0.1
+                if member is not None:
+                    due = min(due, member.next_deadline())
+                if not self._schedulers_known.is_set():
+                    due = min(due, first_deadline)
+                wait_ms = int(max(10.0, min(1000.0, (due - time.monotonic()) * 1000)))
+                if sock is None or not await sock.poll(timeout=wait_ms):
                     if sock is None:
                         await asyncio.sleep(0.1)
                     continue
@@ -482,7 +493,9 @@ class Daemon:
         if "://" not in url:
             raise DownloadError(f"not a URL: {url!r}")
         tid = ids.task_id(url, tag, application)
-        sink = OutputSink(output, digest)
+        # Every piece a run hands a sink is verified against the manifest first (nodes/sink.py).
+        sink = OutputSink(output, digest, reader=store_reader(self.store), pieces_verified=True,
+                          direct=self.cfg.output_direct, background=True)
         run, new = self.require_task(tid, url, headers, tag, application)
         self.gc.note_access(tid)
         try:

@@ -140,7 +140,10 @@ class DaemonOps:
                     sub.connect(sub_addr)
                     poller.register(sub, zmq.POLLIN)
                     self._send(wire.SyncRequest(d.host_id, self.follower.role, d.hostname))  # Clone: snapshot after SUB
-                for sock, _ in await poller.poll(250):
+                # Until the next sync is due (at most 1 s: liveness is judged in whole seconds),
+                # not a fixed 250 ms tick: an idle daemon should cost nothing.
+                wait_ms = int(max(10.0, min(1000.0, (self.follower.next_deadline() - time.monotonic()) * 1000)))
+                for sock, _ in await poller.poll(wait_ms):
                     for _ in range(100):
                         try:
                             frames = await sock.recv_multipart(zmq.NOBLOCK)

@@ -107,6 +107,10 @@ class Picker:
         self.rng = rng or random.Random()
         self._tiebreak: dict[int, float] = {}
         self._piece_len = 0  # the longest piece in the manifest
+        # >= 0 while a client reads the task in order from this byte offset (the proxy streams
+        # it): pieces are asked for in order from there, so the client's reads overlap the
+        # download instead of waiting for a contiguous prefix that rarest-first builds last.
+        self.stream_offset = -1
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -241,7 +245,10 @@ class Picker:
         # A stuck request is older news than any new piece: it gets a parent's room first.
         out: list[tuple[str, int]] = self._rescue(now) if self.complete and self.window_target_s > 0 else []
         wanted = [n for n in self.manifest if n not in self.have and n not in self.requested]
-        wanted.sort(key=lambda n: (self.counts.get(n, 0), self._tiebreak[n]))
+        if self.stream_offset >= 0:
+            wanted.sort(key=self._stream_rank)
+        else:
+            wanted.sort(key=lambda n: (self.counts.get(n, 0), self._tiebreak[n]))
         # Non-seed parents first: the seed serves what only it has.
         order = sorted(self.parents.values(), key=lambda s: (s.seed, len(s.outstanding)))
         taken: set[int] = set()
@@ -277,6 +284,10 @@ class Picker:
         if self.complete and not out and not [n for n in wanted if n not in taken]:
             out.extend(self._endgame(now))
         return out
+
+    def _stream_rank(self, num: int) -> tuple[bool, int]:
+        end = self.manifest[num].offset + self.manifest[num].length
+        return end <= self.stream_offset, self.manifest[num].offset
 
     def _budget(self, st: ParentState) -> int:
         if st.benched:

@@ -158,6 +158,7 @@ class ProxyServer:
         self.session: aiohttp.ClientSession | None = None
         self._conns: set[asyncio.Task] = set()
         self.streaming: collections.Counter[str] = collections.Counter()  # task id -> clients reading it
+        self.readers: dict[str, collections.Counter[int]] = {}  # task id -> start offsets of clients reading it
 
     async def start(self) -> None:
         host, port = parse_listen(self.cfg.proxy_listen)
@@ -341,6 +342,7 @@ class ProxyServer:
         else:
             self.counters["proxy.p2p"] += 1
         await ex.respond(ans.status, out)  # 200: what a whole-body GET of the task got from the origin
+        self._reading(run, ans.start, +1)
         try:
             async for chunk in sink.body(ans.start, ans.end, verify=(ans.status == 200)):
                 await ex.send(h11.Data(data=chunk))  # h11 passes the buffer through uncopied
@@ -353,8 +355,23 @@ class ProxyServer:
                 await run._in_writer(self.daemon.store.delete_task, run.task_id)
                 self.daemon.forget(run.task_id)
             raise
+        finally:
+            self._reading(run, ans.start, -1)
         await ex.send(h11.EndOfMessage())
         self.counters["proxy.p2p-bytes"] += ans.end - ans.start
+
+    def _reading(self, run: Any, offset: int, delta: int) -> None:
+        """A client starts (+1) or stops (-1) reading `run` in order from `offset`: while any
+        does, the run's picker asks for pieces in order from the lowest such offset."""
+        starts = self.readers.setdefault(run.task_id, collections.Counter())
+        starts[offset] += delta
+        if starts[offset] <= 0:
+            del starts[offset]
+        if not starts:
+            del self.readers[run.task_id]
+        run.picker.stream_offset = min(starts) if starts else -1
+        if starts and delta > 0:
+            run._pump()
 
     # -- pass-through -----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ P2P side failed while the origin is up.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -355,7 +356,10 @@ class TaskRun:
         if wait > 0:
             self.pump_after = max(self.pump_after, now + wait)
         self.writing.add(msg.num)
-        fut = self._in_writer(self._write, info, msg.data, True)
+        # Hashed in the verifier thread while the writer stores the pieces before it (blake3
+        # releases the GIL): the writer thread is the download's critical path.
+        check = self.daemon.verifier.submit(digest, msg.data)
+        fut = self._in_writer(self._write, info, msg.data, check)
         fut.add_done_callback(lambda f: self._written(f, info, source, pid))
 
     def _bad_piece(self, pid: str, num: int) -> None:
@@ -405,10 +409,13 @@ class TaskRun:
 
     # -- storing, reporting, finishing ----------------------------------------------------
 
-    def _write(self, info: wire.PieceInfo, data: Any, verify: bool) -> bool:
-        """Writer thread: verify, store, write to every sink. False if the bytes are bad."""
-        if verify and digest(data) != info.digest:
-            return False
+    def _write(self, info: wire.PieceInfo, data: Any, verify: "bool | concurrent.futures.Future") -> bool:
+        """Writer thread: verify, store, write to every sink. False if the bytes are bad.
+        `verify`: True to hash here, or the future of the digest computed elsewhere."""
+        if verify:
+            got = verify.result() if isinstance(verify, concurrent.futures.Future) else digest(data)
+            if got != info.digest:
+                return False
         self.daemon.store.put(self.task_id, info, data)
         for sink in list(self.sinks):
             self._sink_do(sink, sink.write, info, data)

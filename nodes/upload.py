@@ -32,6 +32,7 @@ from nodes.store import PieceStore
 log = logging.getLogger(__name__)
 
 HAVE_BATCH_S = 0.0  # announcements wait for the end of the loop turn, batched per child
+REVEAL_TICK_S = 0.05  # hidden pieces are revealed in batches at most this often
 
 
 @dataclass
@@ -66,6 +67,7 @@ class UploadServer:
         # With an upload limit, pieces wait here for tokens while the loop keeps answering
         # heartbeats and subscriptions (a parent that is only slow must not look dead).
         self.outbox: asyncio.Queue = asyncio.Queue()
+        self._wake = asyncio.Event()  # the reveal loop has something new to wait for
 
     # -- notifications from the daemon ------------------------------------------------------
 
@@ -73,6 +75,8 @@ class UploadServer:
         subs = self.subs.get(task_id)
         if from_origin and self.reveal_delay_s > 0:
             self.hidden.setdefault(task_id, set()).add(num)
+            if not self.pending:
+                self._wake.set()
             self.pending.append((time.monotonic() + self.reveal_delay_s, task_id, num))
             if subs:
                 idents = list(subs)
@@ -140,6 +144,8 @@ class UploadServer:
             sender.cancel()
 
     def handle(self, ident: bytes, msg) -> None:
+        if not self.last_heard:
+            self._wake.set()  # children to expire now
         self.last_heard[ident] = time.monotonic()
         if isinstance(msg, wire.PieceRequest):
             self._serve_piece(ident, msg)
@@ -222,9 +228,22 @@ class UploadServer:
         self.counters["upload.subscribers-expired"] += len(gone)
 
     async def _reveal_loop(self) -> None:
+        """Reveals hidden pieces when due and forgets silent children. An idle daemon has
+        neither to do, so this sleeps until there is: a piece to reveal (at most every
+        REVEAL_TICK_S while there are) or, with children known, the once-a-second expiry."""
         last_expiry = time.monotonic()
         while True:
-            await asyncio.sleep(0.05)
+            self._wake.clear()
+            if not self.pending and not self.last_heard:
+                await self._wake.wait()
+            else:
+                timeout = 1.0
+                if self.pending:
+                    timeout = min(timeout, max(REVEAL_TICK_S, self.pending[0][0] - time.monotonic()))
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
             now = time.monotonic()
             if now - last_expiry > 1.0:
                 last_expiry = now

@@ -13,6 +13,9 @@
   proxy's daemon fetches it P2P and streams it), and again once that daemon holds it, against
   `curl` reading the same file from `python -m http.server`, alternated in one run (goal >= 0.8).
 Ratios are measured side by side in the same run because this machine is shared and noisy.
+warm and proxy also print CPU seconds per side (best round): the client (curl or the dfzmq CLI)
+plus the servers that worked for it (http.server; the receiving daemon and the peers that sent),
+read from /proc, which the other jobs on the machine disturb far less than wall time.
 """
 
 from __future__ import annotations
@@ -58,6 +61,36 @@ def dfzmq_fetch(cluster: LocalCluster, peer: str, url: str, out: Path) -> float:
     return time.monotonic() - t0
 
 
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TCK
+
+
+def children_cpu_s() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+class CpuMeter:
+    """CPU seconds spent by some processes (pids) and by this process's finished children
+    between `start()` and `stop()`."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def start(self) -> None:
+        self.t0 = [cpu_s(p) for p in self.pids] + [children_cpu_s()]
+
+    def stop(self) -> float:
+        t1 = [cpu_s(p) for p in self.pids] + [children_cpu_s()]
+        return sum(b - a for a, b in zip(self.t0, t1))
+
+
 def rss(pid: int) -> dict[str, int]:
     out = {}
     with open(f"/proc/{pid}/status") as f:
@@ -95,17 +128,26 @@ def bench_warm(root: Path, size: int, rounds: int) -> None:
                     break
                 except subprocess.CalledProcessError:
                     time.sleep(0.1)
-            curl_s, dfz_s = [], []
+            curl_s, dfz_s, curl_cpu, dfz_cpu = [], [], [], []
+            senders = [c.procs[n].popen.pid for n in ("seed0", "peer1")]
             for i in range(rounds):
+                m = CpuMeter([http.pid])
+                m.start()
                 curl_s.append(curl(f"http://127.0.0.1:{port}/warm.bin", root / "curl.out"))
+                curl_cpu.append(m.stop())
+                m = CpuMeter([c.procs[f"peer{i + 2}"].popen.pid, *senders])
+                m.start()
                 dfz_s.append(dfzmq_fetch(c, f"peer{i + 2}", url, root / f"dfz{i}.out"))
+                dfz_cpu.append(m.stop())
                 (root / f"dfz{i}.out").unlink()
                 (root / "curl.out").unlink()
             c_best, d_best = min(curl_s), min(dfz_s)
             print(f"warm   {size / MiB:.0f} MiB held by peers: curl<-http.server best {c_best:.2f}s "
                   f"({size / MiB / c_best:.0f} MiB/s), dfzmq fetch best {d_best:.2f}s "
                   f"({size / MiB / d_best:.0f} MiB/s); ratio {c_best / d_best:.2f} of curl "
-                  f"(median {statistics.median(curl_s) / statistics.median(dfz_s):.2f}) [goal >= 0.8]")
+                  f"(median {statistics.median(curl_s) / statistics.median(dfz_s):.2f}) [goal >= 0.8]; "
+                  f"CPU-s best: curl+http.server {min(curl_cpu):.2f}, "
+                  f"dfzmq CLI+daemon+senders {min(dfz_cpu):.2f}")
     finally:
         http.terminate()
         http.wait()
@@ -270,11 +312,18 @@ def bench_proxy(root: Path, size: int, rounds: int) -> None:
                     break
                 except subprocess.CalledProcessError:
                     time.sleep(0.1)
-            curl_s, p2p_s, held_s = [], [], []
+            curl_s, p2p_s, held_s, curl_cpu, p2p_cpu = [], [], [], [], []
+            senders = [c.procs[n].popen.pid for n in ("seed0", "peer1")]
             for name, proxy in proxies.items():
+                m = CpuMeter([http.pid])
+                m.start()
                 curl_s.append(curl(direct, root / "curl.out"))
+                curl_cpu.append(m.stop())
                 (root / "curl.out").unlink()
+                m = CpuMeter([c.procs[name].popen.pid, *senders])
+                m.start()
                 p2p_s.append(curl_via(proxy, url, root / "p.out"))
+                p2p_cpu.append(m.stop())
                 (root / "p.out").unlink()
                 held_s.append(curl_via(proxy, url, root / "h.out"))  # now this daemon holds it
                 (root / "h.out").unlink()
@@ -285,7 +334,8 @@ def bench_proxy(root: Path, size: int, rounds: int) -> None:
                   f"ratio {c_best / p_best:.2f} (median {statistics.median(curl_s) / statistics.median(p2p_s):.2f}); "
                   f"held by the proxy's daemon best {h_best:.2f}s ({mib / h_best:.0f} MiB/s): ratio "
                   f"{c_best / h_best:.2f} (median {statistics.median(curl_s) / statistics.median(held_s):.2f}) "
-                  f"[goal >= 0.8]")
+                  f"[goal >= 0.8]; CPU-s best: curl+http.server {min(curl_cpu):.2f}, "
+                  f"curl+proxy daemon+senders (held by another peer) {min(p2p_cpu):.2f}")
     finally:
         http.terminate()
         http.wait()
