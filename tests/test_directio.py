@@ -8,26 +8,15 @@ import os
 import random
 from pathlib import Path
 
-import blake3
 import pytest
 
 from dfzmq.errors import IntegrityError
 from dfzmq.wire import PieceInfo
 from nodes.directio import ALIGN, DirectFile
 from nodes.sink import OutputSink, store_reader
+from tests.test_sink import cut
 
 SHM = Path("/dev/shm")
-
-
-def pieces_of(data: bytes, lengths: list[int]) -> list[tuple[PieceInfo, bytes]]:
-    out, offset, num = [], 0, 0
-    while offset < len(data):
-        n = lengths[num % len(lengths)]
-        chunk = data[offset:offset + n]
-        out.append((PieceInfo(num, offset, len(chunk), blake3.blake3(chunk).hexdigest()), chunk))
-        offset += len(chunk)
-        num += 1
-    return out
 
 
 def direct_works(d: Path) -> bool:
@@ -44,7 +33,7 @@ def direct_works(d: Path) -> bool:
 
 def sink_roundtrip(d: Path, data: bytes, lengths: list[int], shuffle: int | None = None,
                    background: bool = False) -> OutputSink:
-    pieces = pieces_of(data, lengths)
+    pieces = cut(data, lengths)
     if shuffle is not None:
         random.Random(shuffle).shuffle(pieces)
     sink = OutputSink(str(d / "out.bin"), pieces_verified=True, background=background)
@@ -129,7 +118,7 @@ def test_user_digest_rereads_from_the_store_not_the_file(tmp_path):
     import hashlib
 
     data = random.Random(9).randbytes(300_001)
-    pieces = pieces_of(data, [65536])
+    pieces = cut(data, [65536])
     by_digest = {info.digest: chunk for info, chunk in pieces}
 
     class Store:
@@ -150,7 +139,7 @@ def test_user_digest_rereads_from_the_store_not_the_file(tmp_path):
 
 def test_verified_pieces_still_need_full_coverage(tmp_path):
     data = random.Random(11).randbytes(200_000)
-    pieces = pieces_of(data, [65536])
+    pieces = cut(data, [65536])
     sink = OutputSink(str(tmp_path / "o"), pieces_verified=True)
     for info, chunk in pieces[:-1]:
         sink.write(info, chunk)
@@ -203,7 +192,7 @@ def test_background_write_failure_fails_the_output(tmp_path, monkeypatch, fail_a
     data = random.Random(17).randbytes(4 * 65536)
     sink = OutputSink(str(tmp_path / "o"), pieces_verified=True, background=True)
     with pytest.raises(StorageError, match="disk full"):
-        for info, chunk in pieces_of(data, [65536]):
+        for info, chunk in cut(data, [65536]):
             sink.write(info, chunk)
         sink.finish(len(data), "")
     assert list(tmp_path.iterdir()) == []
