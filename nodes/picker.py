@@ -172,6 +172,7 @@ class Picker:
             return
         st.outstanding.pop(num, None)
         self._unrequest(num, pid)
+        self._unbench_if_idle(st)
         if num in st.have:
             st.have.discard(num)
             self.counts[num] = self.counts.get(num, 1) - 1
@@ -199,6 +200,15 @@ class Picker:
         st.failures += 1
         st.outstanding.pop(num, None)
         self._unrequest(num, pid)
+        self._unbench_if_idle(st)
+
+    @staticmethod
+    def _unbench_if_idle(st: ParentState) -> None:
+        # The bench only holds new requests back while old ones are stuck there: a parent with
+        # none left (they timed out or it said it lacks them) gets requests again, or it would
+        # sit benched for good while it still heartbeats and the scheduler keeps it.
+        if not st.outstanding:
+            st.benched = False
 
     def _unrequest(self, num: int, pid: str) -> None:
         s = self.requested.get(num)
@@ -349,8 +359,10 @@ class Picker:
     def _rescue(self, now: float) -> list[tuple[str, int]]:
         """Before the endgame: the requests at a parent that has gone quiet far beyond what our
         parents usually take (a starved TCP flow) are asked once more of the fastest parent with
-        room that holds them; the first copy wins. A slow parent that still delivers at its own
-        pace is not quiet: its requests are left alone (each copy costs a piece of upload).
+        room that holds them; the first copy wins. A slow parent is given time by its own pace
+        (measured on the pieces it was first to send), up to twice the usual wait: a parent
+        whose every piece was rescued has no pace yet and waits only the usual time (known:
+        a steady but very slow parent can take the whole rescue budget; it is bounded).
         Only with rate-sized windows, where a parent's queue is about `window_target_s` long."""
         cap = max(RESCUE_MIN, int(RESCUE_BUDGET * len(self.manifest)))
         lat = sorted(st.latency_s for st in self.parents.values() if st.latency_s is not None)
@@ -358,28 +370,35 @@ class Picker:
             return []
         typical = RESCUE_FACTOR * lat[len(lat) // 2]
         stuck = []
+        quiet_pids: set[str] = set()  # never asked to stand in for another quiet parent
         for st in self.parents.values():
             if not st.outstanding:
                 continue
             quiet = now - max(st.last_arrival, st.busy_from if st.busy_from is not None else now)
             # its own time per piece for us, so a slow uplink is judged by its own pace
             own = self._piece_len / st.rate_bps if st.rate_bps else 0.0
+            # A slow parent gets up to twice its own time per piece, but never more than twice what
+            # our parents usually take: a starved flow and a very slow uplink look alike, and
+            # either one holding a piece a fast parent could send in a moment costs the download
+            # more than one copy does (the budget above bounds the copies).
             if quiet < max(self.endgame_after_s, typical, min(2 * own, 2 * typical)):
                 continue
-            st.benched = True
-            stuck += [(asked_at, n) for n, asked_at in st.outstanding.items()
+            quiet_pids.add(st.pid)
+            stuck += [(asked_at, n, st) for n, asked_at in st.outstanding.items()
                       if len(self.requested.get(n, ())) == 1]
-        stuck.sort()
+        stuck.sort(key=lambda x: (x[0], x[1]))
         out = []
-        for _, n in stuck:
+        for _, n, quiet_st in stuck:
             if self.rescued >= cap:
                 break
             best = None
             for st in self.parents.values():
-                if n in st.have and n not in st.outstanding and self._budget(st) > 0:
+                if (n in st.have and n not in st.outstanding and st.pid not in quiet_pids
+                        and self._budget(st) > 0):
                     if best is None or (st.rate_bps or 0.0) > (best.rate_bps or 0.0):
                         best = st
             if best is not None:
+                quiet_st.benched = True  # only a parent something was re-asked from
                 self._request(best, n, now)
                 out.append((best.pid, n))
                 self.duplicates += 1

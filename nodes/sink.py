@@ -200,8 +200,11 @@ class OutputSink:
             raise self._write_error(e) from e
         try:
             covered = self._covered()
-            if covered != content_length or self.bytes != content_length:
+            if covered != content_length:
                 raise IntegrityError(f"output incomplete: {covered} of {content_length} bytes written")
+            if self.bytes != content_length:
+                raise IntegrityError(f"output pieces overlap: {self.bytes} bytes written for a file of "
+                                     f"{content_length}")
             if self.hasher is not None and self.hasher.upto != content_length:
                 raise IntegrityError(
                     f"output incomplete: {self.hasher.upto} of {content_length} bytes verified")

@@ -199,7 +199,8 @@ class TaskRun:
             if data is None and wants_data:
                 raise StorageError(f"piece {num} vanished from the store")
             sink.write(info, data)
-        self.sinks.append(sink)
+        if not sink.closed:  # aborted meanwhile (the request was cancelled): not a sink any more
+            self.sinks.append(sink)
 
     async def wait(self, sink: OutputSink) -> dict:
         try:

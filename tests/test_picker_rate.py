@@ -197,3 +197,25 @@ def test_aimd_window_shrinks_to_one_piece_at_a_parent_that_is_always_late():
             p.on_piece("late", num, now)
     assert p.parents["late"].window == PIECE
     assert len(p.next_requests(now)) == 1  # one piece in flight
+
+
+def test_a_benched_parent_whose_requests_timed_out_is_asked_again():
+    # Only "B" holds pieces 30-39. It went quiet with one request in flight (benched); that
+    # request timed out. With nothing left outstanding there, the bench must lift, or the
+    # download would never ask B again while B stays in the parent list.
+    p = Picker(window_bytes=8 * PIECE, window_target_s=1.0, piece_timeout_s=20.0, rng=random.Random(8))
+    p.add_manifest(manifest(40))
+    p.complete = True
+    p.add_parent("A")
+    p.on_have("A", range(30))
+    p.add_parent("B")
+    p.on_have("B", range(40))
+    p.parents["B"].benched = True
+    p.parents["B"].outstanding[35] = 0.0
+    p.requested[35] = {"B"}
+    assert all(pid != "B" for pid, _ in p.next_requests(1.0))
+    for pid, num in p.expired(21.0):
+        p.on_failure(pid, num)
+    assert not p.parents["B"].benched
+    assert any(pid == "B" for pid, _ in p.next_requests(22.0))
+

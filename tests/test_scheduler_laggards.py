@@ -69,3 +69,22 @@ def test_no_boost_in_a_small_or_even_swarm():
         h.report(range(50), source="p2p")
     net.advance(3.0)
     assert net.core.counters["parents-laggard"] == 0
+
+
+def test_a_laggard_keeps_its_extra_parents_when_one_of_them_leaves():
+    net, hosts = swarm(max_parents=3)
+    for h in hosts[1:6]:
+        h.report(range(60), source="p2p")
+    slow = hosts[6]
+    slow.report(range(20), source="p2p")
+    hosts[7].report(range(57), source="p2p")
+    net.advance(5.0)
+    before = [p for p in net.core.peers[slow.peer()].parents]
+    assert len(before) == 3 + parents_mod.LAG_EXTRA_PARENTS
+    leaving = next(h for h in hosts[1:] if h.peer() in before and h.peer() != hosts[0].peer())
+    slow.take()
+    leaving.send(wire.PeerLeave(net.core.peers[leaving.peer()].task_id, leaving.peer()))
+    net.advance(0.25)
+    after = [p.peer_id for p in slow.take(wire.PeerParents)[-1].parents]
+    assert leaving.peer() not in after
+    assert set(before) - {leaving.peer()} <= set(after)  # the healthy ones all stay

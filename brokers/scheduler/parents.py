@@ -43,7 +43,10 @@ class ParentChoice:
         cands = [self.peers[pid] for pid in sorted(task.peers)]
         cands = [c for c in cands if self._qualifies(child, c, now)]
         valid = {c.peer_id for c in cands}
-        chosen = [pid for pid in keep if pid in valid][: self.max_parents]
+        # A laggard keeps the extra parents it was given (up to LAG_EXTRA_PARENTS more): losing
+        # one parent must not cost it the healthy ones and their requests in flight.
+        cap = max(self.max_parents, min(len(keep), self.max_parents + LAG_EXTRA_PARENTS))
+        chosen = [pid for pid in keep if pid in valid][:cap]
         src = task.source_peer
         if (src is not None and not task.complete and src in valid and src not in chosen
                 and len(chosen) < self.max_parents):
