@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import os
 from typing import TYPE_CHECKING, AsyncIterator
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from dfzmq.errors import IntegrityError, SourceError
 from dfzmq.wire import PieceInfo
 from nodes.cdc import Cutter, average_for
-from nodes.source import digest
+from nodes.source import digest, open_file_url
 
 if TYPE_CHECKING:
     from nodes.source import SourceReader, SourceResult
@@ -156,11 +156,7 @@ async def _run_cdc(reader: "SourceReader", session, known: dict[int, PieceInfo],
 
     scheme = urlsplit(reader.url).scheme.lower()
     if scheme == "file":
-        path = unquote(urlsplit(reader.url).path)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise SourceError(f"cannot open {path}: {e.strerror}") from e
+        fd, path = open_file_url(reader.url)
         try:
             size = meta.content_length = reader.content_length = os.fstat(fd).st_size
 

@@ -58,6 +58,16 @@ def origin_meta(headers) -> dict[str, str]:
     return meta
 
 
+def open_file_url(url: str) -> tuple[int, str]:
+    """A read-only descriptor of a file:// URL's file, and its path; SourceError (one line) when
+    it can't be opened."""
+    path = unquote(urlsplit(url).path)
+    try:
+        return os.open(path, os.O_RDONLY), path
+    except OSError as e:
+        raise SourceError(f"cannot open {path}: {e.strerror}") from e
+
+
 def choose_piece_length(content_length: int) -> int:
     """A power of two that gives about TARGET_PIECES pieces, within [64 KiB, 16 MiB].
 
@@ -202,11 +212,7 @@ class SourceReader:
     # -- file:// ----------------------------------------------------------------------------
 
     async def _run_file(self, known, have, on_piece) -> SourceResult:
-        path = unquote(urlsplit(self.url).path)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise SourceError(f"cannot open {path}: {e.strerror}") from e
+        fd, path = open_file_url(self.url)
         try:
             size = self.content_length = os.fstat(fd).st_size
             self.meta = {"status": "200"}

@@ -239,22 +239,29 @@ def test_preheat_image_picks_the_platform_and_uses_a_token(cl):
         assert r.returncode != 0 and "not found" in r.stderr
 
 
-def test_a_job_survives_a_manager_restart(cl, www, origin):
-    data = make_file(www / "slow.bin", 4 * 1024 * 1024, seed=11)
+def _preheat_restarting(cl, origin, name: str, served: int, restart: str) -> None:
+    """`preheat NAME --wait` from a slowed origin; once the origin has served more than `served`
+    bytes, restart `restart`. The preheat must still succeed."""
     origin.set_rate(2 * 1024 * 1024)
     try:
-        p = subprocess.Popen([sys.executable, "-m", "dfzmq", "preheat", origin.url("slow.bin"), "--wait",
+        p = subprocess.Popen([sys.executable, "-m", "dfzmq", "preheat", origin.url(name), "--wait",
                               "--manager", cl.manager_addr], env=cl.env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
-        while origin.bytes_served("slow.bin") == 0 and time.monotonic() < deadline:
+        while origin.bytes_served(name) <= served and time.monotonic() < deadline:
             time.sleep(0.05)
-        cl.restart("manager")  # jobs are in the manager's LMDB; reports are sent until shown
+        cl.restart(restart)
         out, err = p.communicate(timeout=120)
     finally:
         origin.set_rate(None)
     assert p.returncode == 0, err
     assert "succeeded" in out
+
+
+def test_a_job_survives_a_manager_restart(cl, www, origin):
+    data = make_file(www / "slow.bin", 4 * 1024 * 1024, seed=11)
+    # jobs are in the manager's LMDB; reports are sent until shown
+    _preheat_restarting(cl, origin, "slow.bin", 0, "manager")
     assert origin.bytes_served("slow.bin") == len(data)
 
 
@@ -341,20 +348,8 @@ def test_preheat_image_from_debian_docker_registry(cl, tmp_path):
 
 def test_a_seed_restarted_mid_job_finishes_its_part(cl, www, origin):
     data = make_file(www / "resume.bin", 4 * 1024 * 1024, seed=13)
-    origin.set_rate(2 * 1024 * 1024)
-    try:
-        p = subprocess.Popen([sys.executable, "-m", "dfzmq", "preheat", origin.url("resume.bin"), "--wait",
-                              "--manager", cl.manager_addr], env=cl.env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while origin.bytes_served("resume.bin") < 1024 * 1024 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        cl.restart("seed0")  # the job still names it: the restarted daemon picks it up again
-        out, err = p.communicate(timeout=120)
-    finally:
-        origin.set_rate(None)
-    assert p.returncode == 0, err
-    assert "succeeded" in out
+    # the job still names the seed: the restarted daemon picks it up again
+    _preheat_restarting(cl, origin, "resume.bin", 1024 * 1024 - 1, "seed0")
     # it resumed from the pieces it kept rather than reading the whole file again
     assert len(data) <= origin.bytes_served("resume.bin") < 1.6 * len(data)
 

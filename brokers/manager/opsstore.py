@@ -16,13 +16,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import lmdb
 import msgpack
 
 from dfzmq import wire
-from dfzmq.errors import StorageError
 from dfzmq.ids import new_id
-from brokers.manager.store import load_records
+from brokers.manager.store import load_records, open_env
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +29,7 @@ _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(wire.JobInfo))
 
 class OpsStore:
     def __init__(self, path: Path, map_size: int = 1 << 32) -> None:
-        path = Path(path)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(str(path), map_size=map_size, max_dbs=4, subdir=True)
-        except (OSError, lmdb.Error) as e:
-            raise StorageError(f"cannot open the manager's job store at {path}: {e}") from e
+        self._env = open_env(path, map_size, "the manager's job store")
         self._meta = self._env.open_db(b"meta")
         self._config = self._env.open_db(b"config")
         self._jobs = self._env.open_db(b"jobs")

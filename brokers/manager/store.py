@@ -28,6 +28,16 @@ MAP_SIZE = 1 << 32  # address space, not disk: 4 GiB is far beyond any member ta
 _FIELDS = tuple(f.name for f in dataclasses.fields(wire.MemberInfo))
 
 
+def open_env(path: Path, map_size: int, what: str) -> lmdb.Environment:
+    """The manager's LMDB environment at `path` (made if missing); StorageError naming `what`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return lmdb.open(str(path), map_size=map_size, max_dbs=4, subdir=True)
+    except (OSError, lmdb.Error) as e:
+        raise StorageError(f"cannot open {what} at {path}: {e}") from e
+
+
 def load_records(env: lmdb.Environment, db, cls: type, what: str) -> list:
     """Every msgpack'd `cls` record in `db` (fields it does not know are ignored, so an older or
     newer manager's records load); a record that does not load is logged and skipped."""
@@ -46,12 +56,7 @@ def load_records(env: lmdb.Environment, db, cls: type, what: str) -> list:
 
 class ManagerStore:
     def __init__(self, path: Path, map_size: int = MAP_SIZE) -> None:
-        path = Path(path)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(str(path), map_size=map_size, max_dbs=4, subdir=True)
-        except (OSError, lmdb.Error) as e:
-            raise StorageError(f"cannot open manager store at {path}: {e}") from e
+        self._env = open_env(path, map_size, "manager store")
         self._meta = self._env.open_db(b"meta")
         self._members = self._env.open_db(b"members")
         self.cluster_id = self._require_cluster_id()
