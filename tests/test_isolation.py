@@ -145,7 +145,21 @@ def test_two_schedulers_share_tasks_and_survive_one_dying(tmp_path, origin, www,
     from tools.cluster import request
 
     with LocalCluster(tmp_path / "c", peers=2, schedulers=2) as c:
-        files = {f"multi{i}.bin": make_file(www / f"multi{i}.bin", 300_000 + i, seed=40 + i) for i in range(8)}
+        # Names chosen so that rendezvous gives each scheduler some (random member ids and
+        # ports would otherwise put all of a handful of files on one scheduler now and then).
+        members = sorted(m.member_id for m in request(f"tcp://{c.manager_addr}", wire.ListSchedulers(), 2.0).schedulers)
+        assert len(members) == 2, members
+        names: list[str] = []
+        owners: set[str] = set()
+        for i in range(64):
+            name = f"multi{i}.bin"
+            owner = ids.rendezvous(ids.task_id(origin.url(name)), members)[0]
+            if len(names) < 6 or owner not in owners:
+                names.append(name)
+                owners.add(owner)
+            if len(names) >= 6 and len(owners) == 2:
+                break
+        files = {name: make_file(www / name, 300_000 + i, seed=40 + i) for i, name in enumerate(names)}
         for name, data in files.items():
             r = c.fetch("peer1", origin.url(name), outdir / name)
             assert r.returncode == 0, r.stderr
