@@ -286,7 +286,7 @@ def fetch(
     config: ConfigOpt = None,
     log_level: LogOpt = "error",
 ) -> None:
-    """Download URL to PATH through the local daemon, a one-shot peer, or straight from source."""
+    """Download URL to the --output path through the local daemon, a one-shot peer, or straight from source."""
     setup_logging(log_level)
     req = wire.Download(uuid.uuid4().hex, url, str(output.expanduser().absolute()), digest or "",
                         run_guarded(_parse_headers, header), tag, application)
