@@ -20,6 +20,24 @@ exact to the byte in tests. Page overhead (about 0.1% for MiB-sized pieces), the
 metadata, and LMDB's free list come on top; the data file never shrinks, its freed pages are
 reused by later pieces.
 
+Large pieces live in files, not in LMDB (`nodes/piecefiles.py` says why: page-cache double
+caching and memory pressure on hosts pulling tens of GB, and on this project's VM 4 CPU-s per
+GiB for the fresh page-cache pages LMDB writes into, against 0.2-0.4 s with O_DIRECT).
+A piece of `file_threshold` bytes or more (default 1 MiB) is the file `pieces/ab/abcd...` under
+the store root; its `pieces` value is a small marker holding its length. Everything else is as
+before: manifest, metadata, refs (count + length), usage, dedup, quota and GC do not know where
+a piece's bytes are. `piece_files=False` (daemon setting `piece_files = false`) keeps new pieces
+in LMDB; pieces already in files stay readable either way, as pieces already inside LMDB do
+(the marker or the bytes tells which: no migration).
+Crash safety: a piece file is written (temp name + rename) before the transaction that
+references it commits, and deleted only after the transaction that drops its last reference
+commits. At open, files that no marker points at are deleted (an interrupted write, a crash
+between a commit and an unlink), and markers whose file is missing are dropped together with
+every manifest entry that references them, and those tasks marked incomplete: such a task
+resumes, it is never "complete with pieces missing".
+Recently stored or read file pieces are kept in memory (`cache_bytes`, default 64 MiB): a
+peer's children ask for a piece right after it arrived.
+
 Every write is one short transaction; read buffers never outlive their transaction (callers
 get copies). The environment is opened with sync off: a crash of the process loses nothing
 (the kernel has the pages); `flush()` is called at task boundaries for power-loss safety.
@@ -29,7 +47,10 @@ It must never be opened before a fork, and never hold a transaction across an aw
 from __future__ import annotations
 
 import errno
+import logging
+import mmap
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +60,9 @@ import msgpack
 
 from dfzmq.errors import StorageError
 from dfzmq.wire import PieceInfo
+from nodes.piecefiles import PieceCache, PieceFiles
+
+log = logging.getLogger(__name__)
 
 _NUM = struct.Struct(">I")
 _REF = struct.Struct(">IQ")  # reference count, piece length
@@ -48,6 +72,13 @@ _SCHEMA_KEY = b"!schema"
 _SCHEMA = b"1"
 DELETE_BATCH = 512  # manifest entries per write transaction in delete_task
 _MAX_TASK_KEY = 500  # LMDB's key limit (511) minus the piece number
+# The `pieces` value of a piece held as a file: this prefix and its length. An inline piece of
+# these very 20 bytes is told apart by its refs record, whose length is then 20.
+_FILE_MARK = b"\x00dfzmq-file\x00"
+_MARKER_LEN = len(_FILE_MARK) + _U64.size
+FILE_THRESHOLD = 1 << 20  # pieces this long or longer go to files (README "Benchmarks": measured)
+MIN_FILE_THRESHOLD = 4096
+CACHE_BYTES = 64 << 20
 
 
 def _task_key(task_id: str) -> bytes:
@@ -60,9 +91,36 @@ def _task_key(task_id: str) -> bytes:
     return task_id.encode()
 
 
+def _mutable(data: Any) -> bool:
+    owner = data.obj if isinstance(data, memoryview) else data
+    return isinstance(owner, (bytearray, mmap.mmap))
+
+
+def _marker(length: int) -> bytes:
+    return _FILE_MARK + _U64.pack(length)
+
+
+def _marked_length(value: Any) -> int | None:
+    """The length a `pieces` value claims as a file marker, or None if it is no marker."""
+    if len(value) != _MARKER_LEN or bytes(value[:len(_FILE_MARK)]) != _FILE_MARK:
+        return None
+    length = _U64.unpack(bytes(value[len(_FILE_MARK):]))[0]
+    return length if length != _MARKER_LEN else None
+
+
 class PieceStore:
-    def __init__(self, root: Path, map_size: int = 1 << 40) -> None:
+    def __init__(self, root: Path, map_size: int = 1 << 40, piece_files: bool = True,
+                 file_threshold: int = FILE_THRESHOLD, cache_bytes: int = CACHE_BYTES,
+                 direct: bool = True) -> None:
         root.mkdir(parents=True, exist_ok=True)
+        self.piece_files = piece_files
+        self.file_threshold = max(MIN_FILE_THRESHOLD, file_threshold)
+        self.files = PieceFiles(root / "pieces", direct)
+        self.cache = PieceCache(cache_bytes)
+        # Serialises what creates or deletes piece files with the transactions that reference
+        # them: a file is never deleted between another writer's rename and its commit.
+        self._files_lock = threading.RLock()
+        self._doomed: list[bytes] = []  # files to delete once the current transaction commits
         try:
             self.env = lmdb.open(
                 str(root / "store.lmdb"),
@@ -80,12 +138,14 @@ class PieceStore:
         self.tasks_db = self.env.open_db(b"tasks")
         self.refs_db = self.env.open_db(b"refs")
         self._migrate()
+        self._sweep()
 
     def close(self) -> None:
         self.env.sync(True)
         self.env.close()
 
     def flush(self) -> None:
+        self.files.sync()
         self.env.sync(True)
 
     # -- pieces ---------------------------------------------------------------------------
@@ -95,20 +155,65 @@ class PieceStore:
             return txn.get(bytes.fromhex(digest)) is not None
 
     def get(self, digest: str) -> bytes | None:
-        """A copy of the piece bytes, or None."""
+        """The piece's bytes (never a buffer into the store), or None."""
+        key = bytes.fromhex(digest)
+        data = self.cache.get(key)
+        if data is not None:
+            return data
         with self.env.begin(db=self.pieces, buffers=True) as txn:
-            buf = txn.get(bytes.fromhex(digest))
-            return None if buf is None else bytes(buf)
+            buf = txn.get(key)
+            if buf is None:
+                return None
+            length = self._file_length(txn, key, buf)
+            if length is None:
+                return bytes(buf)
+        data = self.files.read(key, length)
+        if data is None:
+            log.warning("piece %s: its file is missing or damaged", digest[:12])
+            return None
+        self.cache.add(key, data)
+        return data
+
+    def _file_length(self, txn: lmdb.Transaction, key: bytes, value: Any) -> int | None:
+        """The piece's length if `value` (its `pieces` value) marks it as held in a file."""
+        length = _marked_length(value)
+        if length is None:
+            return None
+        rec = txn.get(key, db=self.refs_db)
+        if rec is not None and _REF.unpack(rec)[1] != length:
+            return None  # an inline piece whose bytes happen to look like a marker
+        return length
 
     def put(self, task_id: str, info: PieceInfo, data: Any) -> None:
-        """Store a verified piece and record it in the task's manifest, atomically."""
+        """Store a verified piece and record it in the task's manifest, atomically.
+        A piece kept as a file is written before the transaction that references it; `data`
+        may be kept in the cache of recent pieces, so callers must not modify it afterwards
+        (received zmq frames and bytes are what callers pass)."""
         key = bytes.fromhex(info.digest)
+        size = memoryview(data).nbytes
+        as_file = self.piece_files and size >= self.file_threshold
         try:
-            with self.env.begin(write=True) as txn:
-                if self._link(txn, task_id, info):
-                    delta = self._ref(txn, key, data)
-                    if delta:
-                        self._add_usage(txn, delta)
+            with self._files_lock:
+                wrote = as_file and not self._held(key)
+                if wrote:
+                    self.files.write(key, data)
+                try:
+                    with self.env.begin(write=True, buffers=True) as txn:
+                        if self._link(txn, task_id, info):
+                            delta = self._ref(txn, key, data, as_file)
+                            if delta:
+                                self._add_usage(txn, delta)
+                        referenced = txn.get(key, db=self.refs_db) is not None
+                except BaseException:
+                    self._doomed.clear()
+                    if wrote:
+                        self.files.unlink(key)
+                    raise
+                if wrote and not referenced:  # not stored after all (cannot happen today)
+                    self.files.unlink(key)
+                self._unlink_doomed()
+                if as_file:
+                    self.cache.add(key, bytes(data) if _mutable(data) else data)
         except lmdb.MapFullError as e:
             raise StorageError("piece store is full (map_size reached)") from e
         except lmdb.Error as e:
@@ -119,12 +224,29 @@ class PieceStore:
     def adopt(self, task_id: str, info: PieceInfo) -> bool:
         """Record a piece we already hold under another task (dedup). True if it was there."""
         key = bytes.fromhex(info.digest)
-        with self.env.begin(write=True) as txn:
-            if txn.get(key, db=self.refs_db) is None and not txn.cursor(db=self.pieces).set_key(key):
-                return False
-            if self._link(txn, task_id, info):
-                self._ref(txn, key, None)
+        with self._files_lock:
+            try:
+                with self.env.begin(write=True, buffers=True) as txn:
+                    if txn.get(key, db=self.refs_db) is None and not txn.cursor(db=self.pieces).set_key(key):
+                        return False
+                    if self._link(txn, task_id, info):
+                        self._ref(txn, key, None)
+            except BaseException:
+                self._doomed.clear()
+                raise
+            self._unlink_doomed()
         return True
+
+    def _held(self, key: bytes) -> bool:
+        with self.env.begin(buffers=True) as txn:
+            return txn.get(key, db=self.refs_db) is not None or txn.cursor(db=self.pieces).set_key(key)
+
+    def _unlink_doomed(self) -> None:
+        """After a commit: delete the files of pieces whose last reference it dropped."""
+        doomed, self._doomed = self._doomed, []
+        for key in doomed:
+            self.cache.drop(key)
+            self.files.unlink(key)
 
     # -- reference counts and usage (inside the caller's write transaction) ----------------
 
@@ -133,6 +255,7 @@ class PieceStore:
         caller adds a reference); an entry that pointed at another digest drops that one."""
         mkey = _task_key(task_id) + _NUM.pack(info.num)
         old = txn.get(mkey, db=self.manifest_db)
+        old = None if old is None else bytes(old)  # a buffer would not survive the put
         txn.put(mkey, msgpack.packb((info.offset, info.length, info.digest)), db=self.manifest_db)
         if old is None:
             return True
@@ -144,9 +267,10 @@ class PieceStore:
             self._add_usage(txn, -freed)
         return True
 
-    def _ref(self, txn: lmdb.Transaction, key: bytes, data: Any) -> int:
-        """One more reference to the piece `key`, storing `data` if the piece is new. Returns
-        the bytes added to the store (0 when the piece was there already)."""
+    def _ref(self, txn: lmdb.Transaction, key: bytes, data: Any, as_file: bool = False) -> int:
+        """One more reference to the piece `key`, storing `data` if the piece is new (only its
+        marker when `as_file`: the caller wrote the file). Returns the bytes added to the store
+        (0 when the piece was there already)."""
         rec = txn.get(key, db=self.refs_db)
         if rec is not None:
             count, size = _REF.unpack(rec)
@@ -154,13 +278,14 @@ class PieceStore:
             return 0
         cur = txn.cursor(db=self.pieces)
         if cur.set_key(key):  # held without a count (should not happen after _migrate)
-            size = len(cur.value())
+            value = cur.value()
+            size = _marked_length(value) or len(value)
             added = 0
         else:
             if data is None:
                 raise StorageError("internal: a reference to a piece that is not stored")
             size = memoryview(data).nbytes
-            txn.put(key, data, db=self.pieces)
+            txn.put(key, _marker(size) if as_file else data, db=self.pieces)
             added = size
         txn.put(key, _REF.pack(1, size), db=self.refs_db)
         return added
@@ -175,6 +300,9 @@ class PieceStore:
             txn.put(key, _REF.pack(count - 1, size), db=self.refs_db)
             return 0
         txn.delete(key, db=self.refs_db)
+        value = txn.get(key, db=self.pieces)
+        if value is not None and _marked_length(value) == size:
+            self._doomed.append(key)  # its file goes once this transaction commits
         txn.delete(key, db=self.pieces)
         return size
 
@@ -213,6 +341,59 @@ class PieceStore:
                 txn.put(_SCHEMA_KEY, _SCHEMA, db=self.refs_db)
         except lmdb.Error as e:
             raise StorageError(f"cannot count the piece store's references: {e}") from e
+
+    def _sweep(self) -> None:
+        """At open: delete piece files no marker points at (and temporary files of interrupted
+        writes); drop markers whose file is missing, with every manifest entry referencing
+        them, so their tasks are partial (and resume) rather than complete with holes.
+        O(pieces) once per open: a directory listing and a pass over the `pieces` keys (the
+        values of inline pieces, on overflow pages, are not read)."""
+        listed: dict[bytes, Any] = {}
+        for path, key in self.files.scan():
+            if key is not None:
+                listed[key] = path
+            elif path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+            else:
+                log.warning("piece store: ignoring a stray file %s", path)
+        missing: dict[bytes, int] = {}
+        with self.env.begin(buffers=True) as txn:
+            for key, value in txn.cursor(db=self.pieces):
+                if len(value) != _MARKER_LEN:
+                    continue
+                key = bytes(key)
+                length = self._file_length(txn, key, value)
+                if length is not None and listed.pop(key, None) is None:
+                    missing[key] = length
+        for key, path in listed.items():
+            path.unlink(missing_ok=True)
+        if listed:
+            log.info("piece store: deleted %d piece files nothing referenced", len(listed))
+        if missing:
+            self._drop_missing(missing)
+
+    def _drop_missing(self, missing: dict[bytes, int]) -> None:
+        digests = {k.hex() for k in missing}
+        dropped = 0
+        try:
+            with self.env.begin(write=True, buffers=True) as txn:
+                gone = [bytes(k) for k, v in txn.cursor(db=self.manifest_db)
+                        if msgpack.unpackb(v)[2] in digests]
+                for k in gone:
+                    txn.delete(k, db=self.manifest_db)
+                freed = 0
+                for key in missing:
+                    rec = txn.get(key, db=self.refs_db)
+                    if rec is not None:
+                        freed += _REF.unpack(rec)[1]
+                        txn.delete(key, db=self.refs_db)
+                    txn.delete(key, db=self.pieces)
+                self._add_usage(txn, -freed)
+                dropped = len(gone)
+        except lmdb.Error as e:
+            raise StorageError(f"cannot drop pieces whose files are missing: {e}") from e
+        log.warning("piece store: %d piece files were missing; %d manifest entries dropped (those "
+                    "tasks will fetch the pieces again)", len(missing), dropped)
 
     # -- garbage collection support (called in the daemon's writer thread) ------------------
 
@@ -294,29 +475,42 @@ class PieceStore:
         freed = 0
         try:
             while True:
-                with self.env.begin(write=True) as txn:
-                    cur = txn.cursor(db=self.manifest_db)
-                    found: list[tuple[bytes, str]] = []
-                    if cur.set_range(prefix):
-                        for key, value in cur:
-                            if not key.startswith(prefix) or len(found) >= batch:
-                                break
-                            if len(key) == len(prefix) + 4:
-                                found.append((key, msgpack.unpackb(value)[2]))
-                    step = 0
-                    for key, digest in found:
-                        txn.delete(key, db=self.manifest_db)
-                        step += self._unref(txn, bytes.fromhex(digest))
-                    if step:
-                        self._add_usage(txn, -step)
-                    last = len(found) < batch
-                    if last:
-                        txn.delete(prefix, db=self.tasks_db)
+                with self._files_lock:
+                    step, last = self._delete_batch(prefix, batch)
                 freed += step
                 if last:
                     return freed
         except lmdb.Error as e:
             raise StorageError(f"deleting task {task_id[:12]} failed: {e}") from e
+
+    def _delete_batch(self, prefix: bytes, batch: int) -> tuple[int, bool]:
+        """One write transaction of delete_task (holding the files lock): bytes freed, and
+        whether it was the last one."""
+        try:
+            with self.env.begin(write=True, buffers=True) as txn:
+                cur = txn.cursor(db=self.manifest_db)
+                found: list[tuple[bytes, str]] = []
+                if cur.set_range(prefix):
+                    for key, value in cur:
+                        key = bytes(key)
+                        if not key.startswith(prefix) or len(found) >= batch:
+                            break
+                        if len(key) == len(prefix) + 4:
+                            found.append((key, msgpack.unpackb(value)[2]))
+                step = 0
+                for key, digest in found:
+                    txn.delete(key, db=self.manifest_db)
+                    step += self._unref(txn, bytes.fromhex(digest))
+                if step:
+                    self._add_usage(txn, -step)
+                last = len(found) < batch
+                if last:
+                    txn.delete(prefix, db=self.tasks_db)
+        except BaseException:
+            self._doomed.clear()
+            raise
+        self._unlink_doomed()
+        return step, last
 
     # -- manifests and task metadata ------------------------------------------------------
 
