@@ -303,6 +303,15 @@ class PieceCache:
                 self._items[key] = out  # later readers share this copy
         return out
 
+    def peek(self, key: bytes) -> Any:
+        """The cached buffer as it is (bytes or a received frame's memoryview), no copy."""
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+            return data
+
     def drop(self, key: bytes) -> None:
         with self._lock:
             old = self._items.pop(key, None)

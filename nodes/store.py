@@ -174,6 +174,12 @@ class PieceStore:
         self.cache.add(key, data)
         return data
 
+    def get_buffer(self, digest: str) -> Any:
+        """The piece's bytes for a reader that only reads them at once (a streaming client):
+        a recently stored piece comes as the buffer it arrived in, with no copy."""
+        data = self.cache.peek(bytes.fromhex(digest))
+        return data if data is not None else self.get(digest)
+
     def _file_length(self, txn: lmdb.Transaction, key: bytes, value: Any) -> int | None:
         """The piece's length if `value` (its `pieces` value) marks it as held in a file."""
         length = _marked_length(value)
