@@ -31,10 +31,9 @@ in LMDB; pieces already in files stay readable either way, as pieces already ins
 (the marker or the bytes tells which: no migration).
 Crash safety: a piece file is written (temp name + rename) before the transaction that
 references it commits, and deleted only after the transaction that drops its last reference
-commits. At open, files that no marker points at are deleted (an interrupted write, a crash
-between a commit and an unlink), and markers whose file is missing are dropped together with
-every manifest entry that references them, and those tasks marked incomplete: such a task
-resumes, it is never "complete with pieces missing".
+commits; at open, `nodes/storesweep.py` deletes files nothing references and drops markers
+whose file is missing with their manifest entries (such a task resumes, it is never "complete
+with pieces missing").
 Recently stored or read file pieces are kept in memory (`cache_bytes`, default 64 MiB): a
 peer's children ask for a piece right after it arrived.
 
@@ -61,6 +60,7 @@ import msgpack
 from dfzmq.errors import StorageError
 from dfzmq.wire import PieceInfo
 from nodes.piecefiles import PieceCache, PieceFiles
+from nodes.storesweep import sweep_piece_files
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class PieceStore:
         self.tasks_db = self.env.open_db(b"tasks")
         self.refs_db = self.env.open_db(b"refs")
         self._migrate()
-        self._sweep()
+        sweep_piece_files(self)
 
     def close(self) -> None:
         self.env.sync(True)
@@ -348,59 +348,6 @@ class PieceStore:
         except lmdb.Error as e:
             raise StorageError(f"cannot count the piece store's references: {e}") from e
 
-    def _sweep(self) -> None:
-        """At open: delete piece files no marker points at (and temporary files of interrupted
-        writes); drop markers whose file is missing, with every manifest entry referencing
-        them, so their tasks are partial (and resume) rather than complete with holes.
-        O(pieces) once per open: a directory listing and a pass over the `pieces` keys (the
-        values of inline pieces, on overflow pages, are not read)."""
-        listed: dict[bytes, Any] = {}
-        for path, key in self.files.scan():
-            if key is not None:
-                listed[key] = path
-            elif path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)
-            else:
-                log.warning("piece store: ignoring a stray file %s", path)
-        missing: dict[bytes, int] = {}
-        with self.env.begin(buffers=True) as txn:
-            for key, value in txn.cursor(db=self.pieces):
-                if len(value) != _MARKER_LEN:
-                    continue
-                key = bytes(key)
-                length = self._file_length(txn, key, value)
-                if length is not None and listed.pop(key, None) is None:
-                    missing[key] = length
-        for key, path in listed.items():
-            path.unlink(missing_ok=True)
-        if listed:
-            log.info("piece store: deleted %d piece files nothing referenced", len(listed))
-        if missing:
-            self._drop_missing(missing)
-
-    def _drop_missing(self, missing: dict[bytes, int]) -> None:
-        digests = {k.hex() for k in missing}
-        dropped = 0
-        try:
-            with self.env.begin(write=True, buffers=True) as txn:
-                gone = [bytes(k) for k, v in txn.cursor(db=self.manifest_db)
-                        if msgpack.unpackb(v)[2] in digests]
-                for k in gone:
-                    txn.delete(k, db=self.manifest_db)
-                freed = 0
-                for key in missing:
-                    rec = txn.get(key, db=self.refs_db)
-                    if rec is not None:
-                        freed += _REF.unpack(rec)[1]
-                        txn.delete(key, db=self.refs_db)
-                    txn.delete(key, db=self.pieces)
-                self._add_usage(txn, -freed)
-                dropped = len(gone)
-        except lmdb.Error as e:
-            raise StorageError(f"cannot drop pieces whose files are missing: {e}") from e
-        log.warning("piece store: %d piece files were missing; %d manifest entries dropped (those "
-                    "tasks will fetch the pieces again)", len(missing), dropped)
-
     # -- garbage collection support (called in the daemon's writer thread) ------------------
 
     def usage_bytes(self) -> int:
@@ -562,4 +509,6 @@ class PieceStore:
     def stats(self) -> dict[str, int]:
         with self.env.begin(db=self.pieces) as txn:
             st = txn.stat(self.pieces)
-        return {"pieces": st["entries"], "store_bytes": self.env.info()["last_pgno"] * 4096}
+        return {"pieces": st["entries"], "store_bytes": self.env.info()["last_pgno"] * 4096,
+                "piece_cache_bytes": self.cache.bytes, "piece_cache_hits": self.cache.hits,
+                "piece_cache_misses": self.cache.misses}
