@@ -167,7 +167,11 @@ class PieceStore:
             length = self._file_length(txn, key, buf)
             if length is None:
                 return bytes(buf)
-        data = self.files.read(key, length)
+        try:
+            data = self.files.read(key, length)
+        except StorageError as e:  # an I/O error: this piece is unavailable, as if missing
+            log.warning("piece %s: %s", digest[:12], e)
+            return None
         if data is None:
             log.warning("piece %s: its file is missing or damaged", digest[:12])
             return None

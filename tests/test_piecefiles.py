@@ -310,3 +310,16 @@ def test_fetch_and_proxy_end_to_end_with_piece_files(tmp_path):
         # the threshold, stays in LMDB.
         assert len(held) == SIZE // TH, name
         assert sum(p.stat().st_size for p in held) == SIZE - SIZE % TH
+
+
+def test_a_damaged_file_reads_as_missing(store, tmp_path):
+    data = random.Random(11).randbytes(TH + 5)
+    info = piece(0, data)
+    store.put(T1, info, data)
+    path = store.files.path(bytes.fromhex(info.digest))
+    os.truncate(path, TH)  # shorter than the piece: never served as if whole
+    assert store.get(info.digest) is None
+    path.write_bytes(data + b"x")  # longer
+    assert store.get(info.digest) is None
+    path.write_bytes(data)
+    assert store.get(info.digest) == data
