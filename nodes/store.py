@@ -178,6 +178,10 @@ class PieceStore:
         self.cache.add(key, data)
         return data
 
+    def get_cached(self, digest: str) -> Any:
+        """A recently stored or read piece from memory (no copy, never blocks), or None."""
+        return self.cache.peek(bytes.fromhex(digest))
+
     def get_buffer(self, digest: str) -> Any:
         """The piece's bytes for a reader that only reads them at once (a streaming client):
         a recently stored piece comes as the buffer it arrived in, with no copy."""

@@ -143,9 +143,21 @@ class StreamSink:
         p: PieceInfo | None = info
         while p is not None and p.offset < end and (p is info or budget > 0):
             if p.offset not in ahead:
-                ahead[p.offset] = asyncio.get_running_loop().run_in_executor(None, self._read, p)
+                ahead[p.offset] = self._start_read(p)
             budget -= p.length
             p = self.by_offset.get(p.offset + p.length)
+
+    def _start_read(self, info: PieceInfo) -> asyncio.Future:
+        """A piece still in the store's memory is taken on the loop (a dict lookup); only a
+        read that may wait for the disk goes to a thread."""
+        loop = asyncio.get_running_loop()
+        peek = getattr(self.store, "get_cached", None)
+        data = peek(info.digest) if peek is not None else None
+        if data is None:
+            return loop.run_in_executor(None, self._read, info)
+        fut = loop.create_future()
+        fut.set_result(data)
+        return fut
 
     def _read(self, info: PieceInfo) -> Any:
         # A piece just stored is still in the store's memory: served from there, uncopied.

@@ -4,6 +4,7 @@ the receiving daemon, and how far the client had got at points of the transfer.
     python tools/bench_cpu.py 1024 fetch      # dfzmq fetch of a 1 GiB file another peer holds
     python tools/bench_cpu.py 1024 proxy      # curl -x through the receiving daemon's proxy
     EXTRA=DFZMQ_WINDOW_BYTES=8388608 python tools/bench_cpu.py 512 fetch   # receiver settings
+    PERF=/tmp/peer2.data python tools/bench_cpu.py 1024 proxy  # perf record of the receiving daemon
 
 CPU seconds (from /proc/PID/stat and /proc/PID/task/TID/stat) are what to compare between
 versions on a shared machine: wall time there swings 2x with other jobs. "client had 10/50/90%"
@@ -104,6 +105,11 @@ def main() -> int:
             before = {n: cpu(p) for n, p in pids.items()}
             threads_before = threads(pids["peer2"])
             out = root / "o.out"
+            perf = None
+            if os.environ.get("PERF"):  # PERF=out.data: perf record of the receiving daemon
+                perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-g", "-o", os.environ["PERF"],
+                                         "-p", str(pids["peer2"])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(0.5)
             cached0 = meminfo_kib("Cached")
             io0 = {n: io_mib(p) for n, p in pids.items()}
             t0 = time.monotonic()
@@ -124,6 +130,9 @@ def main() -> int:
                         marks[q] = time.monotonic() - t0
                 time.sleep(0.02)
             wall = time.monotonic() - t0
+            if perf is not None:
+                perf.send_signal(2)
+                perf.wait()
             kids1 = os.times()
             after = {n: cpu(p) for n, p in pids.items()}
             threads_after = threads(pids["peer2"])
