@@ -74,6 +74,16 @@ def io_mib(pid: int) -> tuple[float, float]:
     return got.get("read_bytes", 0) / MiB, got.get("write_bytes", 0) / MiB
 
 
+def resident_mib(root: Path) -> float:
+    """MiB of the files under `root` that sit in the page cache (util-linux fincore)."""
+    paths = [str(p) for p in root.rglob("*") if p.is_file()]
+    total = 0
+    for i in range(0, len(paths), 500):
+        r = subprocess.run(["fincore", "-b", "-n", "-o", "RES", *paths[i:i + 500]], capture_output=True, text=True)
+        total += sum(int(x) for x in r.stdout.split() if x.isdigit())
+    return total / MiB
+
+
 def main() -> int:
     size = int(sys.argv[1]) * MiB if len(sys.argv) > 1 else 1024 * MiB
     mode = sys.argv[2] if len(sys.argv) > 2 else "fetch"
@@ -142,7 +152,8 @@ def main() -> int:
                     f"{marks.get(q, wall) / wall:.2f}" for q in (0.1, 0.5, 0.9)) + " of the wall time"
             io1 = {n: io_mib(p) for n, p in pids.items()}
             print(line)
-            print(f"  page cache grew {(meminfo_kib('Cached') - cached0) / 1024:.0f} MiB (whole machine)")
+            print(f"  page cache grew {(meminfo_kib('Cached') - cached0) / 1024:.0f} MiB (whole machine); the "
+                  f"receiving daemon's store holds {resident_mib(c.root / 'peer2'):.0f} MiB of it")
             for n in pids:
                 u, s = after[n][0] - before[n][0], after[n][1] - before[n][1]
                 r, w = io1[n][0] - io0[n][0], io1[n][1] - io0[n][1]
