@@ -141,6 +141,7 @@ class PieceStore:
         sweep_piece_files(self)
 
     def close(self) -> None:
+        self.files.sync()
         self.env.sync(True)
         self.env.close()
 
