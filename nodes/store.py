@@ -57,7 +57,7 @@ from typing import Any, Iterator
 import lmdb
 import msgpack
 
-from dfzmq.errors import StorageError
+from dfzmq.errors import ConfigError, StorageError
 from dfzmq.wire import PieceInfo
 from nodes.piecefiles import PieceCache, PieceFiles
 from nodes.storesweep import sweep_piece_files
@@ -112,9 +112,12 @@ class PieceStore:
     def __init__(self, root: Path, map_size: int = 1 << 40, piece_files: bool = True,
                  file_threshold: int = FILE_THRESHOLD, cache_bytes: int = CACHE_BYTES,
                  direct: bool = True) -> None:
+        if file_threshold < MIN_FILE_THRESHOLD or cache_bytes < 0:
+            raise ConfigError(f"piece_file_threshold must be at least {MIN_FILE_THRESHOLD} bytes and "
+                              f"piece_cache_bytes not negative (got {file_threshold}, {cache_bytes})")
         root.mkdir(parents=True, exist_ok=True)
         self.piece_files = piece_files
-        self.file_threshold = max(MIN_FILE_THRESHOLD, file_threshold)
+        self.file_threshold = file_threshold
         self.files = PieceFiles(root / "pieces", direct)
         self.cache = PieceCache(cache_bytes)
         # Serialises what creates or deletes piece files with the transactions that reference

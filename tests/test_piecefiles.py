@@ -16,7 +16,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from dfzmq.errors import StorageError
+from dfzmq.errors import ConfigError, StorageError
 from dfzmq.wire import PieceInfo
 from nodes.gc import GarbageCollector
 from nodes.store import _MARKER_LEN, PieceStore, _marker
@@ -323,3 +323,15 @@ def test_a_damaged_file_reads_as_missing(store, tmp_path):
     assert store.get(info.digest) is None
     path.write_bytes(data)
     assert store.get(info.digest) == data
+
+
+def test_settings_out_of_range_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="piece_file_threshold"):
+        PieceStore(tmp_path / "a", map_size=64 << 20, file_threshold=1000)
+    with pytest.raises(ConfigError, match="piece_cache_bytes"):
+        PieceStore(tmp_path / "b", map_size=64 << 20, cache_bytes=-1)
+    r = subprocess.run([sys.executable, "-m", "dfzmq", "daemon", "--data", str(tmp_path / "d")],
+                       env={**os.environ, "PYTHONPATH": str(REPO), "DFZMQ_PIECE_FILE_THRESHOLD": "100"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "piece_file_threshold must be at least 4096" in r.stderr
+    assert "Traceback" not in r.stderr
