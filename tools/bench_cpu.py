@@ -152,6 +152,10 @@ def main() -> int:
                     f"{marks.get(q, wall) / wall:.2f}" for q in (0.1, 0.5, 0.9)) + " of the wall time"
             io1 = {n: io_mib(p) for n, p in pids.items()}
             print(line)
+            with open(f"/proc/{pids['peer2']}/status") as f:
+                mem = {k: int(v.split()[0]) // 1024 for k, _, v in (ln.partition(":") for ln in f)
+                       if k in ("VmHWM", "RssAnon")}
+            print(f"  receiving daemon: peak RSS {mem.get('VmHWM', 0)} MiB, anonymous now {mem.get('RssAnon', 0)} MiB")
             print(f"  page cache grew {(meminfo_kib('Cached') - cached0) / 1024:.0f} MiB (whole machine); the "
                   f"receiving daemon's store holds {resident_mib(c.root / 'peer2'):.0f} MiB of it")
             for n in pids:
