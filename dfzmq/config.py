@@ -100,6 +100,12 @@ class DaemonConfig:
     # store caches the bytes already. false: through the page cache (a slow disk under a fast
     # network, where the page cache absorbing the writes matters more than memory).
     output_direct: bool = True
+    # Pieces of piece_file_threshold bytes or more are files under DATA/pieces, written and read
+    # with O_DIRECT (nodes/piecefiles.py: no page-cache copy of every byte received); smaller
+    # ones and all metadata stay in LMDB. false: new pieces go into LMDB (old files stay readable).
+    piece_files: bool = True
+    piece_file_threshold: int = 1 << 20
+    piece_cache_bytes: int = 64 << 20  # recently stored/read file pieces kept in memory for children
 
     def control_addr(self) -> str:
         return self.control or f"ipc://{Path(self.data).resolve()}/control.sock"

@@ -195,7 +195,9 @@ class Daemon:
         if self.cfg.metrics:  # first: a port in use is a config error before anything is open
             self.metrics = DaemonMetrics(self, self.cfg.metrics)
         self.ctx = zmq.asyncio.Context()
-        self.store = PieceStore(self.data, self.cfg.map_size)
+        self.store = PieceStore(self.data, self.cfg.map_size, piece_files=self.cfg.piece_files,
+                                file_threshold=self.cfg.piece_file_threshold,
+                                cache_bytes=self.cfg.piece_cache_bytes)
         self.gc = GarbageCollector(self.store, self.cfg)
         self.http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60),

@@ -20,6 +20,23 @@ exact to the byte in tests. Page overhead (about 0.1% for MiB-sized pieces), the
 metadata, and LMDB's free list come on top; the data file never shrinks, its freed pages are
 reused by later pieces.
 
+Large pieces live in files, not in LMDB (`nodes/piecefiles.py` says why: page-cache double
+caching and memory pressure on hosts pulling tens of GB, and on this project's VM 4 CPU-s per
+GiB for the fresh page-cache pages LMDB writes into, against 0.2-0.4 s with O_DIRECT).
+A piece of `file_threshold` bytes or more (default 1 MiB) is the file `pieces/ab/abcd...` under
+the store root; its `pieces` value is a small marker holding its length. Everything else is as
+before: manifest, metadata, refs (count + length), usage, dedup, quota and GC do not know where
+a piece's bytes are. `piece_files=False` (daemon setting `piece_files = false`) keeps new pieces
+in LMDB; pieces already in files stay readable either way, as pieces already inside LMDB do
+(the marker or the bytes tells which: no migration).
+Crash safety: a piece file is written (temp name + rename) before the transaction that
+references it commits, and deleted only after the transaction that drops its last reference
+commits; at open, `nodes/storesweep.py` deletes files nothing references and drops markers
+whose file is missing with their manifest entries (such a task resumes, it is never "complete
+with pieces missing").
+Recently stored or read file pieces are kept in memory (`cache_bytes`, default 64 MiB): a
+peer's children ask for a piece right after it arrived.
+
 Every write is one short transaction; read buffers never outlive their transaction (callers
 get copies). The environment is opened with sync off: a crash of the process loses nothing
 (the kernel has the pages); `flush()` is called at task boundaries for power-loss safety.
@@ -29,7 +46,10 @@ It must never be opened before a fork, and never hold a transaction across an aw
 from __future__ import annotations
 
 import errno
+import logging
+import mmap
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,8 +57,12 @@ from typing import Any, Iterator
 import lmdb
 import msgpack
 
-from dfzmq.errors import StorageError
+from dfzmq.errors import ConfigError, StorageError
 from dfzmq.wire import PieceInfo
+from nodes.piecefiles import PieceCache, PieceFiles
+from nodes.storesweep import sweep_piece_files
+
+log = logging.getLogger(__name__)
 
 _NUM = struct.Struct(">I")
 _REF = struct.Struct(">IQ")  # reference count, piece length
@@ -48,6 +72,13 @@ _SCHEMA_KEY = b"!schema"
 _SCHEMA = b"1"
 DELETE_BATCH = 512  # manifest entries per write transaction in delete_task
 _MAX_TASK_KEY = 500  # LMDB's key limit (511) minus the piece number
+# The `pieces` value of a piece held as a file: this prefix and its length. An inline piece of
+# these very 20 bytes is told apart by its refs record, whose length is then 20.
+_FILE_MARK = b"\x00dfzmq-file\x00"
+_MARKER_LEN = len(_FILE_MARK) + _U64.size
+FILE_THRESHOLD = 1 << 20  # pieces this long or longer go to files (README "Benchmarks": measured)
+MIN_FILE_THRESHOLD = 4096
+CACHE_BYTES = 64 << 20
 
 
 def _task_key(task_id: str) -> bytes:
@@ -60,9 +91,39 @@ def _task_key(task_id: str) -> bytes:
     return task_id.encode()
 
 
+def _mutable(data: Any) -> bool:
+    owner = data.obj if isinstance(data, memoryview) else data
+    return isinstance(owner, (bytearray, mmap.mmap))
+
+
+def _marker(length: int) -> bytes:
+    return _FILE_MARK + _U64.pack(length)
+
+
+def _marked_length(value: Any) -> int | None:
+    """The length a `pieces` value claims as a file marker, or None if it is no marker."""
+    if len(value) != _MARKER_LEN or bytes(value[:len(_FILE_MARK)]) != _FILE_MARK:
+        return None
+    length = _U64.unpack(bytes(value[len(_FILE_MARK):]))[0]
+    return length if length != _MARKER_LEN else None
+
+
 class PieceStore:
-    def __init__(self, root: Path, map_size: int = 1 << 40) -> None:
+    def __init__(self, root: Path, map_size: int = 1 << 40, piece_files: bool = True,
+                 file_threshold: int = FILE_THRESHOLD, cache_bytes: int = CACHE_BYTES,
+                 direct: bool = True) -> None:
+        if file_threshold < MIN_FILE_THRESHOLD or cache_bytes < 0:
+            raise ConfigError(f"piece_file_threshold must be at least {MIN_FILE_THRESHOLD} bytes and "
+                              f"piece_cache_bytes not negative (got {file_threshold}, {cache_bytes})")
         root.mkdir(parents=True, exist_ok=True)
+        self.piece_files = piece_files
+        self.file_threshold = file_threshold
+        self.files = PieceFiles(root / "pieces", direct)
+        self.cache = PieceCache(cache_bytes)
+        # Serialises what creates or deletes piece files with the transactions that reference
+        # them: a file is never deleted between another writer's rename and its commit.
+        self._files_lock = threading.RLock()
+        self._doomed: list[bytes] = []  # files to delete once the current transaction commits
         try:
             self.env = lmdb.open(
                 str(root / "store.lmdb"),
@@ -80,12 +141,15 @@ class PieceStore:
         self.tasks_db = self.env.open_db(b"tasks")
         self.refs_db = self.env.open_db(b"refs")
         self._migrate()
+        sweep_piece_files(self)
 
     def close(self) -> None:
+        self.files.sync()
         self.env.sync(True)
         self.env.close()
 
     def flush(self) -> None:
+        self.files.sync()
         self.env.sync(True)
 
     # -- pieces ---------------------------------------------------------------------------
@@ -95,20 +159,79 @@ class PieceStore:
             return txn.get(bytes.fromhex(digest)) is not None
 
     def get(self, digest: str) -> bytes | None:
-        """A copy of the piece bytes, or None."""
+        """The piece's bytes (never a buffer into the store), or None."""
+        key = bytes.fromhex(digest)
+        data = self.cache.get(key)
+        if data is not None:
+            return data
         with self.env.begin(db=self.pieces, buffers=True) as txn:
-            buf = txn.get(bytes.fromhex(digest))
-            return None if buf is None else bytes(buf)
+            buf = txn.get(key)
+            if buf is None:
+                return None
+            length = self._file_length(txn, key, buf)
+            if length is None:
+                return bytes(buf)
+        try:
+            data = self.files.read(key, length)
+        except StorageError as e:  # an I/O error: this piece is unavailable, as if missing
+            log.warning("piece %s: %s", digest[:12], e)
+            return None
+        if data is None:
+            log.warning("piece %s: its file is missing or damaged", digest[:12])
+            return None
+        self.cache.add(key, data)
+        return data
+
+    def get_cached(self, digest: str) -> Any:
+        """A recently stored or read piece from memory (no copy, never blocks), or None."""
+        return self.cache.peek(bytes.fromhex(digest))
+
+    def get_buffer(self, digest: str) -> Any:
+        """The piece's bytes for a reader that only reads them at once (a streaming client):
+        a recently stored piece comes as the buffer it arrived in, with no copy."""
+        data = self.cache.peek(bytes.fromhex(digest))
+        return data if data is not None else self.get(digest)
+
+    def _file_length(self, txn: lmdb.Transaction, key: bytes, value: Any) -> int | None:
+        """The piece's length if `value` (its `pieces` value) marks it as held in a file."""
+        length = _marked_length(value)
+        if length is None:
+            return None
+        rec = txn.get(key, db=self.refs_db)
+        if rec is not None and _REF.unpack(rec)[1] != length:
+            return None  # an inline piece whose bytes happen to look like a marker
+        return length
 
     def put(self, task_id: str, info: PieceInfo, data: Any) -> None:
-        """Store a verified piece and record it in the task's manifest, atomically."""
+        """Store a verified piece and record it in the task's manifest, atomically.
+        A piece kept as a file is written before the transaction that references it; `data`
+        may be kept in the cache of recent pieces, so callers must not modify it afterwards
+        (received zmq frames and bytes are what callers pass)."""
         key = bytes.fromhex(info.digest)
+        size = memoryview(data).nbytes
+        as_file = self.piece_files and size >= self.file_threshold
         try:
-            with self.env.begin(write=True) as txn:
-                if self._link(txn, task_id, info):
-                    delta = self._ref(txn, key, data)
-                    if delta:
-                        self._add_usage(txn, delta)
+            with self._files_lock:
+                wrote = as_file and not self._held(key)
+                if wrote:
+                    self.files.write(key, data)
+                try:
+                    with self.env.begin(write=True, buffers=True) as txn:
+                        if self._link(txn, task_id, info):
+                            delta = self._ref(txn, key, data, as_file)
+                            if delta:
+                                self._add_usage(txn, delta)
+                        referenced = txn.get(key, db=self.refs_db) is not None
+                except BaseException:
+                    self._doomed.clear()
+                    if wrote:
+                        self.files.unlink(key)
+                    raise
+                if wrote and not referenced:  # not stored after all (cannot happen today)
+                    self.files.unlink(key)
+                self._unlink_doomed()
+                if as_file:
+                    self.cache.add(key, bytes(data) if _mutable(data) else data)
         except lmdb.MapFullError as e:
             raise StorageError("piece store is full (map_size reached)") from e
         except lmdb.Error as e:
@@ -119,12 +242,29 @@ class PieceStore:
     def adopt(self, task_id: str, info: PieceInfo) -> bool:
         """Record a piece we already hold under another task (dedup). True if it was there."""
         key = bytes.fromhex(info.digest)
-        with self.env.begin(write=True) as txn:
-            if txn.get(key, db=self.refs_db) is None and not txn.cursor(db=self.pieces).set_key(key):
-                return False
-            if self._link(txn, task_id, info):
-                self._ref(txn, key, None)
+        with self._files_lock:
+            try:
+                with self.env.begin(write=True, buffers=True) as txn:
+                    if txn.get(key, db=self.refs_db) is None and not txn.cursor(db=self.pieces).set_key(key):
+                        return False
+                    if self._link(txn, task_id, info):
+                        self._ref(txn, key, None)
+            except BaseException:
+                self._doomed.clear()
+                raise
+            self._unlink_doomed()
         return True
+
+    def _held(self, key: bytes) -> bool:
+        with self.env.begin(buffers=True) as txn:
+            return txn.get(key, db=self.refs_db) is not None or txn.cursor(db=self.pieces).set_key(key)
+
+    def _unlink_doomed(self) -> None:
+        """After a commit: delete the files of pieces whose last reference it dropped."""
+        doomed, self._doomed = self._doomed, []
+        for key in doomed:
+            self.cache.drop(key)
+            self.files.unlink(key)
 
     # -- reference counts and usage (inside the caller's write transaction) ----------------
 
@@ -133,6 +273,7 @@ class PieceStore:
         caller adds a reference); an entry that pointed at another digest drops that one."""
         mkey = _task_key(task_id) + _NUM.pack(info.num)
         old = txn.get(mkey, db=self.manifest_db)
+        old = None if old is None else bytes(old)  # a buffer would not survive the put
         txn.put(mkey, msgpack.packb((info.offset, info.length, info.digest)), db=self.manifest_db)
         if old is None:
             return True
@@ -144,9 +285,10 @@ class PieceStore:
             self._add_usage(txn, -freed)
         return True
 
-    def _ref(self, txn: lmdb.Transaction, key: bytes, data: Any) -> int:
-        """One more reference to the piece `key`, storing `data` if the piece is new. Returns
-        the bytes added to the store (0 when the piece was there already)."""
+    def _ref(self, txn: lmdb.Transaction, key: bytes, data: Any, as_file: bool = False) -> int:
+        """One more reference to the piece `key`, storing `data` if the piece is new (only its
+        marker when `as_file`: the caller wrote the file). Returns the bytes added to the store
+        (0 when the piece was there already)."""
         rec = txn.get(key, db=self.refs_db)
         if rec is not None:
             count, size = _REF.unpack(rec)
@@ -154,13 +296,14 @@ class PieceStore:
             return 0
         cur = txn.cursor(db=self.pieces)
         if cur.set_key(key):  # held without a count (should not happen after _migrate)
-            size = len(cur.value())
+            value = cur.value()
+            size = _marked_length(value) or len(value)
             added = 0
         else:
             if data is None:
                 raise StorageError("internal: a reference to a piece that is not stored")
             size = memoryview(data).nbytes
-            txn.put(key, data, db=self.pieces)
+            txn.put(key, _marker(size) if as_file else data, db=self.pieces)
             added = size
         txn.put(key, _REF.pack(1, size), db=self.refs_db)
         return added
@@ -175,6 +318,9 @@ class PieceStore:
             txn.put(key, _REF.pack(count - 1, size), db=self.refs_db)
             return 0
         txn.delete(key, db=self.refs_db)
+        value = txn.get(key, db=self.pieces)
+        if value is not None and _marked_length(value) == size:
+            self._doomed.append(key)  # its file goes once this transaction commits
         txn.delete(key, db=self.pieces)
         return size
 
@@ -294,29 +440,42 @@ class PieceStore:
         freed = 0
         try:
             while True:
-                with self.env.begin(write=True) as txn:
-                    cur = txn.cursor(db=self.manifest_db)
-                    found: list[tuple[bytes, str]] = []
-                    if cur.set_range(prefix):
-                        for key, value in cur:
-                            if not key.startswith(prefix) or len(found) >= batch:
-                                break
-                            if len(key) == len(prefix) + 4:
-                                found.append((key, msgpack.unpackb(value)[2]))
-                    step = 0
-                    for key, digest in found:
-                        txn.delete(key, db=self.manifest_db)
-                        step += self._unref(txn, bytes.fromhex(digest))
-                    if step:
-                        self._add_usage(txn, -step)
-                    last = len(found) < batch
-                    if last:
-                        txn.delete(prefix, db=self.tasks_db)
+                with self._files_lock:
+                    step, last = self._delete_batch(prefix, batch)
                 freed += step
                 if last:
                     return freed
         except lmdb.Error as e:
             raise StorageError(f"deleting task {task_id[:12]} failed: {e}") from e
+
+    def _delete_batch(self, prefix: bytes, batch: int) -> tuple[int, bool]:
+        """One write transaction of delete_task (holding the files lock): bytes freed, and
+        whether it was the last one."""
+        try:
+            with self.env.begin(write=True, buffers=True) as txn:
+                cur = txn.cursor(db=self.manifest_db)
+                found: list[tuple[bytes, str]] = []
+                if cur.set_range(prefix):
+                    for key, value in cur:
+                        key = bytes(key)
+                        if not key.startswith(prefix) or len(found) >= batch:
+                            break
+                        if len(key) == len(prefix) + 4:
+                            found.append((key, msgpack.unpackb(value)[2]))
+                step = 0
+                for key, digest in found:
+                    txn.delete(key, db=self.manifest_db)
+                    step += self._unref(txn, bytes.fromhex(digest))
+                if step:
+                    self._add_usage(txn, -step)
+                last = len(found) < batch
+                if last:
+                    txn.delete(prefix, db=self.tasks_db)
+        except BaseException:
+            self._doomed.clear()
+            raise
+        self._unlink_doomed()
+        return step, last
 
     # -- manifests and task metadata ------------------------------------------------------
 
@@ -362,4 +521,6 @@ class PieceStore:
     def stats(self) -> dict[str, int]:
         with self.env.begin(db=self.pieces) as txn:
             st = txn.stat(self.pieces)
-        return {"pieces": st["entries"], "store_bytes": self.env.info()["last_pgno"] * 4096}
+        return {"pieces": st["entries"], "store_bytes": self.env.info()["last_pgno"] * 4096,
+                "piece_cache_bytes": self.cache.bytes, "piece_cache_hits": self.cache.hits,
+                "piece_cache_misses": self.cache.misses}

@@ -3,8 +3,9 @@
 `StreamSink` has the shape of `OutputSink` (the task run calls `set_length`, `write`, `finish`
 and `abort` from its writer thread) but writes nothing: it only posts "piece N is stored" to
 the event loop. `StreamSink.body(start, end)` is the asyncio side: it yields the bytes of
-[start, end) in order, reading each covering piece back from the piece store (LMDB, where the
-run put it before telling any sink) as soon as it is there, so a client gets bytes while the
+[start, end) in order, reading each covering piece back from the piece store (where the run
+put it before telling any sink; a piece just stored comes from the store's memory of recent
+pieces, uncopied) as soon as it is there, so a client gets bytes while the
 task is still downloading, and a slow client never makes the daemon hold pieces in memory.
 
 With an expected digest (a registry blob's `sha256:...`), the body is hashed in order and the
@@ -24,6 +25,8 @@ from typing import Any, AsyncIterator
 from dfzmq.errors import DownloadError, IntegrityError, StorageError
 from dfzmq.wire import PieceInfo
 from nodes.sink import new_hasher, parse_digest
+
+READ_AHEAD_BYTES = 8 << 20  # piece reads in flight ahead of what a streaming client takes
 
 
 class StreamSink:
@@ -101,36 +104,73 @@ class StreamSink:
 
     async def body(self, start: int, end: int, verify: bool = False) -> AsyncIterator[memoryview]:
         """The bytes of [start, end) in order, each as soon as the piece holding it is stored.
-        `verify` (the whole body, with an expected digest): the last piece waits for the check."""
+        `verify` (the whole body, with an expected digest): the last piece waits for the check.
+        Reads of the next stored pieces (up to READ_AHEAD_BYTES) run while the client takes
+        this one: a piece read from disk (O_DIRECT, see nodes/piecefiles.py) takes a few ms."""
         whole = verify and self.expected is not None and start == 0
         hasher = new_hasher(self.expected[0]) if whole else None
+        ahead: dict[int, asyncio.Future] = {}  # piece offset -> its read, in flight or done
         pos = start
-        while pos < end:
-            info = self.covering(pos)
-            if info is None:
-                if self.failed:
-                    raise DownloadError("the task failed while streaming")
-                if self.finished:
-                    raise StorageError(f"no stored piece covers byte {pos}")
-                self.changed.clear()
-                await self.changed.wait()
-                continue
-            last = info.offset + info.length >= end
-            data = await asyncio.to_thread(self._read, info, hasher, last and whole)
-            lo = pos - info.offset
-            hi = min(info.length, end - info.offset)
-            yield memoryview(data)[lo:hi]
-            pos = info.offset + hi
+        try:
+            while pos < end:
+                info = self.covering(pos)
+                if info is None:
+                    if self.failed:
+                        raise DownloadError("the task failed while streaming")
+                    if self.finished:
+                        raise StorageError(f"no stored piece covers byte {pos}")
+                    self.changed.clear()
+                    await self.changed.wait()
+                    continue
+                self._read_ahead(ahead, info, end)
+                data = await ahead.pop(info.offset)
+                if hasher is not None:
+                    last = info.offset + info.length >= end
+                    await asyncio.to_thread(self._check, data, hasher, last)
+                lo = pos - info.offset
+                hi = min(info.length, end - info.offset)
+                yield memoryview(data)[lo:hi]
+                pos = info.offset + hi
+        finally:
+            for fut in ahead.values():
+                if not fut.cancel() and fut.done():
+                    fut.exception()  # retrieved: an unread piece's error is no error
 
-    def _read(self, info: PieceInfo, hasher: Any, check: bool) -> bytes:
-        data = self.store.get(info.digest)
+    def _read_ahead(self, ahead: dict[int, asyncio.Future], info: PieceInfo, end: int) -> None:
+        """Start reads of `info` and the stored pieces after it, READ_AHEAD_BYTES at most
+        (always `info` itself)."""
+        budget = READ_AHEAD_BYTES
+        p: PieceInfo | None = info
+        while p is not None and p.offset < end and (p is info or budget > 0):
+            if p.offset not in ahead:
+                ahead[p.offset] = self._start_read(p)
+            budget -= p.length
+            p = self.by_offset.get(p.offset + p.length)
+
+    def _start_read(self, info: PieceInfo) -> asyncio.Future:
+        """A piece still in the store's memory is taken on the loop (a dict lookup); only a
+        read that may wait for the disk goes to a thread."""
+        loop = asyncio.get_running_loop()
+        peek = getattr(self.store, "get_cached", None)
+        data = peek(info.digest) if peek is not None else None
+        if data is None:
+            return loop.run_in_executor(None, self._read, info)
+        fut = loop.create_future()
+        fut.set_result(data)
+        return fut
+
+    def _read(self, info: PieceInfo) -> Any:
+        # A piece just stored is still in the store's memory: served from there, uncopied.
+        get = getattr(self.store, "get_buffer", self.store.get)
+        data = get(info.digest)
         if data is None:
             raise StorageError(f"piece {info.num} vanished from the store")
-        if hasher is not None:
-            hasher.update(data)
-            if check:
-                algo, want = self.expected
-                got = hasher.hexdigest()
-                if got != want:
-                    raise IntegrityError(f"digest mismatch: {algo} of the content is {got}, expected {want}")
         return data
+
+    def _check(self, data: Any, hasher: Any, last: bool) -> None:
+        hasher.update(data)
+        if last:
+            algo, want = self.expected
+            got = hasher.hexdigest()
+            if got != want:
+                raise IntegrityError(f"digest mismatch: {algo} of the content is {got}, expected {want}")

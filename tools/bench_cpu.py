@@ -4,12 +4,14 @@ the receiving daemon, and how far the client had got at points of the transfer.
     python tools/bench_cpu.py 1024 fetch      # dfzmq fetch of a 1 GiB file another peer holds
     python tools/bench_cpu.py 1024 proxy      # curl -x through the receiving daemon's proxy
     EXTRA=DFZMQ_WINDOW_BYTES=8388608 python tools/bench_cpu.py 512 fetch   # receiver settings
+    PERF=/tmp/peer2.data python tools/bench_cpu.py 1024 proxy  # perf record of the receiving daemon
 
 CPU seconds (from /proc/PID/stat and /proc/PID/task/TID/stat) are what to compare between
 versions on a shared machine: wall time there swings 2x with other jobs. "client had 10/50/90%"
 is when the client's output reached that share of the file, as a fraction of the wall time
-(with streaming that overlaps the download, 50% comes near the middle). A figure printer, never
-an assertion.
+(with streaming that overlaps the download, 50% comes near the middle). "page cache grew" is
+the whole machine's (other jobs included); storage bytes per process come from /proc/PID/io
+(page-cache hits are not reads). A figure printer, never an assertion.
 """
 
 from __future__ import annotations
@@ -50,6 +52,38 @@ def threads(pid: int) -> dict[str, tuple[str, float, float]]:
     return out
 
 
+def meminfo_kib(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def io_mib(pid: int) -> tuple[float, float]:
+    """MiB this process made the kernel read from and write to storage (/proc/PID/io
+    read_bytes, write_bytes: page-cache hits are not counted, writes count when dirtied)."""
+    got = {}
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                got[k] = int(v)
+    except OSError:
+        return 0.0, 0.0
+    return got.get("read_bytes", 0) / MiB, got.get("write_bytes", 0) / MiB
+
+
+def resident_mib(root: Path) -> float:
+    """MiB of the files under `root` that sit in the page cache (util-linux fincore)."""
+    paths = [str(p) for p in root.rglob("*") if p.is_file()]
+    total = 0
+    for i in range(0, len(paths), 500):
+        r = subprocess.run(["fincore", "-b", "-n", "-o", "RES", *paths[i:i + 500]], capture_output=True, text=True)
+        total += sum(int(x) for x in r.stdout.split() if x.isdigit())
+    return total / MiB
+
+
 def main() -> int:
     size = int(sys.argv[1]) * MiB if len(sys.argv) > 1 else 1024 * MiB
     mode = sys.argv[2] if len(sys.argv) > 2 else "fetch"
@@ -81,6 +115,13 @@ def main() -> int:
             before = {n: cpu(p) for n, p in pids.items()}
             threads_before = threads(pids["peer2"])
             out = root / "o.out"
+            perf = None
+            if os.environ.get("PERF"):  # PERF=out.data: perf record of the receiving daemon
+                perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-g", "-o", os.environ["PERF"],
+                                         "-p", str(pids["peer2"])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(0.5)
+            cached0 = meminfo_kib("Cached")
+            io0 = {n: io_mib(p) for n, p in pids.items()}
             t0 = time.monotonic()
             kids0 = os.times()
             if mode == "fetch":
@@ -99,6 +140,9 @@ def main() -> int:
                         marks[q] = time.monotonic() - t0
                 time.sleep(0.02)
             wall = time.monotonic() - t0
+            if perf is not None:
+                perf.send_signal(2)
+                perf.wait()
             kids1 = os.times()
             after = {n: cpu(p) for n, p in pids.items()}
             threads_after = threads(pids["peer2"])
@@ -106,11 +150,19 @@ def main() -> int:
             if mode == "proxy":
                 line += "; client had 10/50/90% at " + " ".join(
                     f"{marks.get(q, wall) / wall:.2f}" for q in (0.1, 0.5, 0.9)) + " of the wall time"
+            io1 = {n: io_mib(p) for n, p in pids.items()}
             print(line)
+            with open(f"/proc/{pids['peer2']}/status") as f:
+                mem = {k: int(v.split()[0]) // 1024 for k, _, v in (ln.partition(":") for ln in f)
+                       if k in ("VmHWM", "RssAnon")}
+            print(f"  receiving daemon: peak RSS {mem.get('VmHWM', 0)} MiB, anonymous now {mem.get('RssAnon', 0)} MiB")
+            print(f"  page cache grew {(meminfo_kib('Cached') - cached0) / 1024:.0f} MiB (whole machine); the "
+                  f"receiving daemon's store holds {resident_mib(c.root / 'peer2'):.0f} MiB of it")
             for n in pids:
                 u, s = after[n][0] - before[n][0], after[n][1] - before[n][1]
+                r, w = io1[n][0] - io0[n][0], io1[n][1] - io0[n][1]
                 if u + s > 0.05:
-                    print(f"  {n:10s} user {u:.2f} sys {s:.2f}")
+                    print(f"  {n:10s} user {u:.2f} sys {s:.2f}   storage read {r:.0f} MiB, written {w:.0f} MiB")
             print(f"  {'client':10s} user {kids1.children_user - kids0.children_user:.2f} "
                   f"sys {kids1.children_system - kids0.children_system:.2f}")
             for tid, (name, u, s) in threads_after.items():

@@ -1,0 +1,83 @@
+"""The piece store's check at open: piece files and LMDB's markers agree again after a crash.
+
+A piece file is written before the transaction that references it and deleted after the one
+that drops its last reference (nodes/store.py), so a crash can leave two kinds of disagreement:
+a file nothing references (the write happened, the commit did not; or the commit happened, the
+unlink did not), deleted here; and, after power loss or a hand deleting files, a marker whose file
+is missing: the marker, its refs record and every manifest entry pointing at it are dropped and
+the usage counter lowered, so those tasks hold fewer pieces and resume, rather than being
+complete with holes. Task metadata (piece_count, complete manifest) is left as it is.
+
+It runs inside `PieceStore.__init__`, before any other user of the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lmdb
+import msgpack
+
+from dfzmq.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+
+def sweep_piece_files(store: Any) -> None:
+    """At open: delete piece files no marker points at (and temporary files of interrupted
+    writes); drop markers whose file is missing, with every manifest entry referencing
+    them, so their tasks are partial (and resume) rather than complete with holes.
+    O(pieces) once per open: a directory listing and a pass over the `pieces` keys (the
+    values of inline pieces, on overflow pages, are not read)."""
+    from nodes.store import _MARKER_LEN  # the store imports this module
+
+    listed: dict[bytes, Any] = {}
+    for path, key in store.files.scan():
+        if key is not None:
+            listed[key] = path
+        elif path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+        else:
+            log.warning("piece store: ignoring a stray file %s", path)
+    missing: dict[bytes, int] = {}
+    with store.env.begin(buffers=True) as txn:
+        for key, value in txn.cursor(db=store.pieces):
+            if len(value) != _MARKER_LEN:
+                continue
+            key = bytes(key)
+            length = store._file_length(txn, key, value)
+            if length is not None and listed.pop(key, None) is None:
+                missing[key] = length
+    for key, path in listed.items():
+        path.unlink(missing_ok=True)
+    if listed:
+        log.info("piece store: deleted %d piece files nothing referenced", len(listed))
+    if missing:
+        _drop_missing(store, missing)
+
+
+def _drop_missing(store: Any, missing: dict[bytes, int]) -> None:
+    from nodes.store import _REF
+
+    digests = {k.hex() for k in missing}
+    dropped = 0
+    try:
+        with store.env.begin(write=True, buffers=True) as txn:
+            gone = [bytes(k) for k, v in txn.cursor(db=store.manifest_db)
+                    if msgpack.unpackb(v)[2] in digests]
+            for k in gone:
+                txn.delete(k, db=store.manifest_db)
+            freed = 0
+            for key in missing:
+                rec = txn.get(key, db=store.refs_db)
+                if rec is not None:
+                    freed += _REF.unpack(rec)[1]
+                    txn.delete(key, db=store.refs_db)
+                txn.delete(key, db=store.pieces)
+            store._add_usage(txn, -freed)
+            dropped = len(gone)
+    except lmdb.Error as e:
+        raise StorageError(f"cannot drop pieces whose files are missing: {e}") from e
+    log.warning("piece store: %d piece files were missing; %d manifest entries dropped (those "
+                "tasks will fetch the pieces again)", len(missing), dropped)
