@@ -33,7 +33,9 @@ streaming proxy client reads each piece back just after it was stored.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import itertools
 import logging
 import mmap
@@ -48,7 +50,31 @@ from dfzmq.errors import StorageError
 log = logging.getLogger(__name__)
 
 ALIGN = 4096  # a multiple of every logical block size in use (512 and 4096)
+BOUNCE_BYTES = 4 << 20  # each thread's aligned buffer for O_DIRECT, used in chunks of this
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def _syncfs(path: Path) -> bool:
+    """syncfs(2) on the filesystem holding `path`; False where it is not available."""
+    fn = getattr(_libc(), "syncfs", None)
+    if fn is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fn(fd) == 0
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def _up(n: int) -> int:
@@ -97,12 +123,13 @@ class PieceFiles:
         with self._unsynced_lock:
             self._unsynced.append(final)
 
-    def _buffer(self, size: int) -> mmap.mmap:
+    def _buffer(self) -> mmap.mmap:
+        """This thread's aligned bounce buffer, BOUNCE_BYTES long whatever the piece length, so
+        that the memory O_DIRECT needs stays bounded per thread (pieces go through it in chunks;
+        reused, so its pages stay warm)."""
         buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < size:
-            if buf is not None:
-                buf.close()
-            buf = self._local.buf = mmap.mmap(-1, _up(size))  # page-aligned
+        if buf is None:
+            buf = self._local.buf = mmap.mmap(-1, BOUNCE_BYTES)  # page-aligned
         return buf
 
     def _write_direct(self, tmp: Path, view: memoryview) -> bool:
@@ -117,17 +144,24 @@ class PieceFiles:
             self._refused(e)
             return False
         try:
-            padded = _up(n)
-            buf = self._buffer(padded)
-            buf[:n] = view
-            out = memoryview(buf)[:padded]
+            buf = self._buffer()
             done = 0
             try:
-                while done < padded:
-                    w = os.pwrite(fd, out[done:], done)
-                    if w <= 0 or w % ALIGN:
-                        raise OSError(errno.EIO, f"short direct write ({w} bytes)")
-                    done += w
+                while done < n:
+                    chunk = min(BOUNCE_BYTES, n - done)
+                    buf[:chunk] = view[done:done + chunk]
+                    padded = _up(chunk)  # only the last chunk is not a multiple of ALIGN
+                    out = memoryview(buf)[:padded]
+                    try:
+                        wrote = 0
+                        while wrote < padded:
+                            w = os.pwrite(fd, out[wrote:], done + wrote)
+                            if w <= 0 or w % ALIGN:
+                                raise OSError(errno.EIO, f"short direct write ({w} bytes)")
+                            wrote += w
+                    finally:
+                        out.release()
+                    done += chunk
             except OSError as e:
                 if e.errno not in _REFUSED or done:
                     raise
@@ -136,9 +170,7 @@ class PieceFiles:
                 tmp.unlink(missing_ok=True)
                 self._refused(e)
                 return False
-            finally:
-                out.release()
-            if padded != n:
+            if n % ALIGN:
                 os.ftruncate(fd, n)
             self.direct_bytes += n
             return True
@@ -182,25 +214,36 @@ class PieceFiles:
             if not direct:
                 data = os.pread(fd, length + 1, 0)
                 return data if len(data) == length else None
-            padded = _up(length) + ALIGN  # one block more: a longer file shows as too long
-            buf = self._buffer(padded)
-            view = memoryview(buf)[:padded]
-            try:
-                got = 0
-                while got < padded:
-                    n = os.preadv(fd, [view[got:]], got)
-                    if n <= 0:
-                        break
-                    got += n
-                    if got % ALIGN:  # the end of the file, inside a block
-                        break
-            finally:
-                view.release()
-            return buf[:length] if got == length else None
+            return self._read_direct(fd, length)
         except OSError as e:
             raise StorageError(f"cannot read piece file {path}: {e.strerror}") from e
         finally:
             os.close(fd)
+
+    def _read_direct(self, fd: int, length: int) -> bytes | None:
+        """Read `length` bytes through the bounce buffer in aligned chunks; None if the file is
+        shorter or longer (one block past the end is asked for: a longer file shows)."""
+        buf = self._buffer()
+        chunks = []
+        got = 0
+        while True:
+            want = min(BOUNCE_BYTES, _up(length - got) + ALIGN)
+            view = memoryview(buf)[:want]
+            try:
+                n = os.preadv(fd, [view], got)
+            finally:
+                view.release()
+            if got + n > length:
+                return None  # the file is longer than the piece
+            if n <= 0:
+                break  # the end of the file
+            chunks.append(buf[:n])
+            got += n
+            if n < want:
+                break  # the end of the file
+        if got != length:
+            return None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # b"" for no chunks
 
     # -- deleting, listing, syncing --------------------------------------------------------
 
@@ -212,9 +255,9 @@ class PieceFiles:
         except OSError as e:
             log.warning("cannot delete piece file %s: %s", self.path(key), e.strerror)
 
-    def scan(self) -> Iterator[tuple[Path, bytes | None]]:
-        """Every file under the directory: (path, digest) for a piece file, (path, None) for
-        anything else (temporary files of an interrupted write, strays)."""
+    def scan(self) -> Iterator[tuple[Path, bytes | None, int]]:
+        """Every file under the directory: (path, digest, size) for a piece file, (path, None,
+        size) for anything else (temporary files of an interrupted write, strays)."""
         if not self.root.is_dir():
             return
         for sub in os.scandir(self.root):
@@ -228,12 +271,21 @@ class PieceFiles:
                         key = bytes.fromhex(name)
                     except ValueError:
                         pass
-                yield Path(entry.path), key
+                try:
+                    size = entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    size = -1
+                yield Path(entry.path), key, size
 
     def sync(self) -> None:
-        """fdatasync the files written since the last call, then their directories."""
+        """Make the files written since the last call durable: one syncfs(2) of the store's
+        filesystem (their data went with O_DIRECT; what is left is metadata: sizes, renames),
+        else fdatasync of each file and then of their directories (a 100 GiB task of 16 MiB
+        pieces is 6,400 files, ~5 ms each on a busy disk)."""
         with self._unsynced_lock:
             paths, self._unsynced = self._unsynced, []
+        if not paths or _syncfs(self.root):
+            return
         dirs = set()
         for path in paths:
             try:

@@ -46,6 +46,7 @@ It must never be opened before a fork, and never hold a transaction across an aw
 from __future__ import annotations
 
 import errno
+import os
 import logging
 import mmap
 import struct
@@ -212,7 +213,7 @@ class PieceStore:
         as_file = self.piece_files and size >= self.file_threshold
         try:
             with self._files_lock:
-                wrote = as_file and not self._held(key)
+                wrote = as_file and self._needs_file(key)
                 if wrote:
                     self.files.write(key, data)
                 try:
@@ -221,14 +222,11 @@ class PieceStore:
                             delta = self._ref(txn, key, data, as_file)
                             if delta:
                                 self._add_usage(txn, delta)
-                        referenced = txn.get(key, db=self.refs_db) is not None
                 except BaseException:
                     self._doomed.clear()
                     if wrote:
                         self.files.unlink(key)
                     raise
-                if wrote and not referenced:  # not stored after all (cannot happen today)
-                    self.files.unlink(key)
                 self._unlink_doomed()
                 if as_file:
                     self.cache.add(key, bytes(data) if _mutable(data) else data)
@@ -255,9 +253,21 @@ class PieceStore:
             self._unlink_doomed()
         return True
 
-    def _held(self, key: bytes) -> bool:
+    def _needs_file(self, key: bytes) -> bool:
+        """True when piece `key` must be written as a file: it is not held, or it is held as a
+        file that is missing or of the wrong length (damaged on disk), so that receiving the
+        piece again repairs it. One stat, only when the piece is held already (a dedup hit)."""
         with self.env.begin(buffers=True) as txn:
-            return txn.get(key, db=self.refs_db) is not None or txn.cursor(db=self.pieces).set_key(key)
+            value = txn.get(key, db=self.pieces)
+            if value is None:
+                return txn.get(key, db=self.refs_db) is None
+            length = self._file_length(txn, key, value)
+        if length is None:
+            return False  # held inline, in LMDB
+        try:
+            return os.stat(self.files.path(key)).st_size != length
+        except OSError:
+            return True
 
     def _unlink_doomed(self) -> None:
         """After a commit: delete the files of pieces whose last reference it dropped."""

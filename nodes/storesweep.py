@@ -4,7 +4,7 @@ A piece file is written before the transaction that references it and deleted af
 that drops its last reference (nodes/store.py), so a crash can leave two kinds of disagreement:
 a file nothing references (the write happened, the commit did not; or the commit happened, the
 unlink did not), deleted here; and, after power loss or a hand deleting files, a marker whose file
-is missing: the marker, its refs record and every manifest entry pointing at it are dropped and
+is missing or has the wrong length: the marker, its refs record and every manifest entry pointing at it are dropped and
 the usage counter lowered, so those tasks hold fewer pieces and resume, rather than being
 complete with holes. Task metadata (piece_count, complete manifest) is left as it is.
 
@@ -23,6 +23,11 @@ from dfzmq.errors import StorageError
 
 log = logging.getLogger(__name__)
 
+# With at least this many piece files missing, and more than half of all, the store refuses to
+# open rather than drop them: that is an unmounted or moved directory, not a crash (a crash
+# loses only the files written last).
+MISSING_REFUSE_MIN = 16
+
 
 def sweep_piece_files(store: Any) -> None:
     """At open: delete piece files no marker points at (and temporary files of interrupted
@@ -32,27 +37,39 @@ def sweep_piece_files(store: Any) -> None:
     values of inline pieces, on overflow pages, are not read)."""
     from nodes.store import _MARKER_LEN  # the store imports this module
 
-    listed: dict[bytes, Any] = {}
-    for path, key in store.files.scan():
-        if key is not None:
-            listed[key] = path
-        elif path.name.endswith(".tmp"):
-            path.unlink(missing_ok=True)
-        else:
-            log.warning("piece store: ignoring a stray file %s", path)
-    missing: dict[bytes, int] = {}
+    markers: dict[bytes, int] = {}
     with store.env.begin(buffers=True) as txn:
         for key, value in txn.cursor(db=store.pieces):
             if len(value) != _MARKER_LEN:
                 continue
             key = bytes(key)
             length = store._file_length(txn, key, value)
-            if length is not None and listed.pop(key, None) is None:
-                missing[key] = length
-    for key, path in listed.items():
+            if length is not None:
+                markers[key] = length
+    listed: dict[bytes, tuple[Any, int]] = {}
+    for path, key, size in store.files.scan():
+        if key is not None:
+            listed[key] = (path, size)
+        elif path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+        else:
+            log.warning("piece store: ignoring a stray file %s", path)
+    missing: dict[bytes, int] = {}
+    for key, length in markers.items():
+        found = listed.get(key)
+        if found is None or found[1] != length:  # gone, or cut short / grown: damaged
+            missing[key] = length
+        else:
+            del listed[key]
+    if len(missing) >= MISSING_REFUSE_MIN and len(missing) > len(markers) // 2:
+        raise StorageError(
+            f"{len(missing)} of the {len(markers)} piece files the store references are missing "
+            f"or damaged in {store.files.root}: is that directory's filesystem mounted? (remove "
+            f"the store directory to start empty)")
+    for path, _ in listed.values():
         path.unlink(missing_ok=True)
     if listed:
-        log.info("piece store: deleted %d piece files nothing referenced", len(listed))
+        log.info("piece store: deleted %d piece files nothing referenced or damaged", len(listed))
     if missing:
         _drop_missing(store, missing)
 

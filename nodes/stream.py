@@ -6,7 +6,8 @@ the event loop. `StreamSink.body(start, end)` is the asyncio side: it yields the
 [start, end) in order, reading each covering piece back from the piece store (where the run
 put it before telling any sink; a piece just stored comes from the store's memory of recent
 pieces, uncopied) as soon as it is there, so a client gets bytes while the
-task is still downloading, and a slow client never makes the daemon hold pieces in memory.
+task is still downloading. What a stream holds in memory is bounded: the piece being sent and
+the reads of the next READ_AHEAD_BYTES (8 MiB) ahead of it, however slow the client.
 
 With an expected digest (a registry blob's `sha256:...`), the body is hashed in order and the
 last piece is held back until the whole body matched: a client never receives the final byte

@@ -335,3 +335,71 @@ def test_settings_out_of_range_are_config_errors(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "piece_file_threshold must be at least 4096" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_truncated_file_is_dropped_at_open_and_a_put_of_the_piece_repairs_it(tmp_path):
+    root = tmp_path / "s"
+    blobs = [random.Random(40 + n).randbytes(TH + 100 * n) for n in range(3)]
+    s = open_store(root, cache_bytes=0)
+    s.put_task(T1, {"url": "u", "complete": True, "piece_count": 3})
+    for n, b in enumerate(blobs):
+        s.put(T1, piece(n, b), b)
+    s.close()
+    short = s.files.path(bytes.fromhex(piece(1, blobs[1]).digest))
+    os.truncate(short, 0)  # power loss: the name is there, the length is not
+    s = open_store(root, cache_bytes=0)
+    try:
+        assert sorted(s.manifest(T1)) == [0, 2]  # resumable, not complete with a hole
+        assert not short.exists()
+        assert s.usage_bytes() == len(blobs[0]) + len(blobs[2])
+        # Damaged while the store is open: receiving the piece again (here, under another
+        # task) rewrites the file instead of trusting the marker.
+        other = s.files.path(bytes.fromhex(piece(2, blobs[2]).digest))
+        os.truncate(other, 10)
+        assert s.get(piece(2, blobs[2]).digest) is None
+        s.put(T2, piece(0, blobs[2], offset=0), blobs[2])
+        assert s.get(piece(2, blobs[2]).digest) == blobs[2]
+        other.unlink()
+        s.put(T2, piece(0, blobs[2], offset=0), blobs[2])
+        assert s.get(piece(2, blobs[2]).digest) == blobs[2]
+    finally:
+        s.close()
+
+
+def test_a_missing_pieces_directory_refuses_to_open_instead_of_dropping_everything(tmp_path):
+    root = tmp_path / "s"
+    s = open_store(root)
+    blobs = [random.Random(60 + n).randbytes(TH) for n in range(20)]
+    for n, b in enumerate(blobs):
+        s.put(T1, piece(n, b), b)
+    s.close()
+    (root / "pieces").rename(tmp_path / "elsewhere")  # an unmounted or moved filesystem
+    with pytest.raises(StorageError, match="20 of the 20 piece files .* mounted"):
+        open_store(root)
+    (tmp_path / "elsewhere").rename(root / "pieces")
+    s = open_store(root, cache_bytes=0)
+    try:
+        assert sorted(s.manifest(T1)) == list(range(20))  # nothing was dropped
+        assert all(s.get(piece(n, b).digest) == b for n, b in enumerate(blobs))
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("size", [(4 << 20) - 1, 4 << 20, (4 << 20) + 1, (9 << 20) + 4097])
+def test_pieces_longer_than_the_bounce_buffer(tmp_path, size):
+    from nodes import piecefiles
+
+    s = open_store(tmp_path / "s", cache_bytes=0)
+    try:
+        data = random.Random(size).randbytes(size)
+        info = piece(0, data)
+        s.put(T1, info, data)
+        path = s.files.path(bytes.fromhex(info.digest))
+        assert path.stat().st_size == size
+        assert s.get(info.digest) == data
+        assert len(s.files._local.buf) == piecefiles.BOUNCE_BYTES  # bounded, whatever the piece
+        with open(path, "ab") as f:
+            f.write(b"x")  # one byte too long
+        assert s.get(info.digest) is None
+    finally:
+        s.close()
