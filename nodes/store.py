@@ -46,8 +46,8 @@ It must never be opened before a fork, and never hold a transaction across an aw
 from __future__ import annotations
 
 import errno
-import os
 import logging
+import os
 import mmap
 import struct
 import threading
@@ -61,7 +61,7 @@ import msgpack
 from dfzmq.errors import ConfigError, StorageError
 from dfzmq.wire import PieceInfo
 from nodes.piecefiles import PieceCache, PieceFiles
-from nodes.storesweep import sweep_piece_files
+from nodes.storesweep import migrate_refs, sweep_piece_files
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class PieceStore:
         # Serialises what creates or deletes piece files with the transactions that reference
         # them: a file is never deleted between another writer's rename and its commit.
         self._files_lock = threading.RLock()
+        self._unlinked = 0  # bumped whenever piece files are deleted (see get)
         self._doomed: list[bytes] = []  # files to delete once the current transaction commits
         try:
             self.env = lmdb.open(
@@ -141,7 +142,7 @@ class PieceStore:
         self.manifest_db = self.env.open_db(b"manifest")
         self.tasks_db = self.env.open_db(b"tasks")
         self.refs_db = self.env.open_db(b"refs")
-        self._migrate()
+        migrate_refs(self)
         sweep_piece_files(self)
 
     def close(self) -> None:
@@ -165,6 +166,7 @@ class PieceStore:
         data = self.cache.get(key)
         if data is not None:
             return data
+        unlinked = self._unlinked
         with self.env.begin(db=self.pieces, buffers=True) as txn:
             buf = txn.get(key)
             if buf is None:
@@ -180,7 +182,8 @@ class PieceStore:
         if data is None:
             log.warning("piece %s: its file is missing or damaged", digest[:12])
             return None
-        self.cache.add(key, data)
+        if self._unlinked == unlinked:  # else it may have been deleted since: not cached again
+            self.cache.add(key, data)
         return data
 
     def get_cached(self, digest: str) -> Any:
@@ -272,6 +275,8 @@ class PieceStore:
     def _unlink_doomed(self) -> None:
         """After a commit: delete the files of pieces whose last reference it dropped."""
         doomed, self._doomed = self._doomed, []
+        if doomed:
+            self._unlinked += 1
         for key in doomed:
             self.cache.drop(key)
             self.files.unlink(key)
@@ -339,36 +344,6 @@ class PieceStore:
         usage = _U64.unpack(raw)[0] if raw is not None else 0
         txn.put(_USAGE_KEY, _U64.pack(max(0, usage + delta)), db=self.refs_db)
 
-    def _migrate(self) -> None:
-        """Count references and usage of a store written before `refs` existed (once, at open;
-        it reads every manifest entry and every piece's length, so it is O(pieces) one time).
-        Pieces that no manifest entry references are deleted: nothing could ever free them."""
-        with self.env.begin(db=self.refs_db) as txn:
-            if txn.get(_SCHEMA_KEY) == _SCHEMA:
-                return
-        try:
-            with self.env.begin(write=True, buffers=True) as txn:
-                txn.drop(self.refs_db, delete=False)
-                counts: dict[bytes, int] = {}
-                for _, value in txn.cursor(db=self.manifest_db):
-                    d = bytes.fromhex(msgpack.unpackb(bytes(value))[2])
-                    counts[d] = counts.get(d, 0) + 1
-                usage = 0
-                orphans = []
-                for key, value in txn.cursor(db=self.pieces):
-                    key = bytes(key)
-                    count = counts.get(key)
-                    if count is None:
-                        orphans.append(key)
-                        continue
-                    usage += len(value)
-                    txn.put(key, _REF.pack(count, len(value)), db=self.refs_db)
-                for key in orphans:
-                    txn.delete(key, db=self.pieces)
-                txn.put(_USAGE_KEY, _U64.pack(usage), db=self.refs_db)
-                txn.put(_SCHEMA_KEY, _SCHEMA, db=self.refs_db)
-        except lmdb.Error as e:
-            raise StorageError(f"cannot count the piece store's references: {e}") from e
 
     # -- garbage collection support (called in the daemon's writer thread) ------------------
 

@@ -1,4 +1,6 @@
-"""The piece store's check at open: piece files and LMDB's markers agree again after a crash.
+"""The piece store's checks at open: references counted in a store older than them
+(`migrate_refs`), and piece files and LMDB's markers agreeing again after a crash
+(`sweep_piece_files`).
 
 A piece file is written before the transaction that references it and deleted after the one
 that drops its last reference (nodes/store.py), so a crash can leave two kinds of disagreement:
@@ -8,7 +10,7 @@ is missing or has the wrong length: the marker, its refs record and every manife
 the usage counter lowered, so those tasks hold fewer pieces and resume, rather than being
 complete with holes. Task metadata (piece_count, complete manifest) is left as it is.
 
-It runs inside `PieceStore.__init__`, before any other user of the store.
+Both run inside `PieceStore.__init__`, before any other user of the store.
 """
 
 from __future__ import annotations
@@ -98,3 +100,37 @@ def _drop_missing(store: Any, missing: dict[bytes, int]) -> None:
         raise StorageError(f"cannot drop pieces whose files are missing: {e}") from e
     log.warning("piece store: %d piece files were missing; %d manifest entries dropped (those "
                 "tasks will fetch the pieces again)", len(missing), dropped)
+
+
+def migrate_refs(store: Any) -> None:
+    """Count references and usage of a store written before `refs` existed (once, at open;
+    it reads every manifest entry and every piece's length, so it is O(pieces) one time).
+    Pieces that no manifest entry references are deleted: nothing could ever free them."""
+    from nodes.store import _REF, _SCHEMA, _SCHEMA_KEY, _U64, _USAGE_KEY  # the store imports us
+
+    with store.env.begin(db=store.refs_db) as txn:
+        if txn.get(_SCHEMA_KEY) == _SCHEMA:
+            return
+    try:
+        with store.env.begin(write=True, buffers=True) as txn:
+            txn.drop(store.refs_db, delete=False)
+            counts: dict[bytes, int] = {}
+            for _, value in txn.cursor(db=store.manifest_db):
+                d = bytes.fromhex(msgpack.unpackb(bytes(value))[2])
+                counts[d] = counts.get(d, 0) + 1
+            usage = 0
+            orphans = []
+            for key, value in txn.cursor(db=store.pieces):
+                key = bytes(key)
+                count = counts.get(key)
+                if count is None:
+                    orphans.append(key)
+                    continue
+                usage += len(value)
+                txn.put(key, _REF.pack(count, len(value)), db=store.refs_db)
+            for key in orphans:
+                txn.delete(key, db=store.pieces)
+            txn.put(_USAGE_KEY, _U64.pack(usage), db=store.refs_db)
+            txn.put(_SCHEMA_KEY, _SCHEMA, db=store.refs_db)
+    except lmdb.Error as e:
+        raise StorageError(f"cannot count the piece store's references: {e}") from e

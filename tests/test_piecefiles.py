@@ -403,3 +403,25 @@ def test_pieces_longer_than_the_bounce_buffer(tmp_path, size):
         assert s.get(info.digest) is None
     finally:
         s.close()
+
+
+def test_a_piece_deleted_while_a_reader_reads_its_file_is_not_cached_again(tmp_path):
+    s = open_store(tmp_path / "s", cache_bytes=1 << 20)
+    try:
+        data = random.Random(70).randbytes(TH)
+        info = piece(0, data)
+        s.put(T1, info, data)
+        s.cache.drop(bytes.fromhex(info.digest))
+        read = s.files.read
+
+        def read_then_task_deleted(key, length):
+            got = read(key, length)
+            s.delete_task(T1)  # the writer thread, between the reader's lookup and its cache.add
+            return got
+
+        s.files.read = read_then_task_deleted
+        assert s.get(info.digest) == data  # the bytes it read are right (named by digest)
+        s.files.read = read
+        assert not s.has(info.digest) and s.get(info.digest) is None  # but nothing serves them now
+    finally:
+        s.close()
