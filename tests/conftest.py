@@ -55,6 +55,37 @@ def outdir(tmp_path) -> Path:
     return d
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 1 MiB tmpfs (a disk that fills up), mounted for the test and unmounted after;
+    skips where it cannot be mounted (needs root)."""
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+@pytest.fixture
+def o_direct_refused(monkeypatch):
+    """os.open refuses O_DIRECT with EINVAL, as tmpfs before Linux 6.6 and some FUSE and
+    network filesystems do."""
+    real = os.open
+
+    def refuse(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", refuse)
+
+
 def pytest_report_header(config):
     return f"dfzmq tests, pid {os.getpid()}"
 

@@ -158,16 +158,7 @@ def test_verified_pieces_still_need_full_coverage(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_refused_at_open_falls_back(tmp_path, monkeypatch):
-    """tmpfs before Linux 6.6 (and other filesystems) refuse O_DIRECT at open: EINVAL."""
-    real = os.open
-
-    def refuse(path, flags, *a):
-        if flags & os.O_DIRECT:
-            raise OSError(22, "Invalid argument")
-        return real(path, flags, *a)
-
-    monkeypatch.setattr(os, "open", refuse)
+def test_refused_at_open_falls_back(tmp_path, o_direct_refused):
     data = random.Random(13).randbytes(2 * 65536 + 5)
     sink = sink_roundtrip(tmp_path, data, [65536], shuffle=1)
     assert not sink.out.direct and sink.out.direct_bytes == 0 and sink.out.buffered_bytes == len(data)

@@ -188,30 +188,21 @@ def test_seed_down_mid_download_peers_finish(tmp_path, origin, www, outdir):
 # -- task level ---------------------------------------------------------------------------------
 
 
-def test_disk_full_fails_that_task_alone(tmp_path, origin, www, outdir):
-    import subprocess
-
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        big = make_file(www / "toobig.bin", 3 * 1024 * 1024, seed=36)
-        fine = make_file(www / "fine.bin", 3 * 1024 * 1024, seed=37)
-        with LocalCluster(tmp_path / "c", peers=1) as c:
-            t1, r1 = _fetch_in_thread(c, "peer1", origin.url("toobig.bin"), small / "x.bin")
-            t2, r2 = _fetch_in_thread(c, "peer1", origin.url("fine.bin"), outdir / "fine.bin")
-            t1.join(60)
-            t2.join(60)
-            assert "error" in r1 and "disk full" in str(r1["error"]), r1
-            assert list(small.iterdir()) == []  # no partial file, no temp file
-            assert "stats" in r2 and (outdir / "fine.bin").read_bytes() == fine
-            # the daemon still holds the pieces of the failed output: another path works
-            r = c.fetch("peer1", origin.url("toobig.bin"), outdir / "big.bin")
-            assert r.returncode == 0 and (outdir / "big.bin").read_bytes() == big
-    finally:
-        subprocess.run(["umount", str(small)])
+def test_disk_full_fails_that_task_alone(tmp_path, origin, www, outdir, small_tmpfs):
+    small = small_tmpfs
+    big = make_file(www / "toobig.bin", 3 * 1024 * 1024, seed=36)
+    fine = make_file(www / "fine.bin", 3 * 1024 * 1024, seed=37)
+    with LocalCluster(tmp_path / "c", peers=1) as c:
+        t1, r1 = _fetch_in_thread(c, "peer1", origin.url("toobig.bin"), small / "x.bin")
+        t2, r2 = _fetch_in_thread(c, "peer1", origin.url("fine.bin"), outdir / "fine.bin")
+        t1.join(60)
+        t2.join(60)
+        assert "error" in r1 and "disk full" in str(r1["error"]), r1
+        assert list(small.iterdir()) == []  # no partial file, no temp file
+        assert "stats" in r2 and (outdir / "fine.bin").read_bytes() == fine
+        # the daemon still holds the pieces of the failed output: another path works
+        r = c.fetch("peer1", origin.url("toobig.bin"), outdir / "big.bin")
+        assert r.returncode == 0 and (outdir / "big.bin").read_bytes() == big
 
 
 def test_origin_that_stops_sending_times_out_cleanly(tmp_path, origin, www, outdir):

@@ -222,16 +222,7 @@ def test_a_crash_between_file_and_commit_leaves_no_orphan(tmp_path):
         s.close()
 
 
-def test_o_direct_refused_falls_back_to_plain_files(tmp_path, monkeypatch):
-    """tmpfs before Linux 6.6, some FUSE and network filesystems refuse O_DIRECT at open."""
-    real = os.open
-
-    def refuse(path, flags, *a):
-        if flags & os.O_DIRECT:
-            raise OSError(22, "Invalid argument")
-        return real(path, flags, *a)
-
-    monkeypatch.setattr(os, "open", refuse)
+def test_o_direct_refused_falls_back_to_plain_files(tmp_path, o_direct_refused):
     s = open_store(tmp_path / "s", cache_bytes=0)
     try:
         data = random.Random(7).randbytes(2 * TH + 3)
@@ -256,26 +247,19 @@ def test_store_on_tmpfs(tmp_path):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_disk_full_is_a_one_line_storage_error_and_leaves_no_temp(tmp_path):
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        s = PieceStore(tmp_path / "lmdb-elsewhere", map_size=64 << 20, file_threshold=TH)
-        s.files.root = small / "pieces"  # the LMDB file elsewhere, the piece files on the full disk
-        ok = random.Random(9).randbytes(TH)
-        s.put(T1, piece(0, ok), ok)
-        big = random.Random(10).randbytes(2 << 20)
-        with pytest.raises(StorageError, match="disk full") as e:
-            s.put(T1, piece(1, big), big)
-        assert "\n" not in str(e.value)
-        assert [p.name for p in (small / "pieces").rglob("*") if p.is_file()] == [piece(0, ok).digest]
-        assert sorted(s.manifest(T1)) == [0] and s.usage_bytes() == TH and s.get(piece(0, ok).digest) == ok
-        s.close()
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
+def test_disk_full_is_a_one_line_storage_error_and_leaves_no_temp(tmp_path, small_tmpfs):
+    small = small_tmpfs
+    s = PieceStore(tmp_path / "lmdb-elsewhere", map_size=64 << 20, file_threshold=TH)
+    s.files.root = small / "pieces"  # the LMDB file elsewhere, the piece files on the full disk
+    ok = random.Random(9).randbytes(TH)
+    s.put(T1, piece(0, ok), ok)
+    big = random.Random(10).randbytes(2 << 20)
+    with pytest.raises(StorageError, match="disk full") as e:
+        s.put(T1, piece(1, big), big)
+    assert "\n" not in str(e.value)
+    assert [p.name for p in (small / "pieces").rglob("*") if p.is_file()] == [piece(0, ok).digest]
+    assert sorted(s.manifest(T1)) == [0] and s.usage_bytes() == TH and s.get(piece(0, ok).digest) == ok
+    s.close()
 
 
 # -- end to end: a real cluster whose daemons keep pieces of 64 KiB and more in files ----------
