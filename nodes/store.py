@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 _NUM = struct.Struct(">I")
 _REF = struct.Struct(">IQ")  # reference count, piece length
 _U64 = struct.Struct(">Q")
+DISK = object()  # get_ready: the piece is held in a file that must be read
 _USAGE_KEY = b"!usage"
 _SCHEMA_KEY = b"!schema"
 _SCHEMA = b"1"
@@ -161,19 +162,13 @@ class PieceStore:
             return txn.get(bytes.fromhex(digest)) is not None
 
     def get(self, digest: str) -> bytes | None:
-        """The piece's bytes (never a buffer into the store), or None."""
+        """The piece's bytes (never a buffer into the store), or None. Reads its file if it is
+        held in one and not in memory: from the loop thread, use `get_ready` first."""
         key = bytes.fromhex(digest)
-        data = self.cache.get(key)
-        if data is not None:
-            return data
         unlinked = self._unlinked
-        with self.env.begin(db=self.pieces, buffers=True) as txn:
-            buf = txn.get(key)
-            if buf is None:
-                return None
-            length = self._file_length(txn, key, buf)
-            if length is None:
-                return bytes(buf)
+        data, length = self._lookup(key)
+        if data is not DISK:
+            return data
         try:
             data = self.files.read(key, length)
         except StorageError as e:  # an I/O error: this piece is unavailable, as if missing
@@ -185,6 +180,25 @@ class PieceStore:
         if self._unlinked == unlinked:  # else it may have been deleted since: not cached again
             self.cache.add(key, data)
         return data
+
+    def get_ready(self, digest: str) -> Any:
+        """The piece's bytes if they come without waiting for the disk (the memory of recent
+        pieces, or LMDB), None if it is not held, or `DISK` when its file must be read: then
+        call `get` in a thread. Never blocks on I/O, so the loop thread may call it."""
+        return self._lookup(bytes.fromhex(digest))[0]
+
+    def _lookup(self, key: bytes) -> tuple[Any, int]:
+        data = self.cache.get(key)
+        if data is not None:
+            return data, 0
+        with self.env.begin(db=self.pieces, buffers=True) as txn:
+            buf = txn.get(key)
+            if buf is None:
+                return None, 0
+            length = self._file_length(txn, key, buf)
+            if length is None:
+                return bytes(buf), 0
+        return DISK, length
 
     def get_cached(self, digest: str) -> Any:
         """A recently stored or read piece from memory (no copy, never blocks), or None."""

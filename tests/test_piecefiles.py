@@ -409,3 +409,15 @@ def test_a_piece_deleted_while_a_reader_reads_its_file_is_not_cached_again(tmp_p
         assert not s.has(info.digest) and s.get(info.digest) is None  # but nothing serves them now
     finally:
         s.close()
+
+
+def test_get_ready_never_reads_a_file(store):
+    from nodes.store import DISK
+
+    small, big = random.Random(80).randbytes(TH - 1), random.Random(81).randbytes(TH)
+    store.put(T1, piece(0, small), small)
+    store.put(T1, piece(1, big, offset=TH - 1), big)
+    assert store.get_ready(piece(0, small).digest) == small  # inline in LMDB
+    assert store.get_ready(piece(1, big).digest) is DISK  # a file, and the cache is off here
+    assert store.get_ready("ab" * 32) is None
+    assert store.get(piece(1, big).digest) == big
