@@ -144,6 +144,16 @@ class Picker:
                 st.have.add(n)
                 self.counts[n] = self.counts.get(n, 0) + 1
 
+    def have_is_news(self, pid: str, nums: list[int]) -> bool:
+        """Could a HAVE of `nums` from `pid` lead to a request now? Only if `pid` has room in its
+        window and holds a piece we still want: a parent with a full window is asked again when
+        one of its pieces arrives. Lets the caller skip a pick per HAVE (a daemon gets one HAVE
+        per piece per parent; picking after each one was a sixth of a daemon's loop time)."""
+        st = self.parents.get(pid)
+        if st is None or self._budget(st) <= 0:
+            return False
+        return any(n not in self.have and n not in self.requested for n in nums)
+
     def on_piece(self, pid: str, num: int, now: float | None = None) -> None:
         """A piece from `pid` verified and stored (or the peer got it some other way)."""
         st = self.parents.get(pid)

@@ -28,11 +28,14 @@ from dfzmq import net, wire
 from dfzmq.service import Counters, decode_routed
 from nodes.limits import TokenBucket
 from nodes.store import PieceStore
+from nodes.zdrain import Drain, plain_context
 
 log = logging.getLogger(__name__)
 
 HAVE_BATCH_S = 0.0  # announcements wait for the end of the loop turn, batched per child
 REVEAL_TICK_S = 0.05  # hidden pieces are revealed in batches at most this often
+_IN = {k: "msg.in." + k.decode() for k in wire.REGISTRY}  # counter names, made once
+_OUT = {k: "msg.out." + k.decode() for k in wire.REGISTRY}
 
 
 @dataclass
@@ -50,7 +53,9 @@ class UploadServer:
         self.held = held  # task_id -> {num: PieceInfo} this peer holds
         self.counters = counters
         self.reveal_delay_s = reveal_delay_s
-        self.sock = net.make_socket(ctx, "upload_router", curve)
+        # A plain socket, received from by a Drain (nodes/zdrain.py): no Future per message.
+        self.sock = net.make_socket(plain_context(ctx), "upload_router", curve)
+        self.drain: Drain | None = None
         self.addr = net.advertise(net.bind(self.sock, listen), advertise_host or None)
         self.subs: dict[str, dict[bytes, Subscriber]] = {}
         self.rr: dict[str, int] = {}
@@ -111,8 +116,12 @@ class UploadServer:
         self._send(ident, wire.Have(task_id, nums, complete))
 
     def _send(self, ident: bytes, msg, payload_copy: bool = True) -> None:
+        self.counters[_OUT[msg.KIND]] += 1
         try:
-            self.sock.send_multipart([ident, *wire.encode(msg)], flags=zmq.NOBLOCK, copy=payload_copy)
+            if self.drain is not None:
+                self.drain.send([ident, *wire.encode(msg)], copy=payload_copy)
+            else:
+                self.sock.send_multipart([ident, *wire.encode(msg)], flags=zmq.NOBLOCK, copy=payload_copy)
         except zmq.Again:
             self.counters["upload.dropped-hwm"] += 1
 
@@ -121,29 +130,32 @@ class UploadServer:
     async def run(self) -> None:
         reveal = asyncio.create_task(self._reveal_loop())
         sender = asyncio.create_task(self._send_loop())
+        self.drain = Drain(self.sock, self._on_frames, on_error=self._on_recv_error)
         try:
-            while True:
-                try:
-                    burst = await net.recv_burst(self.sock)
-                except zmq.ZMQError as e:  # never let the server die on a receive error
-                    self.counters["upload.recv-errors"] += 1
-                    log.warning("upload receive failed: %s", e)
-                    await asyncio.sleep(0.1)
-                    continue
-                for frames in burst:
-                    got = decode_routed(frames, self.counters)
-                    if got is None:
-                        continue
-                    try:
-                        self.handle(*got)
-                    except Exception:  # never let one request stop the server
-                        self.counters["upload.errors"] += 1
-                        log.exception("upload request failed")
+            await asyncio.Event().wait()  # requests are handled by the drain's callback
         finally:
+            self.drain.close()
+            self.drain = None
             reveal.cancel()
             sender.cancel()
 
+    def _on_frames(self, frames: list) -> None:
+        got = decode_routed(frames, self.counters)
+        if got is None:
+            return
+        try:
+            self.handle(*got)
+        except Exception:  # never let one request stop the server
+            self.counters["upload.errors"] += 1
+            log.exception("upload request failed")
+
+    def _on_recv_error(self, e: BaseException) -> None:
+        # Never let the server die on a receive error: count it and keep the socket.
+        self.counters["upload.recv-errors"] += 1
+        log.warning("upload receive failed: %s", e)
+
     def handle(self, ident: bytes, msg) -> None:
+        self.counters[_IN[msg.KIND]] += 1
         if not self.last_heard:
             self._wake.set()  # children to expire now
         self.last_heard[ident] = time.monotonic()
@@ -264,4 +276,7 @@ class UploadServer:
                         self._have(task_id, ident, fresh)
 
     def close(self) -> None:
+        if self.drain is not None:
+            self.drain.close()
+            self.drain = None
         self.sock.close(0)
