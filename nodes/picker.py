@@ -106,6 +106,10 @@ class Picker:
         self.requested: dict[int, set[str]] = {}  # num -> parents it is outstanding at
         self.rng = rng or random.Random()
         self._tiebreak: dict[int, float] = {}
+        # num -> how many parents hold it + its tiebreak (in [0, 1)): the rarest-first order as
+        # one float kept up to date as counts change, so a pick sorts with a C-level key (a
+        # Python key function per piece per pick was most of a pick's cost, tools/swarm_cpu.py).
+        self._rank: dict[int, float] = {}
         self._piece_len = 0  # the longest piece in the manifest
         # >= 0 while a client reads the task in order from this byte offset (the proxy streams
         # it): pieces are asked for in order from there, so the client's reads overlap the
@@ -119,6 +123,7 @@ class Picker:
             self.manifest[p.num] = p
             self._piece_len = max(self._piece_len, p.length)
             self._tiebreak.setdefault(p.num, self.rng.random())
+            self._rank[p.num] = self.counts.get(p.num, 0) + self._tiebreak[p.num]
 
     def add_parent(self, pid: str, seed: bool = False) -> None:
         if pid not in self.parents:
@@ -130,7 +135,7 @@ class Picker:
         if st is None:
             return []
         for n in st.have:
-            self.counts[n] = self.counts.get(n, 1) - 1
+            self._count(n, -1)
         for n in st.outstanding:
             self._unrequest(n, pid)
         return list(st.outstanding)
@@ -142,7 +147,13 @@ class Picker:
         for n in nums:
             if n not in st.have:
                 st.have.add(n)
-                self.counts[n] = self.counts.get(n, 0) + 1
+                self._count(n, 1)
+
+    def _count(self, n: int, delta: int) -> None:
+        c = self.counts[n] = self.counts.get(n, 0 if delta > 0 else 1) + delta
+        tb = self._tiebreak.get(n)
+        if tb is not None:
+            self._rank[n] = c + tb
 
     def have_is_news(self, pid: str, nums: list[int]) -> bool:
         """Could a HAVE of `nums` from `pid` lead to a request now? Only if `pid` has room in its
@@ -185,7 +196,7 @@ class Picker:
         self._unbench_if_idle(st)
         if num in st.have:
             st.have.discard(num)
-            self.counts[num] = self.counts.get(num, 1) - 1
+            self._count(num, -1)
 
     def cancel(self, pid: str, num: int) -> None:
         """Forget a request without blame (its duplicate from another parent won)."""
@@ -264,11 +275,11 @@ class Picker:
             return []
         # A stuck request is older news than any new piece: it gets a parent's room first.
         out: list[tuple[str, int]] = self._rescue(now) if self.complete and self.window_target_s > 0 else []
-        wanted = [n for n in self.manifest if n not in self.have and n not in self.requested]
+        wanted = list(self.manifest.keys() - self.have - self.requested.keys())
         if self.stream_offset >= 0:
             wanted.sort(key=self._stream_rank)
         else:
-            wanted.sort(key=lambda n: (self.counts.get(n, 0), self._tiebreak[n]))
+            wanted.sort(key=self._rank.__getitem__)  # rarest first: (count, tiebreak) as one float
         # Non-seed parents first: the seed serves what only it has.
         order = sorted(self.parents.values(), key=lambda s: (s.seed, len(s.outstanding)))
         taken: set[int] = set()

@@ -412,6 +412,7 @@ class TaskRun:
             self._pump_due = True
             asyncio.get_running_loop().call_later(delay, self._pump_now)
             return
+        self.daemon.counters["msg.picks"] += 1  # not a message: picker runs, per piece in swarm_cpu
         for pid, num in self.picker.next_requests(time.monotonic()):
             info = self.manifest[num]
             self.parents[pid].send(wire.PieceRequest(self.task_id, num, info.digest))

@@ -30,6 +30,11 @@ from typing import Any, Callable
 import zmq
 
 log = logging.getLogger(__name__)
+# Plain ints: pyzmq's flag enums cost a few microseconds per operation (py-spy: EnumType.__call__
+# and Flag.__and__ were 6% of a daemon's loop), and these run several times per message.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 def plain_context(ctx: zmq.Context) -> zmq.Context:
@@ -66,9 +71,9 @@ class Drain:
             if self.closed:
                 return
             try:
-                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if not sock.get(_EVENTS) & _POLLIN:
                     return
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=self.copy)
+                frames = sock.recv_multipart(_NOBLOCK, copy=self.copy)
             except zmq.Again:
                 return
             except zmq.ZMQError as e:  # closed under us, or a context ending
@@ -88,9 +93,9 @@ class Drain:
         """Send without blocking (zmq.Again past the high-water mark, as with NOBLOCK), then
         look for messages that arrived meanwhile: the send may have consumed the FD's signal."""
         try:
-            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+            self.sock.send_multipart(frames, flags=_NOBLOCK, copy=copy)
         finally:
-            if not self.closed and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not self.closed and self.sock.get(_EVENTS) & _POLLIN:
                 self._schedule()
 
     def close(self) -> None:
