@@ -10,8 +10,9 @@ callback, in order, on the loop thread.
 ZeroMQ's FD is edge-like: it signals that the socket's state may have changed, and reading
 ZMQ_EVENTS (which every receive and send does) can consume that signal. So:
 - `_ready` receives until ZMQ_EVENTS says nothing is left (then the FD fires on the next change);
-- every send on a drained socket goes through `Drain.send`, which re-checks ZMQ_EVENTS and
-  schedules a receive pass if a message slipped in while sending;
+- every send on a drained socket goes through `Drain.send`, which schedules one receive pass for
+  the end of the loop turn (a message may have slipped in while sending; one ZMQ_EVENTS check
+  per turn, not per send: a HAVE fan-out sends to every child in one turn);
 - at most `limit` messages per pass; the rest in the next loop turn, so one busy socket cannot
   starve the others.
 
@@ -71,7 +72,7 @@ class Drain:
             if self.closed:
                 return
             try:
-                if not sock.get(_EVENTS) & _POLLIN:
+                if not sock.getsockopt(_EVENTS) & _POLLIN:
                     return
                 frames = sock.recv_multipart(_NOBLOCK, copy=self.copy)
             except zmq.Again:
@@ -95,8 +96,7 @@ class Drain:
         try:
             self.sock.send_multipart(frames, flags=_NOBLOCK, copy=copy)
         finally:
-            if not self.closed and self.sock.get(_EVENTS) & _POLLIN:
-                self._schedule()
+            self._schedule()
 
     def close(self) -> None:
         """Stop receiving (the caller closes the socket)."""
