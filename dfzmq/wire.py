@@ -584,6 +584,20 @@ class PieceMissing:
 
 
 # ---------------------------------------------------------------------------------------------
+# Peer <-> peer: cancelling requests (issue 3, redundant bytes)
+
+
+@message("PIECE_CANCEL")
+class PieceCancel:
+    """Child -> parent: forget these requests of mine if their bytes have not left yet (the child
+    gave up on them: timed out, or the piece came from another parent). Bytes already handed to
+    the socket still come; the child drops them as duplicates."""
+
+    task_id: str
+    nums: list[int]
+
+
+# ---------------------------------------------------------------------------------------------
 # Local client -> daemon control socket
 
 

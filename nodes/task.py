@@ -418,6 +418,14 @@ class TaskRun:
             self.parents[pid].send(wire.PieceRequest(self.task_id, num, info.digest))
             trace("req", self.task_id, num, pid)
 
+    def _cancel_elsewhere(self, num: int, got_from: str) -> None:
+        """The piece came from `got_from`: other parents it was asked of (a rescue or endgame
+        copy) may drop the request if its bytes have not left yet (PIECE_CANCEL)."""
+        for other in self.picker.requested.get(num, ()):
+            link = self.parents.get(other)
+            if other != got_from and link is not None:
+                link.send(wire.PieceCancel(self.task_id, [num]))
+
     def _drop_parent(self, pid: str, block: bool) -> None:
         link = self.parents.pop(pid, None)
         self.picker.remove_parent(pid)
@@ -465,6 +473,7 @@ class TaskRun:
             return
         self._stored(info, source)
         trace("got", self.task_id, info.num, pid)
+        self._cancel_elsewhere(info.num, pid)
         self.picker.on_piece(pid, info.num, time.monotonic())
         self._pump()
 
@@ -632,12 +641,17 @@ class TaskRun:
                 self.log.info("parent %s silent: dropping it", pid)
                 trace("silent", self.task_id, -1, pid)
                 self._drop_parent(pid, block=True)
+            timed_out: dict[str, list[int]] = {}
             for pid, num in self.picker.expired(now):
                 trace("timeout", self.task_id, num, pid)
+                timed_out.setdefault(pid, []).append(num)
                 self.picker.on_failure(pid, num)
                 if self.picker.parents.get(pid) and self.picker.parents[pid].failures >= 2:
                     self._drop_parent(pid, block=True)
                     dead.append(pid)
+            for pid, nums in timed_out.items():  # given up on: the parent may drop them still queued
+                if pid in self.parents:
+                    self.parents[pid].send(wire.PieceCancel(self.task_id, nums))
             if dead:
                 self._reschedule("parents dead or too slow")
             elif now - self.last_progress > self.cfg.stall_timeout_s:

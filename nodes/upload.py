@@ -11,6 +11,9 @@ peer uploads each piece about once and the swarm carries the rest.
 
 It never blocks on a slow child (ROUTER drops past the high-water mark; children's credit
 windows bound what is queued), and never lets a malformed frame stop the loop.
+
+Each child has at most two pieces in the socket; its further requests wait here, where a
+PIECE_CANCEL can still remove them (nodes/uploadq.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dfzmq import net, wire
 from dfzmq.service import Counters, decode_routed
 from nodes.limits import TokenBucket
 from nodes.store import PieceStore
+from nodes.uploadq import ChildQueues, InFlight
 from nodes.zdrain import Drain, plain_context
 
 log = logging.getLogger(__name__)
@@ -37,8 +41,16 @@ log = logging.getLogger(__name__)
 # nothing. 50 ms is under a tenth of a 64 KiB piece's time on a 6 Mbit/s link.
 HAVE_BATCH_S = 0.05
 REVEAL_TICK_S = 0.05  # hidden pieces are revealed in batches at most this often
+RELEASE_TICK_S = 0.01  # while requests wait in the child queues, look this often for room
 _IN = {k: "msg.in." + k.decode() for k in wire.REGISTRY}  # counter names, made once
 _OUT = {k: "msg.out." + k.decode() for k in wire.REGISTRY}
+
+
+class _Done:
+    done = True
+
+
+_DONE = _Done()  # the tracker of a piece that is not in the socket (dropped at the high-water mark)
 
 
 @dataclass
@@ -75,6 +87,8 @@ class UploadServer:
         # With an upload limit, pieces wait here for tokens while the loop keeps answering
         # heartbeats and subscriptions (a parent that is only slow must not look dead).
         self.outbox: asyncio.Queue = asyncio.Queue()
+        self.queues = ChildQueues()  # per child: pieces in the socket, requests waiting (cancellable)
+        self._queued = asyncio.Event()  # something waits in self.queues
         self._wake = asyncio.Event()  # the reveal loop has something new to wait for
 
     # -- notifications from the daemon ------------------------------------------------------
@@ -133,6 +147,7 @@ class UploadServer:
     async def run(self) -> None:
         reveal = asyncio.create_task(self._reveal_loop())
         sender = asyncio.create_task(self._send_loop())
+        releaser = asyncio.create_task(self._release_loop())
         self.drain = Drain(self.sock, self._on_frames, on_error=self._on_recv_error)
         try:
             await asyncio.Event().wait()  # requests are handled by the drain's callback
@@ -141,6 +156,7 @@ class UploadServer:
             self.drain = None
             reveal.cancel()
             sender.cancel()
+            releaser.cancel()
 
     def _on_frames(self, frames: list) -> None:
         got = decode_routed(frames, self.counters)
@@ -168,21 +184,36 @@ class UploadServer:
             self._subscribe(ident, msg)
         elif isinstance(msg, wire.Heartbeat):
             self._send(ident, wire.Heartbeat("upload"))
+        elif isinstance(msg, wire.PieceCancel):
+            self._cancel(ident, msg)
         elif isinstance(msg, wire.Unsubscribe):
             subs = self.subs.get(msg.task_id, {})
             subs.pop(ident, None)
             if not subs:
                 self.subs.pop(msg.task_id, None)
                 self.rr.pop(msg.task_id, None)
+            self.queues.drop(ident, msg.task_id)
         else:
             self.counters["upload.unexpected"] += 1
             self._send(ident, wire.Error("bad-request", f"unexpected {type(msg).__name__}"))
+        if ident in self.queues.waiting:  # the child's own traffic clocks its queue
+            self._release(ident)
+
+    def _cancel(self, ident: bytes, msg: wire.PieceCancel) -> None:
+        removed = self.queues.cancel(ident, msg.task_id, set(msg.nums))
+        if removed:
+            held = self.held(msg.task_id) or {}
+            self.counters["upload.cancelled"] += len(removed)
+            self.counters["upload.cancelled-bytes"] += sum(
+                held[r.num].length for r in removed if r.num in held)
+        self.counters["upload.cancel-too-late"] += len(msg.nums) - len(removed)
 
     def forget(self, task_id: str) -> None:
         """The task was evicted from the store."""
         self.subs.pop(task_id, None)
         self.rr.pop(task_id, None)
         self.hidden.pop(task_id, None)
+        self.queues.drop_task(task_id)
 
     def _subscribe(self, ident: bytes, msg: wire.Subscribe) -> None:
         self.on_access(msg.task_id)
@@ -199,6 +230,33 @@ class UploadServer:
 
     def _serve_piece(self, ident: bytes, msg: wire.PieceRequest) -> None:
         self.on_access(msg.task_id)
+        if self.queues.admit(ident, msg):
+            self._start(ident, msg)
+        else:
+            self.counters["upload.queued"] += 1
+            self._queued.set()
+
+    def _release(self, ident: bytes) -> None:
+        for req in self.queues.release(ident):
+            self._start(ident, req)
+
+    async def _release_loop(self) -> None:
+        """While requests wait, give each child's queue the room its socket has made (the
+        end of a window, where no request of the child's follows to clock it)."""
+        while True:
+            await self._queued.wait()
+            await asyncio.sleep(RELEASE_TICK_S)
+            for ident in self.queues.idents_waiting():
+                try:
+                    self._release(ident)
+                except Exception:  # never let one child stop the others
+                    self.counters["upload.errors"] += 1
+                    log.exception("upload release failed")
+            if not self.queues.waiting:
+                self._queued.clear()
+
+    def _start(self, ident: bytes, msg: wire.PieceRequest) -> None:
+        """Read the piece and hand it to the socket (or to the upload limiter's queue)."""
         try:
             data = self.store.get(msg.digest)
         except ValueError:
@@ -210,21 +268,34 @@ class UploadServer:
         if self.corrupt and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         reply = wire.PieceData(msg.task_id, msg.num, msg.digest, data)
+        flight = InFlight(msg)
+        self.queues.sent(ident, flight)
         if self.bucket.unlimited:
-            self._send_piece(ident, reply)
+            flight.tracker = self._send_piece(ident, reply)
         else:
-            self.outbox.put_nowait((ident, reply))
+            self.outbox.put_nowait((ident, reply, flight))
 
-    def _send_piece(self, ident: bytes, reply: wire.PieceData) -> None:
+    def _send_piece(self, ident: bytes, reply: wire.PieceData):
+        """Send a piece; returns its tracker (done once ZeroMQ wrote it into the kernel)."""
         self.bytes_uploaded += len(reply.data)
         self.counters["upload.pieces"] += 1
-        self._send(ident, reply, payload_copy=False)
+        self.counters[_OUT[reply.KIND]] += 1
+        try:
+            frames = [ident, *wire.encode(reply)]
+            if self.drain is not None:
+                return self.drain.send(frames, copy=False, track=True) or _DONE
+            return self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False, track=True) or _DONE
+        except zmq.Again:
+            self.counters["upload.dropped-hwm"] += 1
+            return _DONE
 
     async def _send_loop(self) -> None:
         while True:
-            ident, reply = await self.outbox.get()
+            ident, reply, flight = await self.outbox.get()
+            if flight.cancelled:  # the child cancelled it while it waited for tokens
+                continue
             await self.bucket.take(len(reply.data))
-            self._send_piece(ident, reply)
+            flight.tracker = self._send_piece(ident, reply)
 
     def expire(self, now: float) -> None:
         """Forget children not heard from for `subscriber_ttl_s`."""
@@ -233,6 +304,7 @@ class UploadServer:
             return
         for i in gone:
             del self.last_heard[i]
+            self.queues.drop(i)
         for task_id in list(self.subs):
             subs = self.subs[task_id]
             for i in gone & subs.keys():

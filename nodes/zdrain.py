@@ -90,11 +90,11 @@ class Drain:
                     self.on_error(e)
         self._schedule()  # more queued: next loop turn
 
-    def send(self, frames: list[Any], copy: bool = True) -> None:
+    def send(self, frames: list[Any], copy: bool = True, track: bool = False) -> Any:
         """Send without blocking (zmq.Again past the high-water mark, as with NOBLOCK), then
         look for messages that arrived meanwhile: the send may have consumed the FD's signal."""
         try:
-            self.sock.send_multipart(frames, flags=_NOBLOCK, copy=copy)
+            return self.sock.send_multipart(frames, flags=_NOBLOCK, copy=copy, track=track)
         finally:
             self._schedule()
 
