@@ -41,7 +41,13 @@ log = logging.getLogger(__name__)
 # nothing. 50 ms is under a tenth of a 64 KiB piece's time on a 6 Mbit/s link.
 HAVE_BATCH_S = 0.05
 REVEAL_TICK_S = 0.05  # hidden pieces are revealed in batches at most this often
-RELEASE_TICK_S = 0.01  # while requests wait in the child queues, look this often for room
+# While requests wait in the child queues, look for room this soon, then twice as late after each
+# look that released nothing, up to RELEASE_MAX_S: a fast link drains a window's tail in
+# milliseconds, while a slow uplink (where requests wait for seconds, clocked by the children's own
+# traffic) is not woken a hundred times a second for nothing (an idle wake-up costs CPU that 33
+# daemons on two cores do not have, issue 3).
+RELEASE_TICK_S = 0.002
+RELEASE_MAX_S = 0.1
 _IN = {k: "msg.in." + k.decode() for k in wire.REGISTRY}  # counter names, made once
 _OUT = {k: "msg.out." + k.decode() for k in wire.REGISTRY}
 
@@ -236,22 +242,29 @@ class UploadServer:
             self.counters["upload.queued"] += 1
             self._queued.set()
 
-    def _release(self, ident: bytes) -> None:
-        for req in self.queues.release(ident):
+    def _release(self, ident: bytes) -> int:
+        reqs = self.queues.release(ident)
+        for req in reqs:
             self._start(ident, req)
+        return len(reqs)
 
     async def _release_loop(self) -> None:
         """While requests wait, give each child's queue the room its socket has made (the
         end of a window, where no request of the child's follows to clock it)."""
+        tick = RELEASE_TICK_S
         while True:
-            await self._queued.wait()
-            await asyncio.sleep(RELEASE_TICK_S)
+            if not self._queued.is_set():
+                tick = RELEASE_TICK_S
+                await self._queued.wait()
+            await asyncio.sleep(tick)
+            released = 0
             for ident in self.queues.idents_waiting():
                 try:
-                    self._release(ident)
+                    released += self._release(ident)
                 except Exception:  # never let one child stop the others
                     self.counters["upload.errors"] += 1
                     log.exception("upload release failed")
+            tick = RELEASE_TICK_S if released else min(RELEASE_MAX_S, 2 * tick)
             if not self.queues.waiting:
                 self._queued.clear()
 
