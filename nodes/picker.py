@@ -28,8 +28,9 @@ Windows (issue 3, measured in the network lab with half the peers on slow uplink
 - rescue: a parent gone quiet far beyond what our parents usually take (a starved TCP flow;
   judged against its own pace, so a slow parent that still delivers is left alone) has its
   requests asked once more of the fastest parent with room, before any new piece is asked.
-  The slow copy still comes (the wire has no cancel that could reach bytes already queued in
-  the parent's socket): each rescue costs a piece of upload, and the lab counts them.
+  When the rescue copy lands first, the daemon sends the quiet parent a PIECE_CANCEL, which
+  removes the request if it still waits in that parent's queue (nodes/uploadq.py); bytes already
+  in its socket still come, so a rescue may cost a piece of upload, and the lab counts them.
 """
 
 from __future__ import annotations
