@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -76,6 +77,9 @@ class UploadServer:
         self.reveal_delay_s = reveal_delay_s
         # A plain socket, received from by a Drain (nodes/zdrain.py): no Future per message.
         self.sock = net.make_socket(plain_context(ctx), "upload_router", curve)
+        sndbuf = int(os.environ.get("DFZMQ_UPLOAD_SNDBUF", "0") or 0)
+        if sndbuf > 0:  # before bind: accepted connections take the listener's options
+            self.sock.setsockopt(zmq.SNDBUF, sndbuf)
         self.drain: Drain | None = None
         self.addr = net.advertise(net.bind(self.sock, listen), advertise_host or None)
         self.subs: dict[str, dict[bytes, Subscriber]] = {}
@@ -93,7 +97,11 @@ class UploadServer:
         # With an upload limit, pieces wait here for tokens while the loop keeps answering
         # heartbeats and subscriptions (a parent that is only slow must not look dead).
         self.outbox: asyncio.Queue = asyncio.Queue()
-        self.queues = ChildQueues()  # per child: pieces in the socket, requests waiting (cancellable)
+        # Per child: pieces in the socket, requests waiting (cancellable). Lab knobs (issue 3):
+        # DFZMQ_UPLOAD_INFLIGHT_TOTAL caps pieces in the socket for all children together (served
+        # oldest request first), DFZMQ_UPLOAD_SNDBUF the kernel's send buffer per child.
+        self.queues = ChildQueues(total=int(os.environ.get("DFZMQ_UPLOAD_INFLIGHT_TOTAL", "0") or 0))
+
         self._queued = asyncio.Event()  # something waits in self.queues
         self._wake = asyncio.Event()  # the reveal loop has something new to wait for
 
@@ -202,7 +210,10 @@ class UploadServer:
         else:
             self.counters["upload.unexpected"] += 1
             self._send(ident, wire.Error("bad-request", f"unexpected {type(msg).__name__}"))
-        if ident in self.queues.waiting:  # the child's own traffic clocks its queue
+        if self.queues.total > 0:
+            if self.queues.waiting:
+                self._release_all()
+        elif ident in self.queues.waiting:  # the child's own traffic clocks its queue
             self._release(ident)
 
     def _cancel(self, ident: bytes, msg: wire.PieceCancel) -> None:
@@ -242,6 +253,12 @@ class UploadServer:
             self.counters["upload.queued"] += 1
             self._queued.set()
 
+    def _release_all(self) -> int:
+        reqs = self.queues.release_all()
+        for ident, req in reqs:
+            self._start(ident, req)
+        return len(reqs)
+
     def _release(self, ident: bytes) -> int:
         reqs = self.queues.release(ident)
         for req in reqs:
@@ -258,7 +275,13 @@ class UploadServer:
                 await self._queued.wait()
             await asyncio.sleep(tick)
             released = 0
-            for ident in self.queues.idents_waiting():
+            if self.queues.total > 0:
+                try:
+                    released = self._release_all()
+                except Exception:
+                    self.counters["upload.errors"] += 1
+                    log.exception("upload release failed")
+            for ident in self.queues.idents_waiting() if self.queues.total <= 0 else ():
                 try:
                     released += self._release(ident)
                 except Exception:  # never let one child stop the others
@@ -308,6 +331,8 @@ class UploadServer:
             if flight.cancelled:  # the child cancelled it while it waited for tokens
                 continue
             await self.bucket.take(len(reply.data))
+            if flight.cancelled:  # cancelled while we waited: the tokens are spent, the bytes not
+                continue
             flight.tracker = self._send_piece(ident, reply)
 
     def expire(self, now: float) -> None:

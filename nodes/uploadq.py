@@ -43,10 +43,44 @@ class InFlight:
 
 
 class ChildQueues:
-    def __init__(self, inflight: int = INFLIGHT_PIECES) -> None:
+    def __init__(self, inflight: int = INFLIGHT_PIECES, total: int = 0) -> None:
         self.inflight = max(1, inflight)
+        # > 0: at most this many pieces in the socket for all children together, and waiting
+        # requests go out oldest first whoever asked (the parent, not TCP, shares its uplink).
+        self.total = total
         self.waiting: dict[bytes, deque[wire.PieceRequest]] = {}
         self.sending: dict[bytes, list[InFlight]] = {}
+        self._seq = 0
+        self._arrived: dict[int, int] = {}  # id(request) -> arrival number, with a global cap
+
+    def _live_total(self) -> int:
+        return sum(self._prune(i) for i in list(self.sending))
+
+    def release_all(self) -> list[tuple[bytes, wire.PieceRequest]]:
+        """With a global cap: the oldest waiting requests of children with room, while the
+        parent's socket has room (the caller sends each and calls `sent`)."""
+        out = []
+        room = self.total - self._live_total()
+        counts = {i: len(self.sending.get(i, ())) for i in self.waiting}
+        while room > 0 and self.waiting:
+            best = None
+            for ident, q in self.waiting.items():
+                if counts.get(ident, 0) < self.inflight:
+                    seq = self._arrived.get(id(q[0]), 0)
+                    if best is None or seq < best[0]:
+                        best = (seq, ident)
+            if best is None:
+                break
+            ident = best[1]
+            q = self.waiting[ident]
+            req = q.popleft()
+            self._arrived.pop(id(req), None)
+            if not q:
+                del self.waiting[ident]
+            counts[ident] = counts.get(ident, 0) + 1
+            room -= 1
+            out.append((ident, req))
+        return out
 
     def _prune(self, ident: bytes) -> int:
         flights = self.sending.get(ident)
@@ -61,7 +95,12 @@ class ChildQueues:
 
     def admit(self, ident: bytes, req: wire.PieceRequest) -> bool:
         """True: send `req` now (the caller then calls `sent`). False: it waits here."""
-        if not self.waiting.get(ident) and self._prune(ident) < self.inflight:
+        if self.total > 0:
+            if not self.waiting and self._prune(ident) < self.inflight and self._live_total() < self.total:
+                return True
+            self._seq += 1
+            self._arrived[id(req)] = self._seq
+        elif not self.waiting.get(ident) and self._prune(ident) < self.inflight:
             return True
         self.waiting.setdefault(ident, deque()).append(req)
         return False
@@ -92,6 +131,8 @@ class ChildQueues:
             keep = deque()
             for r in q:
                 (removed if r.task_id == task_id and r.num in nums else keep).append(r)
+            for r in removed:
+                self._arrived.pop(id(r), None)
             if keep:
                 self.waiting[ident] = keep
             else:
@@ -109,6 +150,9 @@ class ChildQueues:
         if q:
             keep = deque(r for r in q if task_id is not None and r.task_id != task_id)
             n = len(q) - len(keep)
+            for r in q:
+                if task_id is None or r.task_id == task_id:
+                    self._arrived.pop(id(r), None)
             if keep:
                 self.waiting[ident] = keep
             else:

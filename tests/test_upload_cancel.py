@@ -2,9 +2,10 @@
 
 The queue logic is pure (nodes/uploadq.py) and tested with fake trackers; the server is tested
 on real sockets: a real UploadServer over a real LMDB piece store, a child DEALER that asks for
-pieces and cancels some before reading. Pieces of 4 MiB and kernel socket buffers of 64 KiB keep
-the first two pieces in the parent's socket until the child reads, so the rest must wait in the
-parent's queue, where a cancel reaches them.
+pieces and cancels some. The parent's upload limit holds its first two pieces (in flight, not yet
+in the socket) long enough for the rest to wait in its queue, where a cancel reaches them; a
+child's ZeroMQ I/O thread reads whatever reaches the socket, so only the limiter makes this
+deterministic on loopback.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import zmq.asyncio
 
 from dfzmq import wire
 from dfzmq.service import Counters
+from nodes.limits import TokenBucket
 from nodes.source import digest
 from nodes.store import PieceStore
 from nodes.upload import UploadServer
@@ -105,42 +107,40 @@ async def _recv(sock, timeout_s: float = TIMEOUT_S):
 
 
 def test_cancelled_requests_are_never_sent(tmp_path):
-    size = 4 << 20
+    """An upload limit of 1 MiB/s holds 1 MiB pieces for about a second each before they reach
+    the socket: the first two of a child are in flight (waiting for tokens: still cancellable),
+    the rest wait in its queue."""
+    size = 1 << 20
     store, held = _store_pieces(tmp_path, 6, size)
     counters = Counters()
 
     async def main() -> None:
         ctx = zmq.asyncio.Context()
         server = UploadServer(ctx, store, "tcp://127.0.0.1:0", "127.0.0.1", lambda t: held if t == TASK else {},
-                              counters)
-        server.sock.setsockopt(zmq.SNDBUF, 64 * 1024)  # small kernel buffers both ways: a piece
-        run = asyncio.create_task(server.run())         # stays in the parent's socket until read
+                              counters, bucket=TokenBucket(1 << 20))
+        run = asyncio.create_task(server.run())
         child = ctx.socket(zmq.DEALER)
-        child.setsockopt(zmq.RCVBUF, 64 * 1024)
         child.setsockopt(zmq.LINGER, 0)
         child.connect(server.addr)
         try:
             for n in range(6):
                 await child.send_multipart(wire.encode(wire.PieceRequest(TASK, n, held[n].digest)))
-            deadline = asyncio.get_running_loop().time() + TIMEOUT_S
-            while counters["msg.in.PIECE_REQUEST"] < 6 and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.01)
-            assert counters["upload.queued"] == 4, dict(counters)  # two in the socket, four here
             await child.send_multipart(wire.encode(wire.PieceCancel(TASK, [0, 2, 3, 5])))
             got = []
             while True:
-                msg = await _recv(child, 1.0 if len(got) >= 3 else TIMEOUT_S * 3)
+                msg = await _recv(child, 1.5 if len(got) >= 2 else TIMEOUT_S * 3)
                 if msg is None:
                     break
                 assert isinstance(msg, wire.PieceData)
                 assert digest(bytes(msg.data)) == held[msg.num].digest
                 got.append(msg.num)
-            # 0 was in the socket already (too late to cancel); 2, 3 and 5 waited and were dropped.
-            assert got == [0, 1, 4], got
-            assert counters["upload.cancelled"] == 3
-            assert counters["upload.cancelled-bytes"] == 3 * size
-            assert counters["upload.cancel-too-late"] == 1
-            assert server.bytes_uploaded == 3 * size
+            assert counters["upload.queued"] == 4, dict(counters)  # two in flight, four waited here
+            # 0 waited for tokens and 2, 3 and 5 in the queue: none of them was sent.
+            assert got == [1, 4], got
+            assert counters["upload.cancelled"] == 4
+            assert counters["upload.cancelled-bytes"] == 4 * size
+            assert counters["upload.cancel-too-late"] == 0
+            assert server.bytes_uploaded == 2 * size
         finally:
             child.close(0)
             run.cancel()
@@ -192,3 +192,21 @@ def test_malformed_cancel_is_dropped_and_counted_and_the_server_goes_on(tmp_path
         asyncio.run(main())
     finally:
         store.close()
+
+
+def test_a_global_cap_serves_the_oldest_request_first_whoever_asked():
+    q = ChildQueues(inflight=2, total=2)
+    a0, a1, b0, c0 = req(0), req(1), req(2), req(3)
+    assert q.admit(b"a", a0)
+    ta = sent(q, b"a", a0)
+    assert q.admit(b"b", b0)
+    tb = sent(q, b"b", b0)
+    assert not q.admit(b"a", a1)  # the parent's socket is full: a1 waits, then c0
+    assert not q.admit(b"c", c0)
+    assert q.release_all() == []
+    tb.done = True
+    assert q.release_all() == [(b"a", a1)]  # oldest first, although b's piece made the room
+    sent(q, b"a", a1)
+    ta.done = True
+    assert q.release_all() == [(b"c", c0)]
+    assert not q.waiting and not q._arrived
