@@ -77,6 +77,13 @@ def _check(value: Any, tp: Any, path: str) -> Any:
     """Validate (and lightly convert) a decoded value against annotation `tp`."""
     if tp is Any:
         return value
+    # Fast paths for the hot messages (HAVE, PIECE_REQUEST, PIECE_DATA: several per piece per
+    # daemon): plain values of the exact type need no typing introspection. Same checks as below.
+    vt = type(value)
+    if vt is tp and (vt is int or (vt is str and len(value) <= MAX_STR)):
+        return value
+    if vt is list and tp == _LIST_INT and len(value) <= MAX_LIST and all(type(v) is int for v in value):
+        return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -143,6 +150,9 @@ def _check(value: Any, tp: Any, path: str) -> Any:
                 kwargs[name] = _check(value[i], ftp, f"{path}.{name}")
         return tp(**kwargs)
     raise LocalProtocolError(f"{path}: unsupported annotation {tp!r}")
+
+
+_LIST_INT = list[int]
 
 
 def _required(f: dataclasses.Field) -> bool:
@@ -571,6 +581,20 @@ class PieceMissing:
     task_id: str
     num: int
     reason: str = ""  # "missing" | "busy"
+
+
+# ---------------------------------------------------------------------------------------------
+# Peer <-> peer: cancelling requests (issue 3, redundant bytes)
+
+
+@message("PIECE_CANCEL")
+class PieceCancel:
+    """Child -> parent: forget these requests of mine if their bytes have not left yet (the child
+    gave up on them: timed out, or the piece came from another parent). Bytes already handed to
+    the socket still come; the child drops them as duplicates."""
+
+    task_id: str
+    nums: list[int]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ class SchedulerLink:
     def send(self, msg: Any) -> None:
         if self.sock is None:
             return
+        self.daemon.counters["msg.out.scheduler"] += 1
         try:
             self.sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -102,6 +103,7 @@ class SchedulerLink:
                     msg = decode_plain(frames, d.counters)
                     if msg is None:
                         continue
+                    d.counters["msg.in.scheduler"] += 1
                     last_seen = time.monotonic()
                     backoff = interval
                     try:

@@ -28,8 +28,9 @@ Windows (issue 3, measured in the network lab with half the peers on slow uplink
 - rescue: a parent gone quiet far beyond what our parents usually take (a starved TCP flow;
   judged against its own pace, so a slow parent that still delivers is left alone) has its
   requests asked once more of the fastest parent with room, before any new piece is asked.
-  The slow copy still comes (the wire has no cancel that could reach bytes already queued in
-  the parent's socket): each rescue costs a piece of upload, and the lab counts them.
+  When the rescue copy lands first, the daemon sends the quiet parent a PIECE_CANCEL, which
+  removes the request if it still waits in that parent's queue (nodes/uploadq.py); bytes already
+  in its socket still come, so a rescue may cost a piece of upload, and the lab counts them.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ class Picker:
         self.requested: dict[int, set[str]] = {}  # num -> parents it is outstanding at
         self.rng = rng or random.Random()
         self._tiebreak: dict[int, float] = {}
+        # num -> how many parents hold it + its tiebreak (in [0, 1)): the rarest-first order as
+        # one float kept up to date as counts change, so a pick sorts with a C-level key (a
+        # Python key function per piece per pick was most of a pick's cost, tools/swarm_cpu.py).
+        self._rank: dict[int, float] = {}
         self._piece_len = 0  # the longest piece in the manifest
         # >= 0 while a client reads the task in order from this byte offset (the proxy streams
         # it): pieces are asked for in order from there, so the client's reads overlap the
@@ -119,6 +124,7 @@ class Picker:
             self.manifest[p.num] = p
             self._piece_len = max(self._piece_len, p.length)
             self._tiebreak.setdefault(p.num, self.rng.random())
+            self._rank[p.num] = self.counts.get(p.num, 0) + self._tiebreak[p.num]
 
     def add_parent(self, pid: str, seed: bool = False) -> None:
         if pid not in self.parents:
@@ -130,7 +136,7 @@ class Picker:
         if st is None:
             return []
         for n in st.have:
-            self.counts[n] = self.counts.get(n, 1) - 1
+            self._count(n, -1)
         for n in st.outstanding:
             self._unrequest(n, pid)
         return list(st.outstanding)
@@ -142,7 +148,23 @@ class Picker:
         for n in nums:
             if n not in st.have:
                 st.have.add(n)
-                self.counts[n] = self.counts.get(n, 0) + 1
+                self._count(n, 1)
+
+    def _count(self, n: int, delta: int) -> None:
+        c = self.counts[n] = self.counts.get(n, 0 if delta > 0 else 1) + delta
+        tb = self._tiebreak.get(n)
+        if tb is not None:
+            self._rank[n] = c + tb
+
+    def have_is_news(self, pid: str, nums: list[int]) -> bool:
+        """Could a HAVE of `nums` from `pid` lead to a request now? Only if `pid` has room in its
+        window and holds a piece we still want: a parent with a full window is asked again when
+        one of its pieces arrives. Lets the caller skip a pick per HAVE (a daemon gets one HAVE
+        per piece per parent; picking after each one was a sixth of a daemon's loop time)."""
+        st = self.parents.get(pid)
+        if st is None or self._budget(st) <= 0:
+            return False
+        return any(n not in self.have and n not in self.requested for n in nums)
 
     def on_piece(self, pid: str, num: int, now: float | None = None) -> None:
         """A piece from `pid` verified and stored (or the peer got it some other way)."""
@@ -175,7 +197,7 @@ class Picker:
         self._unbench_if_idle(st)
         if num in st.have:
             st.have.discard(num)
-            self.counts[num] = self.counts.get(num, 1) - 1
+            self._count(num, -1)
 
     def cancel(self, pid: str, num: int) -> None:
         """Forget a request without blame (its duplicate from another parent won)."""
@@ -254,11 +276,11 @@ class Picker:
             return []
         # A stuck request is older news than any new piece: it gets a parent's room first.
         out: list[tuple[str, int]] = self._rescue(now) if self.complete and self.window_target_s > 0 else []
-        wanted = [n for n in self.manifest if n not in self.have and n not in self.requested]
+        wanted = list(self.manifest.keys() - self.have - self.requested.keys())
         if self.stream_offset >= 0:
             wanted.sort(key=self._stream_rank)
         else:
-            wanted.sort(key=lambda n: (self.counts.get(n, 0), self._tiebreak[n]))
+            wanted.sort(key=self._rank.__getitem__)  # rarest first: (count, tiebreak) as one float
         # Non-seed parents first: the seed serves what only it has.
         order = sorted(self.parents.values(), key=lambda s: (s.seed, len(s.outstanding)))
         taken: set[int] = set()

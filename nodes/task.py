@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,12 +31,13 @@ from dfzmq.oci import blob_digest_of
 from dfzmq.service import decode_plain
 from nodes.limits import TokenBucket
 from nodes.picker import Picker
-from nodes.backsource import REPORT_INTERVAL_S, read_origin
+from nodes.backsource import read_origin
 from nodes.blobcheck import verify_content
 from nodes.localhits import take_local
 from nodes.sink import OutputSink
 from nodes.source import digest
 from nodes.trace import trace
+from nodes.zdrain import Drain, plain_context
 
 if TYPE_CHECKING:
     from nodes.daemon import Daemon, SchedulerLink
@@ -43,32 +45,49 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPORT_BATCH = 64
+# The watchdog's tick: piece reports from parents go to the scheduler this often (pieces read
+# from the origin are reported every REPORT_INTERVAL_S by nodes/backsource.py), and timeouts on
+# the scale of seconds are checked. Each tick costs a pick and a scheduler message per running
+# task: at 0.1 s that was a tenth of a lab daemon's CPU (issue 3).
+WATCHDOG_TICK_S = 0.25
+# Counter names per message kind, made once: `msg.in.HAVE`, `msg.out.PIECE_REQUEST`, ... (what a
+# daemon sends and receives per piece is what tools/swarm_cpu.py reports).
+_IN = {k: "msg.in." + k.decode() for k in wire.REGISTRY}
+_OUT = {k: "msg.out." + k.decode() for k in wire.REGISTRY}
 
 
 class ParentLink:
-    """The direct pipe to one parent: a DEALER and the coroutine that reads it."""
+    """The direct pipe to one parent: a plain DEALER and the Drain that reads it (a callback per
+    message on the loop thread, nodes/zdrain.py: no Future or Task wake-up per message)."""
 
     def __init__(self, run: "TaskRun", info: wire.ParentInfo) -> None:
         self.run = run
         self.info = info
-        self.sock = net.make_socket(run.daemon.ctx, "parent_dealer", run.daemon.curve)
+        self.sock = net.make_socket(plain_context(run.daemon.ctx), "parent_dealer", run.daemon.curve)
         try:
             self.sock.connect(info.addr)
         except zmq.ZMQError:
             self.sock.close(0)
             raise
         self.last_seen = time.monotonic()
-        self.reader: asyncio.Task | None = None
+        self.last_sent = 0.0
+        self.drain: Drain | None = None
 
     def send(self, msg: Any) -> None:
+        counters = self.run.daemon.counters
+        counters[_OUT[msg.KIND]] += 1
+        self.last_sent = time.monotonic()
         try:
-            self.sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
+            if self.drain is not None:
+                self.drain.send(wire.encode(msg))
+            else:
+                self.sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
-            self.run.daemon.counters["parent.send-dropped"] += 1
+            counters["parent.send-dropped"] += 1
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
+        if self.drain is not None:
+            self.drain.close()
         self.sock.close(linger=200)  # let a final UNSUBSCRIBE leave
 
 
@@ -309,36 +328,43 @@ class TaskRun:
                 continue
             self.parents[pid] = link
             self.picker.add_parent(pid, seed=info.seed)
+            link.drain = Drain(link.sock, functools.partial(self._on_parent_frames, link), copy=False,
+                               on_error=functools.partial(self._on_parent_error, link))
             link.send(wire.Subscribe(self.task_id, self.peer_id))
-            link.reader = asyncio.create_task(self._read_parent(link))
         self.last_progress = time.monotonic()
 
     # -- parents --------------------------------------------------------------------------
 
-    async def _read_parent(self, link: ParentLink) -> None:
-        pid = link.info.peer_id
-        try:
-            while True:
-                for frames in await net.recv_burst(link.sock, copy=False):
-                    msg = decode_plain(frames, self.daemon.counters)
-                    if msg is None:
-                        continue
-                    link.last_seen = time.monotonic()
-                    if isinstance(msg, wire.PieceData):
-                        self._on_piece_data(link, msg)
-                    elif isinstance(msg, wire.Have):
-                        self.picker.on_have(pid, msg.nums)
-                        self._pump()
-                    elif isinstance(msg, wire.PieceMissing):
-                        self.picker.on_missing(pid, msg.num)
-                        self._pump()
-        except asyncio.CancelledError:
-            raise
-        except DfzmqError as e:
-            self.fail(e)
-        except Exception as e:
-            self.log.exception("parent %s reader failed", pid)
-            self.fail(DownloadError(f"internal error: {e}"))
+    def _on_parent_frames(self, link: ParentLink, frames: list) -> None:
+        """One message from a parent (the link's Drain calls this on the loop thread)."""
+        msg = decode_plain(frames, self.daemon.counters)
+        if msg is None:
+            return
+        self.daemon.counters[_IN[msg.KIND]] += 1
+        link.last_seen = time.monotonic()
+        if isinstance(msg, wire.PieceData):
+            self._on_piece_data(link, msg)
+        elif isinstance(msg, wire.Have):
+            pid = link.info.peer_id
+            self.picker.on_have(pid, msg.nums)
+            if self.picker.have_is_news(pid, msg.nums):
+                self._pump()
+        elif isinstance(msg, wire.PieceMissing):
+            self.picker.on_missing(link.info.peer_id, msg.num)
+            self._pump()
+
+    def _on_parent_error(self, link: ParentLink, err: BaseException) -> None:
+        if isinstance(err, DfzmqError):
+            self.fail(err)
+        elif isinstance(err, zmq.ZMQError):  # the pipe itself broke: drop the parent, ask again
+            self.daemon.counters["parent.recv-errors"] += 1
+            self.log.warning("parent %s receive failed: %s", link.info.peer_id, err)
+            if self.parents.get(link.info.peer_id) is link:
+                self._drop_parent(link.info.peer_id, block=False)
+                self._reschedule(f"receive from {link.info.peer_id} failed")
+        else:
+            self.log.error("parent %s reader failed", link.info.peer_id, exc_info=err)
+            self.fail(DownloadError(f"internal error: {err}"))
 
     def _on_piece_data(self, link: ParentLink, msg: wire.PieceData) -> None:
         pid = link.info.peer_id
@@ -386,10 +412,19 @@ class TaskRun:
             self._pump_due = True
             asyncio.get_running_loop().call_later(delay, self._pump_now)
             return
+        self.daemon.counters["msg.picks"] += 1  # not a message: picker runs, per piece in swarm_cpu
         for pid, num in self.picker.next_requests(time.monotonic()):
             info = self.manifest[num]
             self.parents[pid].send(wire.PieceRequest(self.task_id, num, info.digest))
             trace("req", self.task_id, num, pid)
+
+    def _cancel_elsewhere(self, num: int, got_from: str) -> None:
+        """The piece came from `got_from`: other parents it was asked of (a rescue or endgame
+        copy) may drop the request if its bytes have not left yet (PIECE_CANCEL)."""
+        for other in self.picker.requested.get(num, ()):
+            link = self.parents.get(other)
+            if other != got_from and link is not None:
+                link.send(wire.PieceCancel(self.task_id, [num]))
 
     def _drop_parent(self, pid: str, block: bool) -> None:
         link = self.parents.pop(pid, None)
@@ -438,6 +473,7 @@ class TaskRun:
             return
         self._stored(info, source)
         trace("got", self.task_id, info.num, pid)
+        self._cancel_elsewhere(info.num, pid)
         self.picker.on_piece(pid, info.num, time.monotonic())
         self._pump()
 
@@ -580,7 +616,7 @@ class TaskRun:
         interval = self.cfg.heartbeat_interval_s
         last_beat = 0.0
         while self.state not in ("succeeded", "failed"):
-            await asyncio.sleep(min(REPORT_INTERVAL_S * 2, interval))
+            await asyncio.sleep(min(WATCHDOG_TICK_S, interval))
             now = time.monotonic()
             self._flush_reports()
             if self.state == "pending":
@@ -595,19 +631,27 @@ class TaskRun:
             if now - last_beat >= interval:
                 last_beat = now
                 for link in self.parents.values():
-                    link.send(wire.Heartbeat(self.peer_id))
+                    # Only a quiet pipe needs one: a parent sending us pieces or HAVEs is alive,
+                    # and our requests keep us alive at the parent (its subscriber TTL is 30 s).
+                    if now - link.last_seen >= interval or now - link.last_sent >= 4 * interval:
+                        link.send(wire.Heartbeat(self.peer_id))
             dead = [pid for pid, l in self.parents.items()
                     if now - l.last_seen > self.picker.silence_allowed_s(pid, interval * self.cfg.liveness)]
             for pid in dead:
                 self.log.info("parent %s silent: dropping it", pid)
                 trace("silent", self.task_id, -1, pid)
                 self._drop_parent(pid, block=True)
+            timed_out: dict[str, list[int]] = {}
             for pid, num in self.picker.expired(now):
                 trace("timeout", self.task_id, num, pid)
+                timed_out.setdefault(pid, []).append(num)
                 self.picker.on_failure(pid, num)
                 if self.picker.parents.get(pid) and self.picker.parents[pid].failures >= 2:
                     self._drop_parent(pid, block=True)
                     dead.append(pid)
+            for pid, nums in timed_out.items():  # given up on: the parent may drop them still queued
+                if pid in self.parents:
+                    self.parents[pid].send(wire.PieceCancel(self.task_id, nums))
             if dead:
                 self._reschedule("parents dead or too slow")
             elif now - self.last_progress > self.cfg.stall_timeout_s:

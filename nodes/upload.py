@@ -11,12 +11,16 @@ peer uploads each piece about once and the swarm carries the rest.
 
 It never blocks on a slow child (ROUTER drops past the high-water mark; children's credit
 windows bound what is queued), and never lets a malformed frame stop the loop.
+
+Each child has at most two pieces in the socket; its further requests wait here, where a
+PIECE_CANCEL can still remove them (nodes/uploadq.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,11 +32,33 @@ from dfzmq import net, wire
 from dfzmq.service import Counters, decode_routed
 from nodes.limits import TokenBucket
 from nodes.store import PieceStore
+from nodes.uploadq import ChildQueues, InFlight
+from nodes.zdrain import Drain, plain_context
 
 log = logging.getLogger(__name__)
 
-HAVE_BATCH_S = 0.0  # announcements wait for the end of the loop turn, batched per child
+# Announcements of new pieces are batched per child for this long: a daemon sends one HAVE per
+# piece per child otherwise, and at lab rates (a piece every 0.1-0.2 s) a loop turn batches
+# nothing. 50 ms is under a tenth of a 64 KiB piece's time on a 6 Mbit/s link.
+HAVE_BATCH_S = 0.05
 REVEAL_TICK_S = 0.05  # hidden pieces are revealed in batches at most this often
+# While requests wait in the child queues, look for room this soon, then twice as late after each
+# look that released nothing, up to RELEASE_MAX_S: a fast link drains a window's tail within tens
+# of milliseconds, while a slow uplink (where requests wait for seconds, clocked by the children's
+# own traffic) is not woken a hundred times a second for nothing (an idle wake-up costs CPU that
+# 33 daemons on two cores do not have, issue 3). Measured with tools/swarm_cpu.py at 384 KiB/s
+# uplinks: starting at 2 ms cost 6.2 ms of CPU per piece, at 10 ms 4.9, with no queue at all 4.9.
+RELEASE_TICK_S = 0.01
+RELEASE_MAX_S = 0.1
+_IN = {k: "msg.in." + k.decode() for k in wire.REGISTRY}  # counter names, made once
+_OUT = {k: "msg.out." + k.decode() for k in wire.REGISTRY}
+
+
+class _Done:
+    done = True
+
+
+_DONE = _Done()  # the tracker of a piece that is not in the socket (dropped at the high-water mark)
 
 
 @dataclass
@@ -50,7 +76,12 @@ class UploadServer:
         self.held = held  # task_id -> {num: PieceInfo} this peer holds
         self.counters = counters
         self.reveal_delay_s = reveal_delay_s
-        self.sock = net.make_socket(ctx, "upload_router", curve)
+        # A plain socket, received from by a Drain (nodes/zdrain.py): no Future per message.
+        self.sock = net.make_socket(plain_context(ctx), "upload_router", curve)
+        sndbuf = int(os.environ.get("DFZMQ_UPLOAD_SNDBUF", "0") or 0)
+        if sndbuf > 0:  # before bind: accepted connections take the listener's options
+            self.sock.setsockopt(zmq.SNDBUF, sndbuf)
+        self.drain: Drain | None = None
         self.addr = net.advertise(net.bind(self.sock, listen), advertise_host or None)
         self.subs: dict[str, dict[bytes, Subscriber]] = {}
         self.rr: dict[str, int] = {}
@@ -67,6 +98,12 @@ class UploadServer:
         # With an upload limit, pieces wait here for tokens while the loop keeps answering
         # heartbeats and subscriptions (a parent that is only slow must not look dead).
         self.outbox: asyncio.Queue = asyncio.Queue()
+        # Per child: pieces in the socket, requests waiting (cancellable). Lab knobs (issue 3):
+        # DFZMQ_UPLOAD_INFLIGHT_TOTAL caps pieces in the socket for all children together (served
+        # oldest request first), DFZMQ_UPLOAD_SNDBUF the kernel's send buffer per child.
+        self.queues = ChildQueues(total=int(os.environ.get("DFZMQ_UPLOAD_INFLIGHT_TOTAL", "0") or 0))
+
+        self._queued = asyncio.Event()  # something waits in self.queues
         self._wake = asyncio.Event()  # the reveal loop has something new to wait for
 
     # -- notifications from the daemon ------------------------------------------------------
@@ -111,8 +148,12 @@ class UploadServer:
         self._send(ident, wire.Have(task_id, nums, complete))
 
     def _send(self, ident: bytes, msg, payload_copy: bool = True) -> None:
+        self.counters[_OUT[msg.KIND]] += 1
         try:
-            self.sock.send_multipart([ident, *wire.encode(msg)], flags=zmq.NOBLOCK, copy=payload_copy)
+            if self.drain is not None:
+                self.drain.send([ident, *wire.encode(msg)], copy=payload_copy)
+            else:
+                self.sock.send_multipart([ident, *wire.encode(msg)], flags=zmq.NOBLOCK, copy=payload_copy)
         except zmq.Again:
             self.counters["upload.dropped-hwm"] += 1
 
@@ -121,29 +162,34 @@ class UploadServer:
     async def run(self) -> None:
         reveal = asyncio.create_task(self._reveal_loop())
         sender = asyncio.create_task(self._send_loop())
+        releaser = asyncio.create_task(self._release_loop())
+        self.drain = Drain(self.sock, self._on_frames, on_error=self._on_recv_error)
         try:
-            while True:
-                try:
-                    burst = await net.recv_burst(self.sock)
-                except zmq.ZMQError as e:  # never let the server die on a receive error
-                    self.counters["upload.recv-errors"] += 1
-                    log.warning("upload receive failed: %s", e)
-                    await asyncio.sleep(0.1)
-                    continue
-                for frames in burst:
-                    got = decode_routed(frames, self.counters)
-                    if got is None:
-                        continue
-                    try:
-                        self.handle(*got)
-                    except Exception:  # never let one request stop the server
-                        self.counters["upload.errors"] += 1
-                        log.exception("upload request failed")
+            await asyncio.Event().wait()  # requests are handled by the drain's callback
         finally:
+            self.drain.close()
+            self.drain = None
             reveal.cancel()
             sender.cancel()
+            releaser.cancel()
+
+    def _on_frames(self, frames: list) -> None:
+        got = decode_routed(frames, self.counters)
+        if got is None:
+            return
+        try:
+            self.handle(*got)
+        except Exception:  # never let one request stop the server
+            self.counters["upload.errors"] += 1
+            log.exception("upload request failed")
+
+    def _on_recv_error(self, e: BaseException) -> None:
+        # Never let the server die on a receive error: count it and keep the socket.
+        self.counters["upload.recv-errors"] += 1
+        log.warning("upload receive failed: %s", e)
 
     def handle(self, ident: bytes, msg) -> None:
+        self.counters[_IN[msg.KIND]] += 1
         if not self.last_heard:
             self._wake.set()  # children to expire now
         self.last_heard[ident] = time.monotonic()
@@ -153,21 +199,39 @@ class UploadServer:
             self._subscribe(ident, msg)
         elif isinstance(msg, wire.Heartbeat):
             self._send(ident, wire.Heartbeat("upload"))
+        elif isinstance(msg, wire.PieceCancel):
+            self._cancel(ident, msg)
         elif isinstance(msg, wire.Unsubscribe):
             subs = self.subs.get(msg.task_id, {})
             subs.pop(ident, None)
             if not subs:
                 self.subs.pop(msg.task_id, None)
                 self.rr.pop(msg.task_id, None)
+            self.queues.drop(ident, msg.task_id)
         else:
             self.counters["upload.unexpected"] += 1
             self._send(ident, wire.Error("bad-request", f"unexpected {type(msg).__name__}"))
+        if self.queues.total > 0:
+            if self.queues.waiting:
+                self._release_all()
+        elif ident in self.queues.waiting:  # the child's own traffic clocks its queue
+            self._release(ident)
+
+    def _cancel(self, ident: bytes, msg: wire.PieceCancel) -> None:
+        removed = self.queues.cancel(ident, msg.task_id, set(msg.nums))
+        if removed:
+            held = self.held(msg.task_id) or {}
+            self.counters["upload.cancelled"] += len(removed)
+            self.counters["upload.cancelled-bytes"] += sum(
+                held[r.num].length for r in removed if r.num in held)
+        self.counters["upload.cancel-too-late"] += len(msg.nums) - len(removed)
 
     def forget(self, task_id: str) -> None:
         """The task was evicted from the store."""
         self.subs.pop(task_id, None)
         self.rr.pop(task_id, None)
         self.hidden.pop(task_id, None)
+        self.queues.drop_task(task_id)
 
     def _subscribe(self, ident: bytes, msg: wire.Subscribe) -> None:
         self.on_access(msg.task_id)
@@ -184,6 +248,52 @@ class UploadServer:
 
     def _serve_piece(self, ident: bytes, msg: wire.PieceRequest) -> None:
         self.on_access(msg.task_id)
+        if self.queues.admit(ident, msg):
+            self._start(ident, msg)
+        else:
+            self.counters["upload.queued"] += 1
+            self._queued.set()
+
+    def _release_all(self) -> int:
+        reqs = self.queues.release_all()
+        for ident, req in reqs:
+            self._start(ident, req)
+        return len(reqs)
+
+    def _release(self, ident: bytes) -> int:
+        reqs = self.queues.release(ident)
+        for req in reqs:
+            self._start(ident, req)
+        return len(reqs)
+
+    async def _release_loop(self) -> None:
+        """While requests wait, give each child's queue the room its socket has made (the
+        end of a window, where no request of the child's follows to clock it)."""
+        tick = RELEASE_TICK_S
+        while True:
+            if not self._queued.is_set():
+                tick = RELEASE_TICK_S
+                await self._queued.wait()
+            await asyncio.sleep(tick)
+            released = 0
+            if self.queues.total > 0:
+                try:
+                    released = self._release_all()
+                except Exception:
+                    self.counters["upload.errors"] += 1
+                    log.exception("upload release failed")
+            for ident in self.queues.idents_waiting() if self.queues.total <= 0 else ():
+                try:
+                    released += self._release(ident)
+                except Exception:  # never let one child stop the others
+                    self.counters["upload.errors"] += 1
+                    log.exception("upload release failed")
+            tick = RELEASE_TICK_S if released else min(RELEASE_MAX_S, 2 * tick)
+            if not self.queues.waiting:
+                self._queued.clear()
+
+    def _start(self, ident: bytes, msg: wire.PieceRequest) -> None:
+        """Read the piece and hand it to the socket (or to the upload limiter's queue)."""
         try:
             data = self.store.get(msg.digest)
         except ValueError:
@@ -195,21 +305,36 @@ class UploadServer:
         if self.corrupt and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         reply = wire.PieceData(msg.task_id, msg.num, msg.digest, data)
+        flight = InFlight(msg)
+        self.queues.sent(ident, flight)
         if self.bucket.unlimited:
-            self._send_piece(ident, reply)
+            flight.tracker = self._send_piece(ident, reply)
         else:
-            self.outbox.put_nowait((ident, reply))
+            self.outbox.put_nowait((ident, reply, flight))
 
-    def _send_piece(self, ident: bytes, reply: wire.PieceData) -> None:
+    def _send_piece(self, ident: bytes, reply: wire.PieceData):
+        """Send a piece; returns its tracker (done once ZeroMQ wrote it into the kernel)."""
         self.bytes_uploaded += len(reply.data)
         self.counters["upload.pieces"] += 1
-        self._send(ident, reply, payload_copy=False)
+        self.counters[_OUT[reply.KIND]] += 1
+        try:
+            frames = [ident, *wire.encode(reply)]
+            if self.drain is not None:
+                return self.drain.send(frames, copy=False, track=True) or _DONE
+            return self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False, track=True) or _DONE
+        except zmq.Again:
+            self.counters["upload.dropped-hwm"] += 1
+            return _DONE
 
     async def _send_loop(self) -> None:
         while True:
-            ident, reply = await self.outbox.get()
+            ident, reply, flight = await self.outbox.get()
+            if flight.cancelled:  # the child cancelled it while it waited for tokens
+                continue
             await self.bucket.take(len(reply.data))
-            self._send_piece(ident, reply)
+            if flight.cancelled:  # cancelled while we waited: the tokens are spent, the bytes not
+                continue
+            flight.tracker = self._send_piece(ident, reply)
 
     def expire(self, now: float) -> None:
         """Forget children not heard from for `subscriber_ttl_s`."""
@@ -218,6 +343,7 @@ class UploadServer:
             return
         for i in gone:
             del self.last_heard[i]
+            self.queues.drop(i)
         for task_id in list(self.subs):
             subs = self.subs[task_id]
             for i in gone & subs.keys():
@@ -264,4 +390,7 @@ class UploadServer:
                         self._have(task_id, ident, fresh)
 
     def close(self) -> None:
+        if self.drain is not None:
+            self.drain.close()
+            self.drain = None
         self.sock.close(0)

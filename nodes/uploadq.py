@@ -1,0 +1,172 @@
+"""The upload server's per-child send queues: few pieces in the socket, the rest cancellable.
+
+A parent used to hand every PIECE_REQUEST's bytes to ZeroMQ at once. Bytes in a socket cannot be
+recalled, and on a slow uplink a child's requests could sit there for the 20 s piece timeout;
+the child then asked another parent and the slow copy still came (redundant bytes, issue 3).
+Now each child has at most `inflight` pieces handed to the socket and not yet written into the
+kernel (ZeroMQ's MessageTracker says when); further requests wait here, in order, and a
+PIECE_CANCEL from the child removes those it no longer wants. A child's credit window (about a
+second of what the parent delivers it, nodes/picker.py) bounds what waits.
+
+Throughput: a child's next request arrives as each piece lands, and every message from a child
+releases what its socket has room for, so the queue is clocked by the child itself; the server
+also looks every RELEASE_TICK_S while anything waits (the end of a window, where no request
+follows). Two pieces in the socket per child keep a link busy while the next is released.
+
+Pure: no sockets and no clock; the server passes tracker-like objects (anything with `done`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from dfzmq import wire
+
+INFLIGHT_PIECES = 2  # per child, handed to the socket and not yet written into the kernel
+
+
+class InFlight:
+    """One piece on its way to a child: waiting for upload tokens (`tracker` None: still
+    cancellable), or handed to ZeroMQ (`tracker.done` once written into the kernel)."""
+
+    __slots__ = ("req", "tracker", "cancelled")
+
+    def __init__(self, req: wire.PieceRequest) -> None:
+        self.req = req
+        self.tracker: Any = None
+        self.cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return self.cancelled or (self.tracker is not None and self.tracker.done)
+
+
+class ChildQueues:
+    def __init__(self, inflight: int = INFLIGHT_PIECES, total: int = 0) -> None:
+        self.inflight = max(1, inflight)
+        # > 0: at most this many pieces in the socket for all children together, and waiting
+        # requests go out oldest first whoever asked (the parent, not TCP, shares its uplink).
+        self.total = total
+        self.waiting: dict[bytes, deque[wire.PieceRequest]] = {}
+        self.sending: dict[bytes, list[InFlight]] = {}
+        self._seq = 0
+        self._arrived: dict[int, int] = {}  # id(request) -> arrival number, with a global cap
+
+    def _live_total(self) -> int:
+        return sum(self._prune(i) for i in list(self.sending))
+
+    def release_all(self) -> list[tuple[bytes, wire.PieceRequest]]:
+        """With a global cap: the oldest waiting requests of children with room, while the
+        parent's socket has room (the caller sends each and calls `sent`)."""
+        out = []
+        room = self.total - self._live_total()
+        counts = {i: len(self.sending.get(i, ())) for i in self.waiting}
+        while room > 0 and self.waiting:
+            best = None
+            for ident, q in self.waiting.items():
+                if counts.get(ident, 0) < self.inflight:
+                    seq = self._arrived.get(id(q[0]), 0)
+                    if best is None or seq < best[0]:
+                        best = (seq, ident)
+            if best is None:
+                break
+            ident = best[1]
+            q = self.waiting[ident]
+            req = q.popleft()
+            self._arrived.pop(id(req), None)
+            if not q:
+                del self.waiting[ident]
+            counts[ident] = counts.get(ident, 0) + 1
+            room -= 1
+            out.append((ident, req))
+        return out
+
+    def _prune(self, ident: bytes) -> int:
+        flights = self.sending.get(ident)
+        if not flights:
+            return 0
+        live = [f for f in flights if not f.done]
+        if live:
+            self.sending[ident] = live
+        else:
+            del self.sending[ident]
+        return len(live)
+
+    def admit(self, ident: bytes, req: wire.PieceRequest) -> bool:
+        """True: send `req` now (the caller then calls `sent`). False: it waits here."""
+        if self.total > 0:
+            if not self.waiting and self._prune(ident) < self.inflight and self._live_total() < self.total:
+                return True
+            self._seq += 1
+            self._arrived[id(req)] = self._seq
+        elif not self.waiting.get(ident) and self._prune(ident) < self.inflight:
+            return True
+        self.waiting.setdefault(ident, deque()).append(req)
+        return False
+
+    def sent(self, ident: bytes, flight: InFlight) -> None:
+        self.sending.setdefault(ident, []).append(flight)
+
+    def release(self, ident: bytes) -> list[wire.PieceRequest]:
+        """Requests of `ident` that may go now (oldest first); the caller sends each and calls `sent`."""
+        q = self.waiting.get(ident)
+        if not q:
+            return []
+        room = self.inflight - self._prune(ident)
+        out = []
+        while q and room > 0:
+            out.append(q.popleft())
+            room -= 1
+        if not q:
+            del self.waiting[ident]
+        return out
+
+    def cancel(self, ident: bytes, task_id: str, nums: set[int]) -> list[wire.PieceRequest]:
+        """Forget these requests if their bytes have not reached the socket; returns those removed
+        (waiting here, or waiting for upload tokens)."""
+        removed = []
+        q = self.waiting.get(ident)
+        if q:
+            keep = deque()
+            for r in q:
+                (removed if r.task_id == task_id and r.num in nums else keep).append(r)
+            for r in removed:
+                self._arrived.pop(id(r), None)
+            if keep:
+                self.waiting[ident] = keep
+            else:
+                del self.waiting[ident]
+        for f in self.sending.get(ident, ()):
+            if f.tracker is None and not f.cancelled and f.req.task_id == task_id and f.req.num in nums:
+                f.cancelled = True
+                removed.append(f.req)
+        return removed
+
+    def drop(self, ident: bytes, task_id: str | None = None) -> int:
+        """The child left (or unsubscribed from `task_id`): forget what waits for it."""
+        n = 0
+        q = self.waiting.get(ident)
+        if q:
+            keep = deque(r for r in q if task_id is not None and r.task_id != task_id)
+            n = len(q) - len(keep)
+            for r in q:
+                if task_id is None or r.task_id == task_id:
+                    self._arrived.pop(id(r), None)
+            if keep:
+                self.waiting[ident] = keep
+            else:
+                del self.waiting[ident]
+        for f in self.sending.get(ident, ()):
+            if f.tracker is None and (task_id is None or f.req.task_id == task_id):
+                f.cancelled = True
+        if task_id is None:
+            self.sending.pop(ident, None)
+        return n
+
+    def drop_task(self, task_id: str) -> None:
+        for ident in list(self.waiting) + list(self.sending):
+            self.drop(ident, task_id)
+
+    def idents_waiting(self) -> list[bytes]:
+        return list(self.waiting)

@@ -1,0 +1,212 @@
+"""PIECE_CANCEL and the upload server's per-child send queues (issue 3: redundant bytes).
+
+The queue logic is pure (nodes/uploadq.py) and tested with fake trackers; the server is tested
+on real sockets: a real UploadServer over a real LMDB piece store, a child DEALER that asks for
+pieces and cancels some. The parent's upload limit holds its first two pieces (in flight, not yet
+in the socket) long enough for the rest to wait in its queue, where a cancel reaches them; a
+child's ZeroMQ I/O thread reads whatever reaches the socket, so only the limiter makes this
+deterministic on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from dfzmq import wire
+from dfzmq.service import Counters
+from nodes.limits import TokenBucket
+from nodes.source import digest
+from nodes.store import PieceStore
+from nodes.upload import UploadServer
+from nodes.uploadq import ChildQueues, InFlight
+from tests.conftest import TIMEOUT_S
+
+TASK = "ab" * 32
+
+
+class Tracker:
+    def __init__(self) -> None:
+        self.done = False
+
+
+def req(n: int, task: str = TASK) -> wire.PieceRequest:
+    return wire.PieceRequest(task, n, f"{n:064x}")
+
+
+def sent(q: ChildQueues, ident: bytes, r: wire.PieceRequest) -> Tracker:
+    f = InFlight(r)
+    f.tracker = Tracker()
+    q.sent(ident, f)
+    return f.tracker
+
+
+def test_two_in_the_socket_the_rest_wait_in_order():
+    q = ChildQueues(inflight=2)
+    t = [sent(q, b"c", r) for r in (req(0), req(1)) if q.admit(b"c", r)]
+    assert len(t) == 2
+    assert not q.admit(b"c", req(2)) and not q.admit(b"c", req(3))
+    assert q.admit(b"other", req(9))  # another child has its own room
+    assert q.release(b"c") == []  # nothing written into the kernel yet
+    t[0].done = True
+    assert [r.num for r in q.release(b"c")] == [2]
+    sent(q, b"c", req(2))  # the caller marks what it sent
+    assert q.release(b"c") == []  # 1 and 2 in the socket
+
+
+def test_cancel_removes_waiting_and_token_waiting_requests_only():
+    q = ChildQueues(inflight=2)
+    in_socket = InFlight(req(0))
+    in_socket.tracker = Tracker()
+    waiting_tokens = InFlight(req(1))  # handed to the upload limiter, no tracker yet
+    for f in (in_socket, waiting_tokens):
+        assert q.admit(b"c", f.req)
+        q.sent(b"c", f)
+    for n in (2, 3, 4):
+        assert not q.admit(b"c", req(n))
+    removed = q.cancel(b"c", TASK, {0, 1, 3, 7})
+    assert sorted(r.num for r in removed) == [1, 3]  # 0 is in the socket; 7 was never asked
+    assert waiting_tokens.cancelled and waiting_tokens.done and not in_socket.done
+    assert [r.num for r in q.release(b"c")] == [2]  # the cancelled flight freed its room
+    assert q.cancel(b"c", "other-task", {4}) == []
+
+
+def test_drop_on_unsubscribe_and_on_leaving():
+    q = ChildQueues(inflight=1)
+    assert q.admit(b"c", req(0))
+    sent(q, b"c", req(0))
+    assert not q.admit(b"c", req(1, "t1")) and not q.admit(b"c", req(2))
+    assert q.drop(b"c", "t1") == 1
+    assert [r.num for r in q.waiting[b"c"]] == [2]
+    assert q.drop(b"c") == 1
+    assert b"c" not in q.waiting and b"c" not in q.sending
+
+
+# -- on real sockets -----------------------------------------------------------------------------
+
+
+def _store_pieces(tmp_path, count: int, size: int) -> tuple[PieceStore, dict[int, wire.PieceInfo]]:
+    store = PieceStore(tmp_path / "store", map_size=1 << 30)
+    held = {}
+    for n in range(count):
+        data = bytes([n]) * 16 + os.urandom(size - 16)
+        info = wire.PieceInfo(n, n * size, size, digest(data))
+        store.put(TASK, info, data)
+        held[n] = info
+    return store, held
+
+
+async def _recv(sock, timeout_s: float = TIMEOUT_S):
+    if not await sock.poll(int(timeout_s * 1000)):
+        return None
+    return wire.decode(await sock.recv_multipart())
+
+
+def test_cancelled_requests_are_never_sent(tmp_path):
+    """An upload limit of 1 MiB/s holds 1 MiB pieces for about a second each before they reach
+    the socket: the first two of a child are in flight (waiting for tokens: still cancellable),
+    the rest wait in its queue."""
+    size = 1 << 20
+    store, held = _store_pieces(tmp_path, 6, size)
+    counters = Counters()
+
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        server = UploadServer(ctx, store, "tcp://127.0.0.1:0", "127.0.0.1", lambda t: held if t == TASK else {},
+                              counters, bucket=TokenBucket(1 << 20))
+        run = asyncio.create_task(server.run())
+        child = ctx.socket(zmq.DEALER)
+        child.setsockopt(zmq.LINGER, 0)
+        child.connect(server.addr)
+        try:
+            for n in range(6):
+                await child.send_multipart(wire.encode(wire.PieceRequest(TASK, n, held[n].digest)))
+            await child.send_multipart(wire.encode(wire.PieceCancel(TASK, [0, 2, 3, 5])))
+            got = []
+            while True:
+                msg = await _recv(child, 1.5 if len(got) >= 2 else TIMEOUT_S * 3)
+                if msg is None:
+                    break
+                assert isinstance(msg, wire.PieceData)
+                assert digest(bytes(msg.data)) == held[msg.num].digest
+                got.append(msg.num)
+            assert counters["upload.queued"] == 4, dict(counters)  # two in flight, four waited here
+            # 0 waited for tokens and 2, 3 and 5 in the queue: none of them was sent.
+            assert got == [1, 4], got
+            assert counters["upload.cancelled"] == 4
+            assert counters["upload.cancelled-bytes"] == 4 * size
+            assert counters["upload.cancel-too-late"] == 0
+            assert server.bytes_uploaded == 2 * size
+        finally:
+            child.close(0)
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            server.close()
+            ctx.term()
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+
+
+def test_malformed_cancel_is_dropped_and_counted_and_the_server_goes_on(tmp_path):
+    store, held = _store_pieces(tmp_path, 3, 64 * 1024)
+    counters = Counters()
+
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        server = UploadServer(ctx, store, "tcp://127.0.0.1:0", "127.0.0.1", lambda t: held if t == TASK else {},
+                              counters)
+        run = asyncio.create_task(server.run())
+        child = ctx.socket(zmq.DEALER)
+        child.setsockopt(zmq.LINGER, 0)
+        child.connect(server.addr)
+        try:
+            bad = [
+                [wire.MAGIC, b"PIECE_CANCEL", msgpack.packb({"task_id": TASK, "nums": ["x"]})],
+                [wire.MAGIC, b"PIECE_CANCEL", msgpack.packb({"task_id": TASK})],
+                [wire.MAGIC, b"PIECE_CANCEL", msgpack.packb({"task_id": TASK, "nums": 5})],
+                [wire.MAGIC, b"PIECE_CANCEL", b"\xc1garbage"],
+            ]
+            for frames in bad:
+                await child.send_multipart(frames)
+            await child.send_multipart(wire.encode(wire.PieceCancel(TASK, [1])))  # nothing to cancel
+            await child.send_multipart(wire.encode(wire.PieceRequest(TASK, 2, held[2].digest)))
+            msg = await _recv(child)
+            assert isinstance(msg, wire.PieceData) and msg.num == 2
+            assert counters["dropped.bad-frame"] == len(bad)
+            assert counters["upload.cancel-too-late"] == 1 and counters["upload.cancelled"] == 0
+        finally:
+            child.close(0)
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            server.close()
+            ctx.term()
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+
+
+def test_a_global_cap_serves_the_oldest_request_first_whoever_asked():
+    q = ChildQueues(inflight=2, total=2)
+    a0, a1, b0, c0 = req(0), req(1), req(2), req(3)
+    assert q.admit(b"a", a0)
+    ta = sent(q, b"a", a0)
+    assert q.admit(b"b", b0)
+    tb = sent(q, b"b", b0)
+    assert not q.admit(b"a", a1)  # the parent's socket is full: a1 waits, then c0
+    assert not q.admit(b"c", c0)
+    assert q.release_all() == []
+    tb.done = True
+    assert q.release_all() == [(b"a", a1)]  # oldest first, although b's piece made the room
+    sent(q, b"a", a1)
+    ta.done = True
+    assert q.release_all() == [(b"c", c0)]
+    assert not q.waiting and not q._arrived
