@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,7 +32,7 @@ import zmq.asyncio
 from dfzmq import net, wire
 from dfzmq.service import Counters, decode_routed
 from nodes.limits import TokenBucket
-from nodes.store import PieceStore
+from nodes.store import DISK, PieceStore
 from nodes.uploadq import ChildQueues, InFlight
 from nodes.zdrain import Drain, plain_context
 
@@ -58,6 +59,7 @@ class _Done:
     done = True
 
 
+READER_THREADS = 2  # piece files read at once for uploads (each holds a 4 MiB O_DIRECT buffer)
 _DONE = _Done()  # the tracker of a piece that is not in the socket (dropped at the high-water mark)
 
 
@@ -104,6 +106,7 @@ class UploadServer:
         self.queues = ChildQueues(total=int(os.environ.get("DFZMQ_UPLOAD_INFLIGHT_TOTAL", "0") or 0))
 
         self._queued = asyncio.Event()  # something waits in self.queues
+        self._readers: ThreadPoolExecutor | None = None  # reads piece files not in memory
         self._wake = asyncio.Event()  # the reveal loop has something new to wait for
 
     # -- notifications from the daemon ------------------------------------------------------
@@ -172,6 +175,8 @@ class UploadServer:
             reveal.cancel()
             sender.cancel()
             releaser.cancel()
+            if self._readers is not None:
+                self._readers.shutdown(wait=False, cancel_futures=True)
 
     def _on_frames(self, frames: list) -> None:
         got = decode_routed(frames, self.counters)
@@ -293,20 +298,47 @@ class UploadServer:
                 self._queued.clear()
 
     def _start(self, ident: bytes, msg: wire.PieceRequest) -> None:
-        """Read the piece and hand it to the socket (or to the upload limiter's queue)."""
+        """Read the piece and hand it to the socket (or to the upload limiter's queue). A piece
+        held in a file and not in memory is read in a reader thread, never on the loop (an
+        O_DIRECT read waits for the disk); meanwhile it holds one of the child's socket slots
+        and a PIECE_CANCEL can still stop it."""
         try:
-            data = self.store.get(msg.digest)
+            data = self.store.get_ready(msg.digest)
         except ValueError:
             data = None
+        flight = InFlight(msg)
+        self.queues.sent(ident, flight)
+        if data is DISK:
+            self.counters["upload.disk-reads"] += 1
+            if self._readers is None:
+                self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="upload-read")
+            fut = asyncio.get_running_loop().run_in_executor(self._readers, self.store.get, msg.digest)
+            fut.add_done_callback(lambda f: self._read_done(ident, flight, f))
+            return
+        self._reply(ident, flight, data)
+
+    def _read_done(self, ident: bytes, flight: InFlight, fut: asyncio.Future) -> None:
+        if flight.cancelled:  # the child cancelled it while the disk read it
+            self.counters["upload.cancelled-reading"] += 1
+            return
+        try:
+            data = fut.result()
+        except Exception:
+            self.counters["upload.errors"] += 1
+            log.exception("reading piece %d of %s failed", flight.req.num, flight.req.task_id[:12])
+            data = None
+        self._reply(ident, flight, data)
+
+    def _reply(self, ident: bytes, flight: InFlight, data) -> None:
+        msg = flight.req
         if data is None:
+            flight.tracker = _DONE
             self.counters["upload.missing"] += 1
             self._send(ident, wire.PieceMissing(msg.task_id, msg.num, "missing"))
             return
         if self.corrupt and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         reply = wire.PieceData(msg.task_id, msg.num, msg.digest, data)
-        flight = InFlight(msg)
-        self.queues.sent(ident, flight)
         if self.bucket.unlimited:
             flight.tracker = self._send_piece(ident, reply)
         else:

@@ -210,3 +210,70 @@ def test_a_global_cap_serves_the_oldest_request_first_whoever_asked():
     ta.done = True
     assert q.release_all() == [(b"c", c0)]
     assert not q.waiting and not q._arrived
+
+
+def test_piece_files_are_read_off_the_loop_and_a_cancel_stops_a_read(tmp_path):
+    """Pieces held in files and not in memory are read in reader threads: while one read is
+    stuck on a slow disk, the loop goes on serving, and a cancel that arrives during the read
+    keeps its bytes off the wire."""
+    import threading
+
+    size = 1 << 20
+    store = PieceStore(tmp_path / "store", map_size=1 << 30, file_threshold=size, cache_bytes=0)
+    held = {}
+    for n in range(3):
+        data = bytes([n]) * 16 + os.urandom(size - 16)
+        held[n] = wire.PieceInfo(n, n * size, size, digest(data))
+        store.put(TASK, held[n], data)
+    counters = Counters()
+    disk = threading.Event()
+    real_get = store.get
+
+    def slow_get(d: str):
+        if d == held[0].digest:
+            assert disk.wait(TIMEOUT_S * 3)  # a disk that takes its time for piece 0
+        return real_get(d)
+
+    store.get = slow_get
+
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        server = UploadServer(ctx, store, "tcp://127.0.0.1:0", "127.0.0.1", lambda t: held if t == TASK else {},
+                              counters)
+        run = asyncio.create_task(server.run())
+        a, b = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        for s in (a, b):
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(server.addr)
+        try:
+            await a.send_multipart(wire.encode(wire.PieceRequest(TASK, 0, held[0].digest)))
+            await b.send_multipart(wire.encode(wire.PieceRequest(TASK, 1, held[1].digest)))
+            msg = await _recv(b)  # served while piece 0's read is stuck
+            assert isinstance(msg, wire.PieceData) and msg.num == 1
+            assert digest(bytes(msg.data)) == held[1].digest
+            await a.send_multipart(wire.encode(wire.PieceCancel(TASK, [0])))
+            for _ in range(100):  # the cancel reached the server
+                if counters["upload.cancelled"]:
+                    break
+                await asyncio.sleep(0.02)
+            disk.set()
+            await a.send_multipart(wire.encode(wire.PieceRequest(TASK, 2, held[2].digest)))
+            msg = await _recv(a)
+            assert isinstance(msg, wire.PieceData) and msg.num == 2  # not 0: it was cancelled
+            assert await _recv(a, 0.5) is None
+            assert counters["upload.disk-reads"] == 3
+            assert counters["upload.cancelled"] == 1 and counters["upload.cancelled-reading"] == 1
+            assert server.bytes_uploaded == 2 * size
+        finally:
+            disk.set()
+            a.close(0)
+            b.close(0)
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            server.close()
+            ctx.term()
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
