@@ -107,6 +107,8 @@ class UploadServer:
 
         self._queued = asyncio.Event()  # something waits in self.queues
         self._readers: ThreadPoolExecutor | None = None  # reads piece files not in memory
+        self._closed = False
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()  # the reveal loop has something new to wait for
 
     # -- notifications from the daemon ------------------------------------------------------
@@ -127,10 +129,11 @@ class UploadServer:
         if subs:
             # Batched: one HAVE per child every HAVE_BATCH_S, however many pieces landed meanwhile.
             if not self.fresh:
-                asyncio.get_running_loop().call_later(HAVE_BATCH_S, self._flush_fresh)
+                self._flush_timer = asyncio.get_running_loop().call_later(HAVE_BATCH_S, self._flush_fresh)
             self.fresh.setdefault(task_id, []).append(num)
 
     def _flush_fresh(self) -> None:
+        self._flush_timer = None
         fresh, self.fresh = self.fresh, {}
         for task_id, nums in fresh.items():
             for ident in list(self.subs.get(task_id, ())):
@@ -159,6 +162,8 @@ class UploadServer:
                 self.sock.send_multipart([ident, *wire.encode(msg)], flags=zmq.NOBLOCK, copy=payload_copy)
         except zmq.Again:
             self.counters["upload.dropped-hwm"] += 1
+        except zmq.ZMQError:  # the socket closed under a late callback
+            self.counters["upload.send-errors"] += 1
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -175,8 +180,6 @@ class UploadServer:
             reveal.cancel()
             sender.cancel()
             releaser.cancel()
-            if self._readers is not None:
-                self._readers.shutdown(wait=False, cancel_futures=True)
 
     def _on_frames(self, frames: list) -> None:
         got = decode_routed(frames, self.counters)
@@ -223,13 +226,15 @@ class UploadServer:
             self._release(ident)
 
     def _cancel(self, ident: bytes, msg: wire.PieceCancel) -> None:
-        removed = self.queues.cancel(ident, msg.task_id, set(msg.nums))
+        nums = set(msg.nums)
+        removed = self.queues.cancel(ident, msg.task_id, nums)
         if removed:
             held = self.held(msg.task_id) or {}
             self.counters["upload.cancelled"] += len(removed)
             self.counters["upload.cancelled-bytes"] += sum(
                 held[r.num].length for r in removed if r.num in held)
-        self.counters["upload.cancel-too-late"] += len(msg.nums) - len(removed)
+        # Already in the socket, or never asked for here: this server cannot tell them apart.
+        self.counters["upload.cancel-too-late"] += len(nums) - len(removed)
 
     def forget(self, task_id: str) -> None:
         """The task was evicted from the store."""
@@ -312,14 +317,21 @@ class UploadServer:
             self.counters["upload.disk-reads"] += 1
             if self._readers is None:
                 self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="upload-read")
-            fut = asyncio.get_running_loop().run_in_executor(self._readers, self.store.get, msg.digest)
+            flight.reading = True
+            fut = asyncio.get_running_loop().run_in_executor(self._readers, self._read, flight)
             fut.add_done_callback(lambda f: self._read_done(ident, flight, f))
             return
         self._reply(ident, flight, data)
 
+    def _read(self, flight: InFlight) -> bytes | None:
+        """Reader thread. A request cancelled while it waited for a thread is not read."""
+        return None if flight.cancelled or self._closed else self.store.get(flight.req.digest)
+
     def _read_done(self, ident: bytes, flight: InFlight, fut: asyncio.Future) -> None:
-        if flight.cancelled:  # the child cancelled it while the disk read it
-            self.counters["upload.cancelled-reading"] += 1
+        flight.reading = False
+        if flight.cancelled or fut.cancelled() or self._closed:  # cancelled meanwhile, or shut down
+            self.counters["upload.cancelled-reading"] += flight.cancelled
+            flight.tracker = _DONE
             return
         try:
             data = fut.result()
@@ -331,18 +343,23 @@ class UploadServer:
 
     def _reply(self, ident: bytes, flight: InFlight, data) -> None:
         msg = flight.req
-        if data is None:
+        try:
+            if data is None:
+                flight.tracker = _DONE
+                self.counters["upload.missing"] += 1
+                self._send(ident, wire.PieceMissing(msg.task_id, msg.num, "missing"))
+                return
+            if self.corrupt and data:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            reply = wire.PieceData(msg.task_id, msg.num, msg.digest, data)
+            if self.bucket.unlimited:
+                flight.tracker = self._send_piece(ident, reply)
+            else:
+                self.outbox.put_nowait((ident, reply, flight))
+        except Exception:  # never keep the child's slot for a reply that could not be made
             flight.tracker = _DONE
-            self.counters["upload.missing"] += 1
-            self._send(ident, wire.PieceMissing(msg.task_id, msg.num, "missing"))
-            return
-        if self.corrupt and data:
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-        reply = wire.PieceData(msg.task_id, msg.num, msg.digest, data)
-        if self.bucket.unlimited:
-            flight.tracker = self._send_piece(ident, reply)
-        else:
-            self.outbox.put_nowait((ident, reply, flight))
+            self.counters["upload.errors"] += 1
+            log.exception("answering a request for piece %d failed", msg.num)
 
     def _send_piece(self, ident: bytes, reply: wire.PieceData):
         """Send a piece; returns its tracker (done once ZeroMQ wrote it into the kernel)."""
@@ -422,6 +439,13 @@ class UploadServer:
                         self._have(task_id, ident, fresh)
 
     def close(self) -> None:
+        """Before the store closes: reader threads are done with it when this returns."""
+        self._closed = True
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        if self._readers is not None:
+            self._readers.shutdown(wait=True, cancel_futures=True)
+            self._readers = None
         if self.drain is not None:
             self.drain.close()
             self.drain = None

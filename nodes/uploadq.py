@@ -19,7 +19,7 @@ Pure: no sockets and no clock; the server passes tracker-like objects (anything 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from dfzmq import wire
 
@@ -27,18 +27,23 @@ INFLIGHT_PIECES = 2  # per child, handed to the socket and not yet written into 
 
 
 class InFlight:
-    """One piece on its way to a child: waiting for upload tokens (`tracker` None: still
-    cancellable), or handed to ZeroMQ (`tracker.done` once written into the kernel)."""
+    """One piece on its way to a child: being read from disk or waiting for upload tokens
+    (`tracker` None: still cancellable), or handed to ZeroMQ (`tracker.done` once written
+    into the kernel). A cancelled read keeps its slot until the read ends, so cancels
+    cannot queue up disk reads beyond the child's slots."""
 
-    __slots__ = ("req", "tracker", "cancelled")
+    __slots__ = ("req", "tracker", "cancelled", "reading")
 
     def __init__(self, req: wire.PieceRequest) -> None:
         self.req = req
         self.tracker: Any = None
         self.cancelled = False
+        self.reading = False
 
     @property
     def done(self) -> bool:
+        if self.reading:
+            return False
         return self.cancelled or (self.tracker is not None and self.tracker.done)
 
 
@@ -124,45 +129,47 @@ class ChildQueues:
 
     def cancel(self, ident: bytes, task_id: str, nums: set[int]) -> list[wire.PieceRequest]:
         """Forget these requests if their bytes have not reached the socket; returns those removed
-        (waiting here, or waiting for upload tokens)."""
-        removed = []
-        q = self.waiting.get(ident)
-        if q:
-            keep = deque()
-            for r in q:
-                (removed if r.task_id == task_id and r.num in nums else keep).append(r)
-            for r in removed:
-                self._arrived.pop(id(r), None)
-            if keep:
-                self.waiting[ident] = keep
-            else:
-                del self.waiting[ident]
-        for f in self.sending.get(ident, ()):
-            if f.tracker is None and not f.cancelled and f.req.task_id == task_id and f.req.num in nums:
-                f.cancelled = True
-                removed.append(f.req)
-        return removed
+        (waiting here, or being read or waiting for upload tokens)."""
+        def gone(r: wire.PieceRequest) -> bool:
+            return r.task_id == task_id and r.num in nums
+
+        return self._remove_waiting(ident, gone) + self._cancel_flights(ident, gone)
 
     def drop(self, ident: bytes, task_id: str | None = None) -> int:
         """The child left (or unsubscribed from `task_id`): forget what waits for it."""
-        n = 0
-        q = self.waiting.get(ident)
-        if q:
-            keep = deque(r for r in q if task_id is not None and r.task_id != task_id)
-            n = len(q) - len(keep)
-            for r in q:
-                if task_id is None or r.task_id == task_id:
-                    self._arrived.pop(id(r), None)
-            if keep:
-                self.waiting[ident] = keep
-            else:
-                del self.waiting[ident]
-        for f in self.sending.get(ident, ()):
-            if f.tracker is None and (task_id is None or f.req.task_id == task_id):
-                f.cancelled = True
+        def gone(r: wire.PieceRequest) -> bool:
+            return task_id is None or r.task_id == task_id
+
+        n = len(self._remove_waiting(ident, gone))
+        self._cancel_flights(ident, gone)
         if task_id is None:
             self.sending.pop(ident, None)
         return n
+
+    def _remove_waiting(self, ident: bytes, gone: Callable[[wire.PieceRequest], bool]) -> list[wire.PieceRequest]:
+        q = self.waiting.get(ident)
+        if not q:
+            return []
+        removed: list[wire.PieceRequest] = []
+        keep: deque[wire.PieceRequest] = deque()
+        for r in q:
+            (removed if gone(r) else keep).append(r)
+        for r in removed:
+            self._arrived.pop(id(r), None)
+        if keep:
+            self.waiting[ident] = keep
+        else:
+            del self.waiting[ident]
+        return removed
+
+    def _cancel_flights(self, ident: bytes, gone: Callable[[wire.PieceRequest], bool]) -> list[wire.PieceRequest]:
+        """Mark flights not yet in the socket cancelled (their sender skips them)."""
+        out = []
+        for f in self.sending.get(ident, ()):
+            if f.tracker is None and not f.cancelled and gone(f.req):
+                f.cancelled = True
+                out.append(f.req)
+        return out
 
     def drop_task(self, task_id: str) -> None:
         for ident in list(self.waiting) + list(self.sending):
