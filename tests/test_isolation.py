@@ -75,6 +75,9 @@ def test_parent_killed_or_stalled_mid_transfer(tmp_path, origin, www, outdir, fa
         assert "stats" in result, (result, c.tail("peer2"))
         assert (outdir / "p2.bin").read_bytes() == data
         assert result["stats"]["peer_bytes"] > 0  # it really was getting bytes from peer1
+        # peer2 told its parents which requests it gave up on (timed out at peer1, or the
+        # piece came from another parent first): PIECE_CANCEL, so queued bytes are not sent.
+        assert (c.stat("peer2") or {}).get("counters", {}).get("msg.out.PIECE_CANCEL", 0) > 0
         assert origin.bytes_served(f"{fault}.bin") == size
 
 
