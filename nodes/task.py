@@ -7,6 +7,9 @@ digest the scheduler relayed before it is stored, served, reported or written ou
 Clients attach `OutputSink`s; each gets every piece as it is stored and is finished (whole-file
 digest checked, renamed into place) when the task completes.
 
+The parents' side (pipes, incoming pieces and HAVEs, requests, cancels, dropping bad or dead
+parents) is the `ParentSide` mixin in nodes/taskparents.py.
+
 Faults it handles on its own: a parent that goes silent, sends bad bytes or times out is
 dropped and blocklisted, and the scheduler is asked for others (RESCHEDULE); no progress for
 `stall_timeout_s` also asks for a reschedule; no scheduler, or none that answers within
@@ -18,17 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import zmq
-
-from dfzmq import net, wire
+from dfzmq import wire
 from dfzmq.errors import DfzmqError, DownloadError, SourceError, StorageError
 from dfzmq.oci import blob_digest_of
-from dfzmq.service import decode_plain
 from nodes.limits import TokenBucket
 from nodes.picker import Picker
 from nodes.backsource import read_origin
@@ -37,7 +36,7 @@ from nodes.localhits import take_local
 from nodes.sink import OutputSink
 from nodes.source import digest
 from nodes.trace import trace
-from nodes.zdrain import Drain, plain_context
+from nodes.taskparents import ParentLink, ParentSide
 
 if TYPE_CHECKING:
     from nodes.daemon import Daemon, SchedulerLink
@@ -50,48 +49,9 @@ REPORT_BATCH = 64
 # the scale of seconds are checked. Each tick costs a pick and a scheduler message per running
 # task: at 0.1 s that was a tenth of a lab daemon's CPU (issue 3).
 WATCHDOG_TICK_S = 0.25
-# Counter names per message kind, made once: `msg.in.HAVE`, `msg.out.PIECE_REQUEST`, ... (what a
-# daemon sends and receives per piece is what tools/swarm_cpu.py reports).
-_IN = {k: "msg.in." + k.decode() for k in wire.REGISTRY}
-_OUT = {k: "msg.out." + k.decode() for k in wire.REGISTRY}
 
 
-class ParentLink:
-    """The direct pipe to one parent: a plain DEALER and the Drain that reads it (a callback per
-    message on the loop thread, nodes/zdrain.py: no Future or Task wake-up per message)."""
-
-    def __init__(self, run: "TaskRun", info: wire.ParentInfo) -> None:
-        self.run = run
-        self.info = info
-        self.sock = net.make_socket(plain_context(run.daemon.ctx), "parent_dealer", run.daemon.curve)
-        try:
-            self.sock.connect(info.addr)
-        except zmq.ZMQError:
-            self.sock.close(0)
-            raise
-        self.last_seen = time.monotonic()
-        self.last_sent = 0.0
-        self.drain: Drain | None = None
-
-    def send(self, msg: Any) -> None:
-        counters = self.run.daemon.counters
-        counters[_OUT[msg.KIND]] += 1
-        self.last_sent = time.monotonic()
-        try:
-            if self.drain is not None:
-                self.drain.send(wire.encode(msg))
-            else:
-                self.sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            counters["parent.send-dropped"] += 1
-
-    def close(self) -> None:
-        if self.drain is not None:
-            self.drain.close()
-        self.sock.close(linger=200)  # let a final UNSUBSCRIBE leave
-
-
-class TaskRun:
+class TaskRun(ParentSide):
     def __init__(self, daemon: "Daemon", task_id: str, url: str, headers: dict[str, str],
                  tag: str = "", application: str = "") -> None:
         self.daemon = daemon
@@ -308,140 +268,6 @@ class TaskRun:
         self._pump()
         if self._all_held():
             self._spawn(self._finish())
-
-    def _set_parents(self, parents: list[wire.ParentInfo]) -> None:
-        if self.state == "source":
-            return
-        self.state = "running"
-        wanted = {p.peer_id: p for p in parents if p.peer_id not in self.blocklist and p.peer_id != self.peer_id}
-        for pid in list(self.parents):
-            if pid not in wanted:
-                self._drop_parent(pid, block=False)
-        for pid, info in wanted.items():
-            if pid in self.parents:
-                continue
-            try:
-                link = ParentLink(self, info)
-            except zmq.ZMQError as e:
-                self.log.warning("cannot connect to parent %s at %s: %s", pid, info.addr, e)
-                self.blocklist.add(pid)
-                continue
-            self.parents[pid] = link
-            self.picker.add_parent(pid, seed=info.seed)
-            link.drain = Drain(link.sock, functools.partial(self._on_parent_frames, link), copy=False,
-                               on_error=functools.partial(self._on_parent_error, link))
-            link.send(wire.Subscribe(self.task_id, self.peer_id))
-        self.last_progress = time.monotonic()
-
-    # -- parents --------------------------------------------------------------------------
-
-    def _on_parent_frames(self, link: ParentLink, frames: list) -> None:
-        """One message from a parent (the link's Drain calls this on the loop thread)."""
-        msg = decode_plain(frames, self.daemon.counters)
-        if msg is None:
-            return
-        self.daemon.counters[_IN[msg.KIND]] += 1
-        link.last_seen = time.monotonic()
-        if isinstance(msg, wire.PieceData):
-            self._on_piece_data(link, msg)
-        elif isinstance(msg, wire.Have):
-            pid = link.info.peer_id
-            self.picker.on_have(pid, msg.nums)
-            if self.picker.have_is_news(pid, msg.nums):
-                self._pump()
-        elif isinstance(msg, wire.PieceMissing):
-            self.picker.on_missing(link.info.peer_id, msg.num)
-            self._pump()
-
-    def _on_parent_error(self, link: ParentLink, err: BaseException) -> None:
-        if isinstance(err, DfzmqError):
-            self.fail(err)
-        elif isinstance(err, zmq.ZMQError):  # the pipe itself broke: drop the parent, ask again
-            self.daemon.counters["parent.recv-errors"] += 1
-            self.log.warning("parent %s receive failed: %s", link.info.peer_id, err)
-            if self.parents.get(link.info.peer_id) is link:
-                self._drop_parent(link.info.peer_id, block=False)
-                self._reschedule(f"receive from {link.info.peer_id} failed")
-        else:
-            self.log.error("parent %s reader failed", link.info.peer_id, exc_info=err)
-            self.fail(DownloadError(f"internal error: {err}"))
-
-    def _on_piece_data(self, link: ParentLink, msg: wire.PieceData) -> None:
-        pid = link.info.peer_id
-        info = self.manifest.get(msg.num)
-        if msg.num in self.held or msg.num in self.writing:
-            self.picker.on_duplicate(pid, msg.num)  # an endgame or rescue copy; the first one wins
-            trace("dup", self.task_id, msg.num, pid)
-            self.stats["duplicate_bytes"] += len(msg.data)
-            return
-        if info is None or msg.digest != info.digest or len(msg.data) != info.length:
-            self._bad_piece(pid, msg.num)
-            return
-        source = "seed" if link.info.seed else "peer"
-        now = time.monotonic()
-        wait = max(self.daemon.download_bucket.reserve(info.length, now), self.bucket.reserve(info.length, now))
-        if wait > 0:
-            self.pump_after = max(self.pump_after, now + wait)
-        self.writing.add(msg.num)
-        # Hashed in the verifier thread while the writer stores the pieces before it (blake3
-        # releases the GIL): the writer thread is the download's critical path.
-        check = self.daemon.verifier.submit(digest, msg.data)
-        fut = self._in_writer(self._write, info, msg.data, check)
-        fut.add_done_callback(lambda f: self._written(f, info, source, pid))
-
-    def _bad_piece(self, pid: str, num: int) -> None:
-        self.daemon.counters["parent.bad-piece"] += 1
-        self.log.warning("bad piece %d from parent %s: blocking it", num, pid)
-        self.picker.on_failure(pid, num)
-        self._drop_parent(pid, block=True)
-        self.bad_parents.add(pid)
-        self._reschedule(f"bad piece from {pid}")
-
-    def _pump(self) -> None:
-        """Fill the parents' windows, once per loop turn however many messages asked for it."""
-        if not self._pump_due:
-            self._pump_due = True
-            asyncio.get_running_loop().call_soon(self._pump_now)
-
-    def _pump_now(self) -> None:
-        self._pump_due = False
-        if self.state != "running":
-            return
-        delay = self.pump_after - time.monotonic()
-        if delay > 0:  # over a download limit: ask for more only once the tokens are back
-            self._pump_due = True
-            asyncio.get_running_loop().call_later(delay, self._pump_now)
-            return
-        self.daemon.counters["msg.picks"] += 1  # not a message: picker runs, per piece in swarm_cpu
-        for pid, num in self.picker.next_requests(time.monotonic()):
-            info = self.manifest[num]
-            self.parents[pid].send(wire.PieceRequest(self.task_id, num, info.digest))
-            trace("req", self.task_id, num, pid)
-
-    def _cancel_elsewhere(self, num: int, got_from: str) -> None:
-        """The piece came from `got_from`: other parents it was asked of (a rescue or endgame
-        copy) may drop the request if its bytes have not left yet (PIECE_CANCEL)."""
-        for other in self.picker.requested.get(num, ()):
-            link = self.parents.get(other)
-            if other != got_from and link is not None:
-                link.send(wire.PieceCancel(self.task_id, [num]))
-
-    def _drop_parent(self, pid: str, block: bool) -> None:
-        link = self.parents.pop(pid, None)
-        self.picker.remove_parent(pid)
-        if block:
-            self.blocklist.add(pid)
-        if link is not None:
-            link.send(wire.Unsubscribe(self.task_id))
-            link.close()
-
-    def _reschedule(self, reason: str) -> None:
-        if self.scheduler is not None and self.scheduler.alive:
-            self.scheduler.send(wire.Reschedule(self.task_id, self.peer_id, sorted(self.blocklist), reason,
-                                                sorted(self.bad_parents)))
-        elif not self.parents:
-            self.go_source(f"{reason}; no scheduler")
-        self._pump()
 
     # -- storing, reporting, finishing ----------------------------------------------------
 
