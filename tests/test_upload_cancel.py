@@ -11,6 +11,7 @@ deterministic on loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import msgpack
@@ -100,6 +101,30 @@ def _store_pieces(tmp_path, count: int, size: int) -> tuple[PieceStore, dict[int
     return store, held
 
 
+@contextlib.asynccontextmanager
+async def _upload_server(store, held, counters, children: int = 1, **kw):
+    """A real UploadServer over `store` and `children` DEALERs connected to it."""
+    ctx = zmq.asyncio.Context()
+    server = UploadServer(ctx, store, "tcp://127.0.0.1:0", "127.0.0.1", lambda t: held if t == TASK else {},
+                          counters, **kw)
+    run = asyncio.create_task(server.run())
+    socks = []
+    for _ in range(children):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server.addr)
+        socks.append(sock)
+    try:
+        yield server, socks
+    finally:
+        for sock in socks:
+            sock.close(0)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        server.close()
+        ctx.term()
+
+
 async def _recv(sock, timeout_s: float = TIMEOUT_S):
     if not await sock.poll(int(timeout_s * 1000)):
         return None
@@ -115,14 +140,7 @@ def test_cancelled_requests_are_never_sent(tmp_path):
     counters = Counters()
 
     async def main() -> None:
-        ctx = zmq.asyncio.Context()
-        server = UploadServer(ctx, store, "tcp://127.0.0.1:0", "127.0.0.1", lambda t: held if t == TASK else {},
-                              counters, bucket=TokenBucket(1 << 20))
-        run = asyncio.create_task(server.run())
-        child = ctx.socket(zmq.DEALER)
-        child.setsockopt(zmq.LINGER, 0)
-        child.connect(server.addr)
-        try:
+        async with _upload_server(store, held, counters, bucket=TokenBucket(1 << 20)) as (server, [child]):
             for n in range(6):
                 await child.send_multipart(wire.encode(wire.PieceRequest(TASK, n, held[n].digest)))
             await child.send_multipart(wire.encode(wire.PieceCancel(TASK, [0, 2, 3, 5])))
@@ -141,12 +159,6 @@ def test_cancelled_requests_are_never_sent(tmp_path):
             assert counters["upload.cancelled-bytes"] == 4 * size
             assert counters["upload.cancel-too-late"] == 0
             assert server.bytes_uploaded == 2 * size
-        finally:
-            child.close(0)
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
-            server.close()
-            ctx.term()
 
     try:
         asyncio.run(main())
@@ -159,14 +171,7 @@ def test_malformed_cancel_is_dropped_and_counted_and_the_server_goes_on(tmp_path
     counters = Counters()
 
     async def main() -> None:
-        ctx = zmq.asyncio.Context()
-        server = UploadServer(ctx, store, "tcp://127.0.0.1:0", "127.0.0.1", lambda t: held if t == TASK else {},
-                              counters)
-        run = asyncio.create_task(server.run())
-        child = ctx.socket(zmq.DEALER)
-        child.setsockopt(zmq.LINGER, 0)
-        child.connect(server.addr)
-        try:
+        async with _upload_server(store, held, counters) as (server, [child]):
             bad = [
                 [wire.MAGIC, b"PIECE_CANCEL", msgpack.packb({"task_id": TASK, "nums": ["x"]})],
                 [wire.MAGIC, b"PIECE_CANCEL", msgpack.packb({"task_id": TASK})],
@@ -181,12 +186,6 @@ def test_malformed_cancel_is_dropped_and_counted_and_the_server_goes_on(tmp_path
             assert isinstance(msg, wire.PieceData) and msg.num == 2
             assert counters["dropped.bad-frame"] == len(bad)
             assert counters["upload.cancel-too-late"] == 1 and counters["upload.cancelled"] == 0
-        finally:
-            child.close(0)
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
-            server.close()
-            ctx.term()
 
     try:
         asyncio.run(main())
@@ -239,50 +238,40 @@ def test_piece_files_are_read_off_the_loop_and_a_cancel_stops_a_read(tmp_path):
     store.get = slow_get
 
     async def main() -> None:
-        ctx = zmq.asyncio.Context()
-        server = UploadServer(ctx, store, "tcp://127.0.0.1:0", "127.0.0.1", lambda t: held if t == TASK else {},
-                              counters)
-        run = asyncio.create_task(server.run())
-        a, b = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-        for s in (a, b):
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(server.addr)
-        try:
+        async with _upload_server(store, held, counters, children=2) as (server, [a, b]):
+            try:
+                await _exercise(server, a, b)
+            finally:
+                disk.set()  # never leave a reader thread stuck (close waits for them)
+
+    async def _exercise(server, a, b) -> None:
+        await a.send_multipart(wire.encode(wire.PieceRequest(TASK, 0, held[0].digest)))
+        await b.send_multipart(wire.encode(wire.PieceRequest(TASK, 1, held[1].digest)))
+        msg = await _recv(b)  # served while piece 0's read is stuck
+        assert isinstance(msg, wire.PieceData) and msg.num == 1
+        assert digest(bytes(msg.data)) == held[1].digest
+        # A child asking and cancelling over and over: a cancelled read keeps its slot
+        # until it ends, so at most the child's two slots' worth of reads ever start.
+        for _ in range(10):
             await a.send_multipart(wire.encode(wire.PieceRequest(TASK, 0, held[0].digest)))
-            await b.send_multipart(wire.encode(wire.PieceRequest(TASK, 1, held[1].digest)))
-            msg = await _recv(b)  # served while piece 0's read is stuck
-            assert isinstance(msg, wire.PieceData) and msg.num == 1
-            assert digest(bytes(msg.data)) == held[1].digest
-            # A child asking and cancelling over and over: a cancelled read keeps its slot
-            # until it ends, so at most the child's two slots' worth of reads ever start.
-            for _ in range(10):
-                await a.send_multipart(wire.encode(wire.PieceRequest(TASK, 0, held[0].digest)))
-                await a.send_multipart(wire.encode(wire.PieceCancel(TASK, [0])))
-            for _ in range(100):  # the cancels reached the server
-                if counters["upload.cancelled"] >= 11:
-                    break
-                await asyncio.sleep(0.02)
-            assert counters["upload.cancelled"] == 11
-            disk.set()
-            await a.send_multipart(wire.encode(wire.PieceRequest(TASK, 2, held[2].digest)))
-            msg = await _recv(a)
-            assert isinstance(msg, wire.PieceData) and msg.num == 2  # not 0: it was cancelled
-            assert await _recv(a, 0.5) is None
-            assert reads.count(held[0].digest) <= 2, len(reads)
-            # Reads: 0, 1 (the other child), one repeat of 0 in the second slot, then 2; the
-            # other nine repeats waited in the queue, where their cancels removed them (2 may
-            # have waited too, for the two cancelled reads to end).
-            assert counters["upload.disk-reads"] == 4 and counters["upload.queued"] >= 9
-            assert counters["upload.cancelled-reading"] == 2
-            assert server.bytes_uploaded == 2 * size
-        finally:
-            disk.set()
-            a.close(0)
-            b.close(0)
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
-            server.close()
-            ctx.term()
+            await a.send_multipart(wire.encode(wire.PieceCancel(TASK, [0])))
+        for _ in range(100):  # the cancels reached the server
+            if counters["upload.cancelled"] >= 11:
+                break
+            await asyncio.sleep(0.02)
+        assert counters["upload.cancelled"] == 11
+        disk.set()
+        await a.send_multipart(wire.encode(wire.PieceRequest(TASK, 2, held[2].digest)))
+        msg = await _recv(a)
+        assert isinstance(msg, wire.PieceData) and msg.num == 2  # not 0: it was cancelled
+        assert await _recv(a, 0.5) is None
+        assert reads.count(held[0].digest) <= 2, len(reads)
+        # Reads: 0, 1 (the other child), one repeat of 0 in the second slot, then 2; the
+        # other nine repeats waited in the queue, where their cancels removed them (2 may
+        # have waited too, for the two cancelled reads to end).
+        assert counters["upload.disk-reads"] == 4 and counters["upload.queued"] >= 9
+        assert counters["upload.cancelled-reading"] == 2
+        assert server.bytes_uploaded == 2 * size
 
     try:
         asyncio.run(main())
