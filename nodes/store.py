@@ -181,14 +181,16 @@ class PieceStore:
             self.cache.add(key, data)
         return data
 
-    def get_ready(self, digest: str) -> Any:
+    def get_ready(self, digest: str, view: bool = False) -> Any:
         """The piece's bytes if they come without waiting for the disk (the memory of recent
         pieces, or LMDB), None if it is not held, or `DISK` when its file must be read: then
-        call `get` in a thread. Never blocks on I/O, so the loop thread may call it."""
-        return self._lookup(bytes.fromhex(digest))[0]
+        call `get` in a thread. Never blocks on I/O, so the loop thread may call it. `view`:
+        a piece in memory comes as the buffer it arrived in, uncopied (for a reader that only
+        reads it at once, a streaming client)."""
+        return self._lookup(bytes.fromhex(digest), view)[0]
 
-    def _lookup(self, key: bytes) -> tuple[Any, int]:
-        data = self.cache.get(key)
+    def _lookup(self, key: bytes, view: bool = False) -> tuple[Any, int]:
+        data = self.cache.peek(key) if view else self.cache.get(key)
         if data is not None:
             return data, 0
         with self.env.begin(db=self.pieces, buffers=True) as txn:
@@ -199,16 +201,6 @@ class PieceStore:
             if length is None:
                 return bytes(buf), 0
         return DISK, length
-
-    def get_cached(self, digest: str) -> Any:
-        """A recently stored or read piece from memory (no copy, never blocks), or None."""
-        return self.cache.peek(bytes.fromhex(digest))
-
-    def get_buffer(self, digest: str) -> Any:
-        """The piece's bytes for a reader that only reads them at once (a streaming client):
-        a recently stored piece comes as the buffer it arrived in, with no copy."""
-        data = self.cache.peek(bytes.fromhex(digest))
-        return data if data is not None else self.get(digest)
 
     def _file_length(self, txn: lmdb.Transaction, key: bytes, value: Any) -> int | None:
         """The piece's length if `value` (its `pieces` value) marks it as held in a file."""

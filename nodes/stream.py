@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator
 from dfzmq.errors import DownloadError, IntegrityError, StorageError
 from dfzmq.wire import PieceInfo
 from nodes.sink import new_hasher, parse_digest
+from nodes.store import DISK
 
 READ_AHEAD_BYTES = 8 << 20  # piece reads in flight ahead of what a streaming client takes
 
@@ -149,24 +150,28 @@ class StreamSink:
             p = self.by_offset.get(p.offset + p.length)
 
     def _start_read(self, info: PieceInfo) -> asyncio.Future:
-        """A piece still in the store's memory is taken on the loop (a dict lookup); only a
-        read that may wait for the disk goes to a thread."""
+        """A piece still in the store's memory (uncopied) or in LMDB is taken on the loop; only
+        a piece file's read, which waits for the disk, goes to a thread."""
         loop = asyncio.get_running_loop()
-        peek = getattr(self.store, "get_cached", None)
-        data = peek(info.digest) if peek is not None else None
-        if data is None:
+        data = self.store.get_ready(info.digest, view=True)
+        if data is DISK:
             return loop.run_in_executor(None, self._read, info)
         fut = loop.create_future()
-        fut.set_result(data)
+        if data is None:
+            fut.set_exception(self._vanished(info))
+        else:
+            fut.set_result(data)
         return fut
 
     def _read(self, info: PieceInfo) -> Any:
-        # A piece just stored is still in the store's memory: served from there, uncopied.
-        get = getattr(self.store, "get_buffer", self.store.get)
-        data = get(info.digest)
+        data = self.store.get(info.digest)
         if data is None:
-            raise StorageError(f"piece {info.num} vanished from the store")
+            raise self._vanished(info)
         return data
+
+    @staticmethod
+    def _vanished(info: PieceInfo) -> StorageError:
+        return StorageError(f"piece {info.num} vanished from the store")
 
     def _check(self, data: Any, hasher: Any, last: bool) -> None:
         hasher.update(data)

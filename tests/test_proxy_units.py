@@ -187,6 +187,9 @@ class _Store:
     def get(self, digest: str) -> bytes | None:
         return self.data.get(digest)
 
+    def get_ready(self, digest: str, view: bool = False) -> bytes | None:
+        return self.data.get(digest)  # all in memory: never DISK
+
 
 def _pieces(blob: bytes, size: int) -> list[tuple[wire.PieceInfo, bytes]]:
     out = []
