@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.cluster import LocalCluster, free_port  # noqa: E402
 from tools.origin import Origin  # noqa: E402
+from tools.procstat import cpu  # noqa: E402
 
 MiB = 2**20
 
@@ -61,14 +62,9 @@ def dfzmq_fetch(cluster: LocalCluster, peer: str, url: str, out: Path) -> float:
     return time.monotonic() - t0
 
 
-_TCK = os.sysconf("SC_CLK_TCK")
-
-
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a running process."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TCK
+    return sum(cpu(pid))
 
 
 def children_cpu_s() -> float:

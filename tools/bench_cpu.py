@@ -28,16 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.cluster import LocalCluster, free_port  # noqa: E402
 from tools.origin import Origin  # noqa: E402
+from tools.procstat import cpu  # noqa: E402
 
 MiB = 1 << 20
-TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu(pid: int, tid: str | None = None) -> tuple[float, float]:
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    with open(path) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TCK, int(fields[12]) / TCK
 
 
 def threads(pid: int) -> dict[str, tuple[str, float, float]]:

@@ -59,6 +59,7 @@ from tools.labnet import (  # noqa: E402,F401 (re-exported: the lab's API in one
     PREFIX, LabError, Topology, bytes_per_s, gso_segments, pick_subnet, remove_ns, sh, unavailable_reason)
 from tools.labview import render  # noqa: E402,F401
 from tools.cluster import request  # noqa: E402
+from tools.procstat import cpu  # noqa: E402
 
 MiB = 2**20
 ORIGIN_LIMIT = 1.01  # origin bytes / F above this fails the run
@@ -142,9 +143,7 @@ def cpu_busy(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[float]:
 
 def proc_cpu_s(pid: int) -> float:
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            rest = fh.read().rpartition(")")[2].split()
-        return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(cpu(pid))
     except (OSError, IndexError, ValueError):
         return 0.0
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.bench_cpu import cpu  # noqa: E402
+from tools.procstat import cpu  # noqa: E402
 from tools.cluster import LocalCluster  # noqa: E402
 from tools.origin import Origin  # noqa: E402
 
