@@ -19,6 +19,12 @@ from dfzmq import wire
 from dfzmq.actions import Counters, Publish, Send  # noqa: F401  (re-exported)
 from dfzmq.errors import LocalProtocolError, RemoteProtocolError
 
+# Counter names per message kind, made once (hot paths count every message): `msg.in.HAVE`,
+# `msg.out.PIECE_REQUEST`, ... (what a daemon sends and receives per piece is what
+# tools/swarm_cpu.py reports).
+MSG_IN = {k: "msg.in." + k.decode() for k in wire.REGISTRY}
+MSG_OUT = {k: "msg.out." + k.decode() for k in wire.REGISTRY}
+
 log = logging.getLogger(__name__)
 
 

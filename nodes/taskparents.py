@@ -19,7 +19,7 @@ import zmq
 
 from dfzmq import net, wire
 from dfzmq.errors import DfzmqError, DownloadError
-from dfzmq.service import decode_plain
+from dfzmq.service import MSG_IN, MSG_OUT, decode_plain
 from nodes.source import digest
 from nodes.trace import trace
 from nodes.zdrain import Drain, plain_context
@@ -27,10 +27,6 @@ from nodes.zdrain import Drain, plain_context
 if TYPE_CHECKING:
     from nodes.task import TaskRun
 
-# Counter names per message kind, made once: `msg.in.HAVE`, `msg.out.PIECE_REQUEST`, ... (what a
-# daemon sends and receives per piece is what tools/swarm_cpu.py reports).
-_IN = {k: "msg.in." + k.decode() for k in wire.REGISTRY}
-_OUT = {k: "msg.out." + k.decode() for k in wire.REGISTRY}
 
 
 class ParentLink:
@@ -52,7 +48,7 @@ class ParentLink:
 
     def send(self, msg: Any) -> None:
         counters = self.run.daemon.counters
-        counters[_OUT[msg.KIND]] += 1
+        counters[MSG_OUT[msg.KIND]] += 1
         self.last_sent = time.monotonic()
         try:
             if self.drain is not None:
@@ -100,7 +96,7 @@ class ParentSide:
         msg = decode_plain(frames, self.daemon.counters)
         if msg is None:
             return
-        self.daemon.counters[_IN[msg.KIND]] += 1
+        self.daemon.counters[MSG_IN[msg.KIND]] += 1
         link.last_seen = time.monotonic()
         if isinstance(msg, wire.PieceData):
             self._on_piece_data(link, msg)

@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 
 from dfzmq import net, wire
-from dfzmq.service import Counters, decode_routed
+from dfzmq.service import MSG_IN, MSG_OUT, Counters, decode_routed
 from nodes.limits import TokenBucket
 from nodes.store import DISK, PieceStore
 from nodes.uploadq import ChildQueues, InFlight
@@ -51,8 +51,6 @@ REVEAL_TICK_S = 0.05  # hidden pieces are revealed in batches at most this often
 # uplinks: starting at 2 ms cost 6.2 ms of CPU per piece, at 10 ms 4.9, with no queue at all 4.9.
 RELEASE_TICK_S = 0.01
 RELEASE_MAX_S = 0.1
-_IN = {k: "msg.in." + k.decode() for k in wire.REGISTRY}  # counter names, made once
-_OUT = {k: "msg.out." + k.decode() for k in wire.REGISTRY}
 
 
 class _Done:
@@ -154,7 +152,7 @@ class UploadServer:
         self._send(ident, wire.Have(task_id, nums, complete))
 
     def _send(self, ident: bytes, msg, payload_copy: bool = True) -> None:
-        self.counters[_OUT[msg.KIND]] += 1
+        self.counters[MSG_OUT[msg.KIND]] += 1
         try:
             if self.drain is not None:
                 self.drain.send([ident, *wire.encode(msg)], copy=payload_copy)
@@ -197,7 +195,7 @@ class UploadServer:
         log.warning("upload receive failed: %s", e)
 
     def handle(self, ident: bytes, msg) -> None:
-        self.counters[_IN[msg.KIND]] += 1
+        self.counters[MSG_IN[msg.KIND]] += 1
         if not self.last_heard:
             self._wake.set()  # children to expire now
         self.last_heard[ident] = time.monotonic()
@@ -365,7 +363,7 @@ class UploadServer:
         """Send a piece; returns its tracker (done once ZeroMQ wrote it into the kernel)."""
         self.bytes_uploaded += len(reply.data)
         self.counters["upload.pieces"] += 1
-        self.counters[_OUT[reply.KIND]] += 1
+        self.counters[MSG_OUT[reply.KIND]] += 1
         try:
             frames = [ident, *wire.encode(reply)]
             if self.drain is not None:
