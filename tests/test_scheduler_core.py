@@ -589,6 +589,42 @@ def test_rank_prefers_pieces_free_slots_and_affinity_deterministically():
     assert len(firsts) > 1  # equal candidates spread over children
 
 
+def test_rank_prefers_the_bigger_share_of_a_measured_uplink():
+    """uplink / (children + 1): a fast host with room first, a fast host crowded with children
+    below a quiet slow one only when the share says so; unmeasured hosts count as the median."""
+    fast = cand("fast", pieces_fraction=1.0, uplink_bps=3_000_000, free_slots=12)  # 600k each
+    slow = cand("slow", pieces_fraction=1.0, uplink_bps=300_000)  # more free slots, 300k
+    crowded = cand("crowded", pieces_fraction=1.0, uplink_bps=1_500_000, free_slots=0)  # 16 children
+    unknown = cand("unknown", pieces_fraction=1.0)
+    ranked = [c.peer_id for c in scoring.rank([slow, crowded, unknown, fast], "child")]
+    assert ranked[0] == "fast"  # though "slow" has more free slots
+    assert ranked.index("slow") < ranked.index("crowded")  # 300k alone beats 1.5M over 17
+    shares = scoring.uplink_shares([slow, crowded, unknown, fast])
+    assert shares["fast"] == 1.0 and shares["unknown"] == shares["slow"]  # median of three known
+    # Nobody measured: the term decides nothing (the order is the one without it).
+    plain = [cand(f"p{i}", pieces_fraction=i / 10) for i in range(5)]
+    assert scoring.uplink_shares(plain) == {}
+    assert [c.peer_id for c in scoring.rank(plain, "child")] == ["p4", "p3", "p2", "p1", "p0"]
+
+
+def test_host_uplink_is_its_smoothed_upload_rate_and_fades_slowly():
+    net = FakeNet()
+    h = net.host("h")
+    host = net.core.hosts["h"]
+    net.core.note_uplink(host, 0, 100.0)
+    assert host.uplink_bps == 0.0  # one sample is no rate
+    for i in range(1, 6):
+        net.core.note_uplink(host, i * 1_000_000, 100.0 + i)
+    assert host.uplink_bps == pytest.approx(1_000_000)
+    for i in range(6, 16):  # the host goes idle: the rate drops, the uplink fades slowly
+        net.core.note_uplink(host, 5_000_000, 100.0 + i)
+    assert host.up_rate < 1_000 and 0.75e6 < host.uplink_bps < 0.85e6
+    net.core.note_uplink(host, 10, 117.0)  # a restarted daemon: counters start again
+    net.core.note_uplink(host, 10, 118.0)
+    assert 0.7e6 < host.uplink_bps < 0.85e6
+    assert h.take() == []
+
+
 def test_a_file_url_never_makes_a_seed_read_its_own_disk():
     """file:// (or any non-HTTP) task: the peer that asked reads it itself; no SeedTrigger, so
     a remote registration cannot make a seed read a local file and serve it over P2P."""

@@ -88,3 +88,23 @@ def test_a_laggard_keeps_its_extra_parents_when_one_of_them_leaves():
     after = [p.peer_id for p in slow.take(wire.PeerParents)[-1].parents]
     assert leaving.peer() not in after
     assert set(before) - {leaving.peer()} <= set(after)  # the healthy ones all stay
+
+
+def test_a_laggards_extra_parent_is_the_host_with_the_biggest_share_of_uplink():
+    """With half the hosts on slow uplinks (measured from their HostStats), the extra parent of
+    a peer far behind is a fast one, though slow ones hold as many pieces."""
+    net, hosts = swarm(n=10)
+    for i, h in enumerate(hosts):
+        host = net.core.hosts[h.host_id]
+        rate = 300_000 if i % 2 else 1_500_000  # odd hosts slow
+        for k in range(4):
+            net.core.note_uplink(host, k * rate, net.now + k)
+    for h in hosts[1:9]:
+        h.report(range(80), source="p2p")
+    behind = hosts[9]
+    behind.report(range(10), source="p2p")
+    before = set(net.core.peers[behind.peer()].parents)
+    net.advance(5.0)
+    added = [p.peer_id for p in behind.take(wire.PeerParents)[-1].parents if p.peer_id not in before]
+    assert len(added) == parents_mod.LAG_EXTRA_PARENTS
+    assert all(int(net.core.peers[pid].host_id[1:]) % 2 == 0 for pid in added)  # fast hosts

@@ -149,3 +149,12 @@ def test_restarted_daemon_counts_from_zero_without_negative_rates():
     h.send(peer, wire.HostStats("peer", down_bytes=1_000))  # restarted
     (delta,) = h.tick()
     assert delta.hosts[0].down_rate == 1_000.0
+
+
+def test_host_stats_feed_the_uplink_that_parent_choice_ranks_by():
+    h = Harness()
+    seed = h.host("seed", seed=True)
+    for k in range(4):
+        h.send(seed, wire.HostStats("seed", up_bytes=k * 500_000))
+        h.tick(1.0)
+    assert abs(h.core.hosts["seed"].uplink_bps - 500_000) < 1

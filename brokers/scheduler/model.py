@@ -71,6 +71,11 @@ class Host:
     info: wire.HostAnnounce
     last_seen: float
     peers: set[str] = field(default_factory=set)
+    # Upload rate, from the cumulative up_bytes of the daemon's HostStats (parents.note_uplink):
+    # the last sample, its smoothed rate, and the best smoothed rate seen, fading slowly.
+    up_sample: tuple[float, int] | None = None
+    up_rate: float = 0.0
+    uplink_bps: float = 0.0
 
 
 @dataclass(slots=True)

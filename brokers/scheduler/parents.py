@@ -10,12 +10,21 @@ LAG_FRACTION of the file behind the task's median has drawn a poor set of parent
 uplinks, starved flows); each refresh gives it one more parent, up to LAG_EXTRA_PARENTS
 beyond max_parents, best scored first (most pieces, most free slots). Nobody loses a parent
 for it, and a peer that caught up keeps what it has until its list is next repaired.
+
+Uplinks (issue 3): every daemon's HostStats carries the piece bytes it has sent so far; the
+scheduler keeps each host's upload rate (smoothed over a couple of heartbeats) and the best rate
+seen, fading UPLINK_FADE a second, as that host's uplink. Scoring ranks a candidate by the share
+of it a new child would get (uplink / (children + 1), brokers/scheduler/scoring.py), so with
+half the hosts on slow uplinks a laggard's extra parents are fast ones with room, not whichever
+finished peer comes first (lab, N=16, slow half: peers that had drawn five to seven slow
+parents reached half the file at 14 s where the others took 7 s). A host not measured yet
+scores as the median of those that are.
 """
 
 from __future__ import annotations
 
 from brokers.scheduler import scoring
-from brokers.scheduler.model import PARENT_STATES, Action, Peer, PeerEvent, PeerState, Task
+from brokers.scheduler.model import PARENT_STATES, Action, Host, Peer, PeerEvent, PeerState, Task
 from dfzmq import wire
 from dfzmq.actions import Send
 
@@ -24,10 +33,22 @@ _E = PeerEvent
 
 LAG_FRACTION = 0.05  # of the task's pieces behind the median Running peer
 LAG_EXTRA_PARENTS = 3
+UPLINK_SMOOTHING = 0.5  # weight of the newest HostStats interval in a host's upload rate
+UPLINK_FADE = 0.02  # per second: how fast a host's best upload rate is forgotten
 
 
 class ParentChoice:
     """Parent choice for `SchedulerCore`, which owns the state these methods read."""
+
+    def note_uplink(self, host: Host, up_bytes: int, now: float) -> None:
+        """A host's cumulative piece bytes sent (HostStats): update its uplink estimate."""
+        last, host.up_sample = host.up_sample, (now, up_bytes)
+        if last is None or now <= last[0] or up_bytes < last[1]:
+            return  # first sample, or a restarted daemon's counters: start again
+        rate = (up_bytes - last[1]) / (now - last[0])
+        host.up_rate = rate if host.up_rate <= 0 else (
+            UPLINK_SMOOTHING * rate + (1 - UPLINK_SMOOTHING) * host.up_rate)
+        host.uplink_bps = max(host.up_rate, host.uplink_bps * (1 - UPLINK_FADE) ** (now - last[0]))
 
     def _qualifies(self, child: Peer, cand: Peer, now: float) -> bool:
         return (cand.peer_id != child.peer_id
@@ -79,7 +100,7 @@ class ParentChoice:
             peer_id=peer.peer_id, host_id=peer.host_id, pieces_fraction=fraction,
             free_slots=info.upload_slots - self._children_of_host(peer.host_id),
             upload_slots=info.upload_slots, idc=info.idc, location=info.location,
-            seed=info.seed)
+            seed=info.seed, uplink_bps=self.hosts[peer.host_id].uplink_bps)
 
     def _children_of_host(self, host_id: str) -> int:
         return self._children.get(host_id, 0)

@@ -12,7 +12,11 @@ The score is a weighted sum of terms in [0, 1]:
   to it, as a fraction of its slots (load spreading, as Dragonfly's load score);
 - idc: same non-empty IDC as the child;
 - location: leading fields of "country|province|city|zone|cluster" that match;
-- seed: the candidate runs on a seed host (seed hosts are provisioned to upload).
+- seed: the candidate runs on a seed host (seed hosts are provisioned to upload);
+- uplink: the candidate's measured upload rate shared by its children plus this one
+  (uplink_bps / (children + 1)), as a fraction of the best such share among the candidates;
+  a candidate not measured yet gets the median of those that are, and when none is measured
+  the term is the same for all (it decides nothing).
 Ties are broken by a hash of (child, candidate), so equal candidates are spread across
 children instead of every child picking the alphabetically first one.
 """
@@ -32,6 +36,7 @@ class Weights:
     idc: float = 0.15
     location: float = 0.10
     seed: float = 0.10
+    uplink: float = 0.35
 
 
 DEFAULT_WEIGHTS = Weights()
@@ -47,6 +52,7 @@ class Candidate:
     idc: str = ""
     location: str = ""
     seed: bool = False
+    uplink_bps: float = 0.0  # measured upload rate of its host, bytes/s; 0 = not known yet
 
 
 def location_affinity(a: str, b: str) -> float:
@@ -61,8 +67,20 @@ def location_affinity(a: str, b: str) -> float:
     return n / LOCATION_FIELDS
 
 
+def uplink_shares(candidates: list[Candidate]) -> dict[str, float]:
+    """peer id -> the uplink term in [0, 1] (module docstring); {} when no candidate is measured."""
+    share = {c.peer_id: c.uplink_bps / (max(0, c.upload_slots - c.free_slots) + 1)
+             for c in candidates if c.uplink_bps > 0}
+    if not share:
+        return {}
+    top = max(share.values())
+    known = sorted(share.values())
+    median = known[len(known) // 2]
+    return {c.peer_id: share.get(c.peer_id, median) / top for c in candidates}
+
+
 def score(c: Candidate, child_idc: str = "", child_location: str = "",
-          weights: Weights = DEFAULT_WEIGHTS) -> float:
+          weights: Weights = DEFAULT_WEIGHTS, uplink: float = 0.0) -> float:
     slots = max(1, c.upload_slots)
     free = min(1.0, max(0.0, c.free_slots / slots))
     pieces = min(1.0, max(0.0, c.pieces_fraction))
@@ -72,6 +90,7 @@ def score(c: Candidate, child_idc: str = "", child_location: str = "",
         + weights.idc * (1.0 if child_idc and c.idc == child_idc else 0.0)
         + weights.location * location_affinity(child_location, c.location)
         + weights.seed * (1.0 if c.seed else 0.0)
+        + weights.uplink * uplink
     )
 
 
@@ -82,8 +101,9 @@ def _tiebreak(child_id: str, peer_id: str) -> bytes:
 def rank(candidates: list[Candidate], child_id: str, child_idc: str = "",
          child_location: str = "", weights: Weights = DEFAULT_WEIGHTS) -> list[Candidate]:
     """Candidates best first; deterministic for the same inputs."""
+    shares = uplink_shares(candidates)
     return sorted(
         candidates,
-        key=lambda c: (-round(score(c, child_idc, child_location, weights), 9),
+        key=lambda c: (-round(score(c, child_idc, child_location, weights, shares.get(c.peer_id, 0.0)), 9),
                        _tiebreak(child_id, c.peer_id)),
     )

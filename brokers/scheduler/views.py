@@ -109,6 +109,7 @@ class SchedulerViews:
                 return [Send(sender, wire.Error("unknown-host", "announce your host first"))]
             host.last_seen = max(host.last_seen, now)
             self.host_stats[msg.host_id] = msg
+            self.core.note_uplink(host, msg.up_bytes, now)
             return []
         return [Send(sender, wire.Error("bad-request", f"{type(msg).__name__} is not a view"))]
 
