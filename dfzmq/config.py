@@ -106,6 +106,10 @@ class DaemonConfig:
     piece_files: bool = True
     piece_file_threshold: int = 1 << 20
     piece_cache_bytes: int = 64 << 20  # recently stored/read file pieces kept in memory for children
+    # Once this host's uplink queues (a slow link), children's connections get small send
+    # buffers and the children furthest behind are served first (nodes/uplink.py). false: the
+    # kernel's TCP autotuning and equal per-child slots decide, as before.
+    upload_share: bool = True
 
     def control_addr(self) -> str:
         return self.control or f"ipc://{Path(self.data).resolve()}/control.sock"

@@ -564,6 +564,9 @@ class PieceRequest:
     task_id: str
     num: int
     digest: str
+    # Per mille of the task the child still lacks (-1: not said, an older child). A parent whose
+    # uplink is the bottleneck serves the child furthest behind first (nodes/uplink.py).
+    left: int = -1
 
 
 @message("PIECE_DATA")

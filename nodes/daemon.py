@@ -208,7 +208,8 @@ class Daemon:
         host = self.cfg.advertise or ("127.0.0.1" if self.cfg.listen.startswith("127.") else "")
         self.upload = UploadServer(self.ctx, self.store, self.cfg.listen, host, self.held, self.counters,
                                    curve=self.curve, bucket=TokenBucket(self.cfg.upload_rate),
-                                   subscriber_ttl_s=max(30.0, 3 * self.cfg.liveness * self.cfg.heartbeat_interval_s))
+                                   subscriber_ttl_s=max(30.0, 3 * self.cfg.liveness * self.cfg.heartbeat_interval_s),
+                                   share=self.cfg.upload_share)
         if os.environ.get("DFZMQ_TEST_CORRUPT_UPLOADS") == "1":
             self.upload.corrupt = True
         self.control = net.make_socket(self.ctx, "control_router")

@@ -259,6 +259,11 @@ class Picker:
         heartbeats on a low-delay socket within its liveness."""
         return max(2 * liveness_s, self.piece_timeout_s)
 
+    def left_per_mille(self) -> int:
+        """How much of the task this peer still lacks, per mille (for PIECE_REQUEST.left)."""
+        total = len(self.manifest)
+        return 1000 * max(0, total - len(self.have)) // total if total else 1000
+
     def missing(self) -> list[int]:
         return [n for n in self.manifest if n not in self.have]
 

@@ -169,9 +169,10 @@ class ParentSide:
             asyncio.get_running_loop().call_later(delay, self._pump_now)
             return
         self.daemon.counters["msg.picks"] += 1  # not a message: picker runs, per piece in swarm_cpu
+        left = self.picker.left_per_mille()  # a congested parent serves the furthest behind first
         for pid, num in self.picker.next_requests(time.monotonic()):
             info = self.manifest[num]
-            self.parents[pid].send(wire.PieceRequest(self.task_id, num, info.digest))
+            self.parents[pid].send(wire.PieceRequest(self.task_id, num, info.digest, left))
             trace("req", self.task_id, num, pid)
 
     def _cancel_elsewhere(self, num: int, got_from: str) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from dfzmq import net, wire
 from dfzmq.service import MSG_IN, MSG_OUT, Counters, decode_routed
 from nodes.limits import TokenBucket
 from nodes.store import DISK, PieceStore
+from nodes.uplink import UplinkMeter
 from nodes.uploadq import ChildQueues, InFlight
 from nodes.zdrain import Drain, plain_context
 
@@ -71,16 +71,16 @@ class UploadServer:
     def __init__(self, ctx: zmq.asyncio.Context, store: PieceStore, listen: str, advertise_host: str,
                  held: Callable[[str], dict], counters: Counters, reveal_delay_s: float = 0.25,
                  curve: net.Curve | None = None, bucket: TokenBucket | None = None,
-                 subscriber_ttl_s: float = 30.0) -> None:
+                 subscriber_ttl_s: float = 30.0, share: bool = True) -> None:
         self.store = store
         self.held = held  # task_id -> {num: PieceInfo} this peer holds
         self.counters = counters
         self.reveal_delay_s = reveal_delay_s
         # A plain socket, received from by a Drain (nodes/zdrain.py): no Future per message.
         self.sock = net.make_socket(plain_context(ctx), "upload_router", curve)
-        sndbuf = int(os.environ.get("DFZMQ_UPLOAD_SNDBUF", "0") or 0)
-        if sndbuf > 0:  # before bind: accepted connections take the listener's options
-            self.sock.setsockopt(zmq.SNDBUF, sndbuf)
+        # Before bind, so that it sees every connection: the uplink's rate and queue, the child
+        # connections' send buffers and the in-flight cap once the uplink is the bottleneck.
+        self.uplink = UplinkMeter(self.sock) if share else None
         self.drain: Drain | None = None
         self.addr = net.advertise(net.bind(self.sock, listen), advertise_host or None)
         self.subs: dict[str, dict[bytes, Subscriber]] = {}
@@ -98,10 +98,11 @@ class UploadServer:
         # With an upload limit, pieces wait here for tokens while the loop keeps answering
         # heartbeats and subscriptions (a parent that is only slow must not look dead).
         self.outbox: asyncio.Queue = asyncio.Queue()
-        # Per child: pieces in the socket, requests waiting (cancellable). Lab knobs (issue 3):
-        # DFZMQ_UPLOAD_INFLIGHT_TOTAL caps pieces in the socket for all children together (served
-        # oldest request first), DFZMQ_UPLOAD_SNDBUF the kernel's send buffer per child.
-        self.queues = ChildQueues(total=int(os.environ.get("DFZMQ_UPLOAD_INFLIGHT_TOTAL", "0") or 0))
+        # Per child: pieces in the socket, requests waiting (cancellable); with a cap for all
+        # children together while the uplink is the bottleneck (nodes/uplink.py).
+        self.queues = ChildQueues()
+        self._piece_len = 0  # the last piece sent: the in-flight cap counts pieces
+        self._release_max_s = RELEASE_MAX_S
 
         self._queued = asyncio.Event()  # something waits in self.queues
         self._readers: ThreadPoolExecutor | None = None  # reads piece files not in memory
@@ -296,7 +297,9 @@ class UploadServer:
                 except Exception:  # never let one child stop the others
                     self.counters["upload.errors"] += 1
                     log.exception("upload release failed")
-            tick = RELEASE_TICK_S if released else min(RELEASE_MAX_S, 2 * tick)
+            # Backing off while nothing leaves; with the in-flight cap (a congested uplink) never
+            # beyond a quarter of a piece's time on the link, or the link idles between pieces.
+            tick = RELEASE_TICK_S if released else min(self._release_max_s, 2 * tick)
             if not self.queues.waiting:
                 self._queued.clear()
 
@@ -362,6 +365,7 @@ class UploadServer:
     def _send_piece(self, ident: bytes, reply: wire.PieceData):
         """Send a piece; returns its tracker (done once ZeroMQ wrote it into the kernel)."""
         self.bytes_uploaded += len(reply.data)
+        self._piece_len = len(reply.data)
         self.counters["upload.pieces"] += 1
         self.counters[MSG_OUT[reply.KIND]] += 1
         try:
@@ -421,6 +425,7 @@ class UploadServer:
             if now - last_expiry > 1.0:
                 last_expiry = now
                 self.expire(now)
+                self._meter_uplink(now)
             if not self.pending:
                 continue
             due: dict[str, list[int]] = {}
@@ -436,9 +441,33 @@ class UploadServer:
                     if fresh:
                         self._have(task_id, ident, fresh)
 
+    def _meter_uplink(self, now: float) -> None:
+        if self.uplink is None:
+            return
+        try:
+            decision = self.uplink.poll(now, self._piece_len)
+        except Exception:  # a measurement must never stop uploads
+            self.counters["upload.errors"] += 1
+            log.exception("measuring the uplink failed")
+            return
+        if decision is not None:
+            if decision.inflight_total != self.queues.total:
+                self.counters["upload.uplink-changes"] += 1
+                log.info("uplink %s: %.0f kB/s delivered; child send buffers %s, pieces in flight %s",
+                         "queues" if decision.inflight_total else "clear", self.uplink.policy.rate / 1e3,
+                         decision.sndbuf or "autotuned", decision.inflight_total or "per child")
+            self.queues.total = decision.inflight_total
+            rate = self.uplink.policy.rate
+            self._release_max_s = RELEASE_MAX_S
+            if decision.inflight_total and rate > 0:
+                self._release_max_s = max(RELEASE_TICK_S, min(RELEASE_MAX_S, self._piece_len / rate / 4))
+            self.counters["upload.uplink-congested-s"] += self.uplink.policy.congested
+
     def close(self) -> None:
         """Before the store closes: reader threads are done with it when this returns."""
         self._closed = True
+        if self.uplink is not None:
+            self.uplink.close()
         if self._flush_timer is not None:
             self._flush_timer.cancel()
         if self._readers is not None:

@@ -51,7 +51,8 @@ class ChildQueues:
     def __init__(self, inflight: int = INFLIGHT_PIECES, total: int = 0) -> None:
         self.inflight = max(1, inflight)
         # > 0: at most this many pieces in the socket for all children together, and waiting
-        # requests go out oldest first whoever asked (the parent, not TCP, shares its uplink).
+        # requests go out neediest child first (the largest PIECE_REQUEST.left, then the oldest
+        # request): the parent, not TCP, shares its uplink (nodes/uplink.py sets it).
         self.total = total
         self.waiting: dict[bytes, deque[wire.PieceRequest]] = {}
         self.sending: dict[bytes, list[InFlight]] = {}
@@ -62,7 +63,8 @@ class ChildQueues:
         return sum(self._prune(i) for i in list(self.sending))
 
     def release_all(self) -> list[tuple[bytes, wire.PieceRequest]]:
-        """With a global cap: the oldest waiting requests of children with room, while the
+        """With a global cap: waiting requests of children with room, the child lacking the
+        largest share of its task first (its latest request says), then the oldest, while the
         parent's socket has room (the caller sends each and calls `sent`)."""
         out = []
         room = self.total - self._live_total()
@@ -71,9 +73,9 @@ class ChildQueues:
             best = None
             for ident, q in self.waiting.items():
                 if counts.get(ident, 0) < self.inflight:
-                    seq = self._arrived.get(id(q[0]), 0)
-                    if best is None or seq < best[0]:
-                        best = (seq, ident)
+                    key = (-q[-1].left, self._arrived.get(id(q[0]), 0))
+                    if best is None or key < best[0]:
+                        best = (key, ident)
             if best is None:
                 break
             ident = best[1]

@@ -1,0 +1,180 @@
+"""nodes/uplink.py: a parent's uplink measured from its own TCP connections, and shared by need
+once it queues (issue 3). The policy is pure; the meter and the upload server run on real
+sockets over loopback, with a child that stops reading to make the parent's kernel queue grow."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import zmq
+import zmq.asyncio
+
+from dfzmq import wire
+from dfzmq.service import Counters
+from nodes import uplink
+from nodes.picker import Picker
+from nodes.uploadq import ChildQueues, InFlight
+from nodes.uplink import UplinkMeter, UplinkPolicy
+from tests.conftest import TIMEOUT_S
+from tests.test_upload_cancel import TASK, _store_pieces, _upload_server
+
+MiB = 1 << 20
+
+
+def test_policy_leaves_a_link_that_does_not_queue_alone():
+    p = UplinkPolicy()
+    for _ in range(10):  # 100 MB/s delivered, 1 MB queued: 10 ms of the link
+        d = p.sample(acked=100 * MiB, queued=MiB, dt=1.0, piece_len=4 * MiB)
+    assert (d.sndbuf, d.inflight_total) == (0, 0) and not p.congested
+
+
+def test_policy_shrinks_buffers_and_caps_pieces_while_the_link_queues_then_lets_go():
+    p = UplinkPolicy()
+    # 300 kB/s delivered (2.5 Mbit/s) and 2 MB in the kernel: seven seconds of the link, in two
+    # samples running (one could be a burst just written).
+    d = p.sample(acked=300_000, queued=2_000_000, dt=1.0, piece_len=64 << 10)
+    assert not p.congested and (d.sndbuf, d.inflight_total) == (0, 0)
+    d = p.sample(acked=300_000, queued=2_000_000, dt=1.0, piece_len=64 << 10)
+    assert p.congested
+    assert d.sndbuf == max(uplink.SNDBUF_MIN, int(300_000 * uplink.SNDBUF_S))
+    assert d.inflight_total == 2  # 0.2 s of the link is less than a piece: never below two
+    fast = UplinkPolicy()
+    for _ in range(2):  # five children queue: the buffers share SNDBUF_S of the link
+        d = fast.sample(acked=10_000_000, queued=5_000_000, dt=1.0, piece_len=64 << 10, busy=5, active=5)
+    assert d.sndbuf == int(10_000_000 * uplink.SNDBUF_S / 5)
+    assert d.inflight_total == int(10_000_000 * uplink.INFLIGHT_S / (64 << 10))
+    # The queue drains (demand fell): after CALM_SAMPLES the buffers double, and double again,
+    # until they are the kernel's business again.
+    before = d
+    for _ in range(uplink.CALM_SAMPLES):
+        d = fast.sample(acked=10_000_000, queued=0, dt=1.0, piece_len=64 << 10, busy=0, active=5)
+    assert d.sndbuf == 2 * before.sndbuf and d.inflight_total == 2 * before.inflight_total
+    for _ in range(20 * uplink.CALM_SAMPLES):
+        d = fast.sample(acked=10_000_000, queued=0, dt=1.0, piece_len=64 << 10)
+    assert (d.sndbuf, d.inflight_total) == (0, 0) and not fast.congested
+
+
+def test_one_child_that_stops_reading_is_not_a_slow_uplink():
+    p = UplinkPolicy()
+    for _ in range(5):  # 4 MB queued, all on one of four connections
+        d = p.sample(acked=1_000_000, queued=4_000_000, dt=1.0, piece_len=MiB, busy=1, active=4)
+    assert not p.congested and (d.sndbuf, d.inflight_total) == (0, 0)
+    for _ in range(2):  # the same queue spread over three of them: the link is the limit
+        d = p.sample(acked=1_000_000, queued=4_000_000, dt=1.0, piece_len=MiB, busy=3, active=4)
+    assert p.congested and d.inflight_total == 2
+
+
+def test_a_congested_parent_serves_the_child_furthest_behind_first():
+    q = ChildQueues(inflight=2, total=1)
+    first = wire.PieceRequest(TASK, 0, "d0", left=100)
+    assert q.admit(b"ahead", first)
+    flight = InFlight(first)
+    flight.tracker = type("T", (), {"done": False})()
+    q.sent(b"ahead", flight)
+    waiting = [(b"ahead", wire.PieceRequest(TASK, 1, "d1", left=100)),
+               (b"old", wire.PieceRequest(TASK, 2, "d2")),  # a child that does not say: last
+               (b"behind", wire.PieceRequest(TASK, 3, "d3", left=900)),
+               (b"middle", wire.PieceRequest(TASK, 4, "d4", left=500))]
+    for ident, r in waiting:
+        assert not q.admit(ident, r)
+    order = []
+    for _ in waiting:
+        flight.tracker.done = True
+        (ident, r), = q.release_all()
+        order.append(ident)
+        flight = InFlight(r)
+        flight.tracker = type("T", (), {"done": False})()
+        q.sent(ident, flight)
+    assert order == [b"behind", b"middle", b"ahead", b"old"]
+
+
+def test_picker_says_how_much_of_the_task_is_left():
+    p = Picker()
+    assert p.left_per_mille() == 1000  # no manifest yet
+    p.add_manifest([wire.PieceInfo(n, n * 10, 10, f"d{n}") for n in range(8)])
+    p.add_parent("a")
+    for n in range(6):
+        p.on_piece("a", n)
+    assert p.left_per_mille() == 250
+
+
+def _stalled_child(ctx: zmq.Context, addr: str) -> zmq.Socket:
+    """A DEALER that reads nothing, with a small receive buffer: what the parent sends it
+    queues in the parent's kernel, as behind a slow link."""
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.setsockopt(zmq.RCVBUF, 64 << 10)
+    d.setsockopt(zmq.RCVHWM, 1)
+    d.connect(addr)
+    return d
+
+
+def test_meter_finds_the_connections_measures_the_queue_and_sets_small_send_buffers():
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    meter = UplinkMeter(router)
+    child = _stalled_child(ctx, f"tcp://127.0.0.1:{port}")
+    try:
+        child.send(b"hello")
+        assert router.poll(int(TIMEOUT_S * 1000))
+        ident, _ = router.recv_multipart()
+        assert meter.poll(time.monotonic(), 1 << 20) is None  # the first poll sets baselines
+        assert len(meter.conns) == 1
+        fd = next(iter(meter.conns))
+        for _ in range(16):  # 16 MiB for a child that reads nothing
+            router.send_multipart([ident, os.urandom(MiB)], copy=False)
+        deadline = time.monotonic() + TIMEOUT_S
+        decision = None
+        while time.monotonic() < deadline and not meter.policy.congested:
+            time.sleep(0.3)
+            decision = meter.poll(time.monotonic(), 1 << 20)
+        assert meter.policy.congested and decision is not None
+        assert decision.sndbuf >= uplink.SNDBUF_MIN and decision.inflight_total >= 2
+        meter.poll(time.monotonic(), 1 << 20)  # applies the decision to the connection
+        with socket.socket(fileno=os.dup(fd)) as s:
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * max(decision.sndbuf,
+                                                                              meter.policy.sndbuf)
+        child.close(0)
+        deadline = time.monotonic() + TIMEOUT_S
+        while meter.conns and time.monotonic() < deadline:
+            time.sleep(0.1)
+            meter.poll(time.monotonic(), 1 << 20)
+        assert meter.conns == {}  # the disconnect forgets it, and its descriptor is never touched
+    finally:
+        meter.close()
+        router.close(0)
+        ctx.term()
+
+
+def test_upload_server_caps_pieces_in_flight_once_its_uplink_queues(tmp_path):
+    """A real UploadServer over a real store: a child asks for pieces and stops reading; the
+    server's kernel queue grows, and within seconds the in-flight cap is on."""
+    store, held = _store_pieces(tmp_path, count=24, size=MiB)
+
+    async def main():
+        counters = Counters()
+        async with _upload_server(store, held, counters, children=0) as (server, _):
+            child = _stalled_child(server.sock.context, server.addr)
+            child = zmq.asyncio.Socket.from_socket(child)
+            try:
+                for n in range(24):
+                    await child.send_multipart(wire.encode(wire.PieceRequest(TASK, n, held[n].digest, 500)))
+                deadline = time.monotonic() + TIMEOUT_S
+                while server.queues.total == 0 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                    await child.send_multipart(wire.encode(wire.Heartbeat("child")))
+                assert server.queues.total >= 2, (dict(counters), server.uplink.policy.__dict__)
+                assert counters["upload.uplink-congested-s"] >= 1
+                assert server.queues.waiting  # the rest wait in the parent, cancellable
+            finally:
+                child.close(0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
