@@ -49,6 +49,7 @@ QUEUE_MIN = 64 << 10  # ...and at least this much, in two samples running, on mo
 CALM_SAMPLES = 3  # samples without such a queue before the buffers grow back (doubling)
 SNDBUF_S = 0.1  # the child connections' send buffers together: this much of the uplink's rate...
 SNDBUF_MIN = 16 << 10  # ...but never less per connection (the kernel doubles what it is given)
+SNDBUF_MAX = 256 << 10  # a connection never shrunk yet is not touched for more than this
 INFLIGHT_S = 0.2  # pieces in the socket for all children together: this much of the uplink
 SMOOTHING = 0.5  # weight of the newest sample in the delivered rate
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
@@ -158,7 +159,9 @@ class UplinkMeter:
                     total = struct.unpack_from("Q", info, TCPI_BYTES_ACKED)[0]
                     q = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
                     want = self.policy.sndbuf
-                    if want and c.sndbuf != want:
+                    # Above SNDBUF_MAX the kernel's autotuning (up to 4 MiB) is left alone:
+                    # SO_SNDBUF is clamped to net.core.wmem_max and switches autotuning off.
+                    if want and c.sndbuf != want and (want <= SNDBUF_MAX or c.sndbuf):
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)
                         c.sndbuf = want
             except OSError:
