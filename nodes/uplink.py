@@ -81,7 +81,10 @@ class UplinkPolicy:
         if dt > 0:
             r = acked / dt
             self.rate = r if self.rate <= 0 else SMOOTHING * r + (1 - SMOOTHING) * self.rate
-        queueing = queued >= max(QUEUE_MIN, QUEUE_S * self.rate) and 2 * busy >= active
+        queueing = (queued >= max(QUEUE_MIN, QUEUE_S * self.rate) and 2 * busy >= active
+                    # A link fast enough that each child's share of the buffers would exceed
+                    # SNDBUF_MAX is a busy CPU's queue (loopback, a data centre), not a slow link.
+                    and self.rate * SNDBUF_S / max(1, busy) <= SNDBUF_MAX)
         queueing, self.queueing = queueing and self.queueing, queueing
         if queueing:
             self.congested = True

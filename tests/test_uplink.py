@@ -29,6 +29,11 @@ def test_policy_leaves_a_link_that_does_not_queue_alone():
     for _ in range(10):  # 100 MB/s delivered, 1 MB queued: 10 ms of the link
         d = p.sample(acked=100 * MiB, queued=MiB, dt=1.0, piece_len=4 * MiB)
     assert (d.sndbuf, d.inflight_total) == (0, 0) and not p.congested
+    # 200 MB/s with 100 MB queued over eight busy children: a CPU-bound loopback swarm, whose
+    # buffers would not shrink anyway (25 MB each), is not a slow link either.
+    for _ in range(5):
+        d = p.sample(acked=200 * MiB, queued=100 * MiB, dt=1.0, piece_len=4 * MiB, busy=8, active=8)
+    assert (d.sndbuf, d.inflight_total) == (0, 0) and not p.congested
 
 
 def test_policy_shrinks_buffers_and_caps_pieces_while_the_link_queues_then_lets_go():
