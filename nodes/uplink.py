@@ -46,10 +46,15 @@ TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux's struct tcp
 TCP_INFO_LEN = 232
 QUEUE_S = 0.25  # the kernel holding this much of the uplink's time: the uplink is the bottleneck...
 QUEUE_MIN = 64 << 10  # ...and at least this much, in two samples running, on most connections
-CALM_SAMPLES = 3  # samples without such a queue before the buffers grow back (doubling)
+CALM_QUEUE_S = 0.1  # once capped, the queue must fall below this to count as calm (hysteresis)
+CALM_SAMPLES = 3  # calm samples before the buffers grow back (doubling)
+CAP_COST = 0.6  # the delivered rate falling below this share of what it was when the cap...
+CAP_COST_SAMPLES = 3  # ...came on, this many samples running, while still queuing: lift it
+HOLD_OFF_SAMPLES = 60  # and do not cap again for this many samples
 SNDBUF_S = 0.1  # the child connections' send buffers together: this much of the uplink's rate...
 SNDBUF_MIN = 16 << 10  # ...but never less per connection (the kernel doubles what it is given)
 SNDBUF_MAX = 256 << 10  # a connection never shrunk yet is not touched for more than this
+SNDBUF_RESTORE = 4 << 20  # a lifted cap's buffers (the kernel clamps it to net.core.wmem_max)
 INFLIGHT_S = 0.2  # pieces in the socket for all children together: this much of the uplink
 SMOOTHING = 0.5  # weight of the newest sample in the delivered rate
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
@@ -57,7 +62,9 @@ EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 @dataclass
 class Decision:
-    sndbuf: int  # bytes per child connection; 0 = leave the kernel's autotuning alone
+    # Bytes per child connection; 0 = leave the kernel's autotuning alone; SNDBUF_RESTORE = give
+    # the connections shrunk before a large buffer again (autotuning cannot be switched back on).
+    sndbuf: int
     inflight_total: int  # pieces in the socket for all children; 0 = no cap (per child only)
 
 
@@ -71,22 +78,40 @@ class UplinkPolicy:
         self.calm = 0
         self.sndbuf = 0
         self.inflight_total = 0
+        self.capped_rate = 0.0  # the delivered rate when the cap came on
+        self.costly = 0  # samples running in which the cap cost throughput
+        self.hold_off = 0  # samples left before the cap may come on again
 
     def sample(self, acked: int, queued: int, dt: float, piece_len: int,
                busy: int = 1, active: int = 1) -> Decision:
         """`acked`: bytes children acknowledged in the last `dt` seconds; `queued`: bytes in
         the kernel's send queues now, on `busy` of the `active` connections (those that queue
         or were acked anything); `piece_len`: the pieces being served. One child that stops
-        reading queues on its own connection only: that is not a slow uplink."""
+        reading queues on its own connection only: that is not a slow uplink. Children whose
+        own downlinks are slow look like a slow uplink from here; the cap then costs throughput
+        (the children take less than before it), and a cap that does is lifted."""
         if dt > 0:
             r = acked / dt
             self.rate = r if self.rate <= 0 else SMOOTHING * r + (1 - SMOOTHING) * self.rate
-        queueing = (queued >= max(QUEUE_MIN, QUEUE_S * self.rate) and 2 * busy >= active
+        long_queue = QUEUE_S if not self.congested else CALM_QUEUE_S
+        queueing = (queued >= max(QUEUE_MIN, long_queue * self.rate) and 2 * busy >= active
                     # A link fast enough that each child's share of the buffers would exceed
                     # SNDBUF_MAX is a busy CPU's queue (loopback, a data centre), not a slow link.
                     and self.rate * SNDBUF_S / max(1, busy) <= SNDBUF_MAX)
         queueing, self.queueing = queueing and self.queueing, queueing
+        if self.hold_off > 0:
+            self.hold_off -= 1
+            queueing = False
+        if queueing and self.congested and self.rate < CAP_COST * self.capped_rate:
+            self.costly += 1
+            if self.costly >= CAP_COST_SAMPLES:
+                self._lift()
+                return Decision(SNDBUF_RESTORE, 0)
+        elif queueing:
+            self.costly = 0
         if queueing:
+            if not self.congested:
+                self.capped_rate = self.rate
             self.congested = True
             self.calm = 0
             self.sndbuf = max(SNDBUF_MIN, int(self.rate * SNDBUF_S / max(1, busy)))
@@ -97,26 +122,37 @@ class UplinkPolicy:
                 self.calm = 0
                 self.sndbuf *= 2
                 self.inflight_total *= 2
-                if self.sndbuf >= 4 << 20:
-                    self.congested = False
-                    self.sndbuf = self.inflight_total = 0
+                if self.sndbuf >= SNDBUF_RESTORE:
+                    self._lift(hold_off=0)
+                    return Decision(SNDBUF_RESTORE, 0)
         return Decision(self.sndbuf, self.inflight_total)
+
+    def _lift(self, hold_off: int = HOLD_OFF_SAMPLES) -> None:
+        self.congested = False
+        self.sndbuf = self.inflight_total = 0
+        self.costly = self.calm = 0
+        self.hold_off = hold_off
 
 
 @dataclass
 class _Conn:
     peer: tuple
     acked: int = -1
-    sndbuf: int = 0
+    sndbuf: int = 0  # what we set on it; 0 = never touched (autotuned)
 
 
 class UplinkMeter:
-    """The upload ROUTER's accepted TCP connections, sampled once a second (`poll`)."""
+    """The upload ROUTER's accepted TCP connections: `on_event` for each monitor message (the
+    caller reads the monitor all the time: libzmq blocks its I/O thread on a full monitor pipe),
+    `poll` once a second to sample them. `port` must be set to the bound port after bind: only
+    descriptors that are TCP connections to it, from the peer recorded at accept, are touched."""
 
     def __init__(self, sock: zmq.Socket) -> None:
         self.policy = UplinkPolicy()
         self.conns: dict[int, _Conn] = {}
         self.monitor: zmq.Socket | None = None
+        self.port = 0
+        self.broken = False  # no TCP_INFO here (not Linux, an old kernel): measure nothing
         self._sock = sock
         self._last: float | None = None
         try:
@@ -126,6 +162,7 @@ class UplinkMeter:
 
     def close(self) -> None:
         if self.monitor is not None:
+            self.drain_events()  # disable_monitor's last event must find room in the pipe
             try:
                 self._sock.disable_monitor()
             except zmq.ZMQError:
@@ -133,43 +170,62 @@ class UplinkMeter:
             self.monitor.close(0)
             self.monitor = None
 
-    def _events(self) -> None:
+    def drain_events(self) -> None:
         while self.monitor is not None:
             try:
-                ev = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self.on_event(frames)
+
+    def on_event(self, frames: list) -> None:
+        try:
+            ev = parse_monitor_message(frames)
             fd = int(ev["value"])
-            if ev["event"] == zmq.EVENT_ACCEPTED:
-                try:
-                    with _dup(fd) as s:
-                        self.conns[fd] = _Conn(s.getpeername())
-                except OSError:
-                    pass
-            else:
-                self.conns.pop(fd, None)
+        except Exception:  # not a monitor message after all: nothing to learn
+            return
+        if ev["event"] != zmq.EVENT_ACCEPTED:
+            self.conns.pop(fd, None)
+            return
+        try:
+            with _dup(fd) as s:
+                if self._ours(s):
+                    self.conns[fd] = _Conn(s.getpeername())
+        except OSError:
+            pass
+
+    def _ours(self, s: socket.socket) -> bool:
+        return s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6) \
+            and self.port > 0 and s.getsockname()[1] == self.port
 
     def poll(self, now: float, piece_len: int) -> Decision | None:
         """Read the connections; returns the policy's decision (None on the first call)."""
-        self._events()
+        if self.broken:
+            return None
+        self.drain_events()
         acked = queued = busy = active = 0
+        want = self.policy.sndbuf
         for fd, c in list(self.conns.items()):
             try:
                 with _dup(fd) as s:
-                    if s.getpeername() != c.peer:
+                    if not self._ours(s) or s.getpeername() != c.peer:
                         raise OSError("descriptor reused")
                     info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
                     total = struct.unpack_from("Q", info, TCPI_BYTES_ACKED)[0]
                     q = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-                    want = self.policy.sndbuf
                     # Above SNDBUF_MAX the kernel's autotuning (up to 4 MiB) is left alone:
                     # SO_SNDBUF is clamped to net.core.wmem_max and switches autotuning off.
                     if want and c.sndbuf != want and (want <= SNDBUF_MAX or c.sndbuf):
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)
                         c.sndbuf = want
             except OSError:
-                del self.conns[fd]  # gone (or not TCP): never touched again
+                del self.conns[fd]  # gone (or not a connection of ours): never touched again
                 continue
+            except (struct.error, AttributeError, ValueError) as e:
+                self.broken = True  # not Linux's tcp_info: sharing by need stays off
+                self.conns.clear()
+                log.warning("uplink measurement unavailable here (%s): uploads are shared by TCP", e)
+                return None
             delta = max(0, total - c.acked) if c.acked >= 0 else 0
             c.acked = total
             acked += delta
@@ -179,7 +235,23 @@ class UplinkMeter:
         last, self._last = self._last, now
         if last is None:  # the first poll only sets the baselines
             return None
-        return self.policy.sample(acked, queued, now - last, piece_len, busy, active)
+        decision = self.policy.sample(acked, queued, now - last, piece_len, busy, active)
+        if decision.sndbuf == SNDBUF_RESTORE:
+            self._restore()
+        return decision
+
+    def _restore(self) -> None:
+        """The cap is lifted: connections shrunk before get a large buffer again."""
+        for fd, c in list(self.conns.items()):
+            if not c.sndbuf:
+                continue
+            try:
+                with _dup(fd) as s:
+                    if self._ours(s) and s.getpeername() == c.peer:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF_RESTORE)
+                        c.sndbuf = SNDBUF_RESTORE
+            except OSError:
+                del self.conns[fd]
 
 
 def _dup(fd: int) -> socket.socket:

@@ -83,6 +83,8 @@ class UploadServer:
         self.uplink = UplinkMeter(self.sock) if share else None
         self.drain: Drain | None = None
         self.addr = net.advertise(net.bind(self.sock, listen), advertise_host or None)
+        if self.uplink is not None:
+            self.uplink.port = _tcp_port(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self.subs: dict[str, dict[bytes, Subscriber]] = {}
         self.rr: dict[str, int] = {}
         self.pending: list[tuple[float, str, int]] = []  # (reveal at, task, num)
@@ -103,6 +105,7 @@ class UploadServer:
         self.queues = ChildQueues()
         self._piece_len = 0  # the last piece sent: the in-flight cap counts pieces
         self._release_max_s = RELEASE_MAX_S
+        self._monitor: Drain | None = None  # reads the upload socket's monitor (nodes/uplink.py)
 
         self._queued = asyncio.Event()  # something waits in self.queues
         self._readers: ThreadPoolExecutor | None = None  # reads piece files not in memory
@@ -171,11 +174,17 @@ class UploadServer:
         sender = asyncio.create_task(self._send_loop())
         releaser = asyncio.create_task(self._release_loop())
         self.drain = Drain(self.sock, self._on_frames, on_error=self._on_recv_error)
+        if self.uplink is not None and self.uplink.monitor is not None:
+            # Read all the time: a full monitor pipe would block libzmq's I/O thread.
+            self._monitor = Drain(self.uplink.monitor, self.uplink.on_event, on_error=self._on_recv_error)
         try:
             await asyncio.Event().wait()  # requests are handled by the drain's callback
         finally:
             self.drain.close()
             self.drain = None
+            if self._monitor is not None:
+                self._monitor.close()
+                self._monitor = None
             reveal.cancel()
             sender.cancel()
             releaser.cancel()
@@ -257,14 +266,14 @@ class UploadServer:
 
     def _serve_piece(self, ident: bytes, msg: wire.PieceRequest) -> None:
         self.on_access(msg.task_id)
-        if self.queues.admit(ident, msg):
+        if self.queues.admit(ident, msg, time.monotonic()):
             self._start(ident, msg)
         else:
             self.counters["upload.queued"] += 1
             self._queued.set()
 
     def _release_all(self) -> int:
-        reqs = self.queues.release_all()
+        reqs = self.queues.release_all(time.monotonic())
         for ident, req in reqs:
             self._start(ident, req)
         return len(reqs)
@@ -466,6 +475,9 @@ class UploadServer:
     def close(self) -> None:
         """Before the store closes: reader threads are done with it when this returns."""
         self._closed = True
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
         if self.uplink is not None:
             self.uplink.close()
         if self._flush_timer is not None:
@@ -477,3 +489,13 @@ class UploadServer:
             self.drain.close()
             self.drain = None
         self.sock.close(0)
+
+
+def _tcp_port(endpoint: str) -> int:
+    """The port of a tcp:// endpoint; 0 for anything else (ipc://: no TCP to measure)."""
+    if not endpoint.startswith("tcp://"):
+        return 0
+    try:
+        return int(endpoint.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return 0

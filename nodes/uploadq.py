@@ -24,6 +24,15 @@ from typing import Any, Callable
 from dfzmq import wire
 
 INFLIGHT_PIECES = 2  # per child, handed to the socket and not yet written into the kernel
+# Under a global cap a waiting request gains this much need (per mille of a task) per second it
+# waits, so a child ahead of the others is served later, never starved.
+AGE_PER_S = 20.0
+
+
+def need(left: int) -> int:
+    """PIECE_REQUEST.left as a priority: clamped to [0, 1000]; a child that does not say (an
+    older daemon, -1) counts as furthest behind rather than waiting behind everyone."""
+    return 1000 if left < 0 else min(left, 1000)
 
 
 class InFlight:
@@ -57,12 +66,12 @@ class ChildQueues:
         self.waiting: dict[bytes, deque[wire.PieceRequest]] = {}
         self.sending: dict[bytes, list[InFlight]] = {}
         self._seq = 0
-        self._arrived: dict[int, int] = {}  # id(request) -> arrival number, with a global cap
+        self._arrived: dict[int, tuple[int, float]] = {}  # id(request) -> (arrival number, time): with a cap
 
     def _live_total(self) -> int:
         return sum(self._prune(i) for i in list(self.sending))
 
-    def release_all(self) -> list[tuple[bytes, wire.PieceRequest]]:
+    def release_all(self, now: float = 0.0) -> list[tuple[bytes, wire.PieceRequest]]:
         """With a global cap: waiting requests of children with room, the child lacking the
         largest share of its task first (its latest request says), then the oldest, while the
         parent's socket has room (the caller sends each and calls `sent`)."""
@@ -73,7 +82,8 @@ class ChildQueues:
             best = None
             for ident, q in self.waiting.items():
                 if counts.get(ident, 0) < self.inflight:
-                    key = (-q[-1].left, self._arrived.get(id(q[0]), 0))
+                    seq, at = self._arrived.get(id(q[0]), (0, now))
+                    key = (-(need(q[-1].left) + AGE_PER_S * (now - at)), seq)
                     if best is None or key < best[0]:
                         best = (key, ident)
             if best is None:
@@ -100,13 +110,13 @@ class ChildQueues:
             del self.sending[ident]
         return len(live)
 
-    def admit(self, ident: bytes, req: wire.PieceRequest) -> bool:
+    def admit(self, ident: bytes, req: wire.PieceRequest, now: float = 0.0) -> bool:
         """True: send `req` now (the caller then calls `sent`). False: it waits here."""
         if self.total > 0:
             if not self.waiting and self._prune(ident) < self.inflight and self._live_total() < self.total:
                 return True
             self._seq += 1
-            self._arrived[id(req)] = self._seq
+            self._arrived[id(req)] = (self._seq, now)
         elif not self.waiting.get(ident) and self._prune(ident) < self.inflight:
             return True
         self.waiting.setdefault(ident, deque()).append(req)

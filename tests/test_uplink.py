@@ -14,7 +14,7 @@ import zmq.asyncio
 
 from dfzmq import wire
 from dfzmq.service import Counters
-from nodes import uplink
+from nodes import uplink, uploadq
 from nodes.picker import Picker
 from nodes.uploadq import ChildQueues, InFlight
 from nodes.uplink import UplinkMeter, UplinkPolicy
@@ -93,7 +93,36 @@ def test_a_congested_parent_serves_the_child_furthest_behind_first():
         flight = InFlight(r)
         flight.tracker = type("T", (), {"done": False})()
         q.sent(ident, flight)
-    assert order == [b"behind", b"middle", b"ahead", b"old"]
+    # A child that does not say (an older daemon) counts as furthest behind: never starved.
+    assert order == [b"old", b"behind", b"middle", b"ahead"]
+
+
+def test_a_child_ahead_waits_longer_but_is_never_starved():
+    """The furthest-behind child asks again the moment it is served; the one far ahead still
+    gets its turn once its request has waited (AGE_PER_S)."""
+    q = ChildQueues(inflight=2, total=1)
+    now = 0.0
+    ahead = wire.PieceRequest(TASK, 0, "d0", left=100)
+    assert q.admit(b"seed-ish", wire.PieceRequest(TASK, 99, "x", left=0), now)
+    flight = InFlight(wire.PieceRequest(TASK, 99, "x", left=0))
+    flight.tracker = type("T", (), {"done": False})()
+    q.sent(b"seed-ish", flight)
+    assert not q.admit(b"ahead", ahead, now)
+    served_ahead_at = None
+    for i in range(1000):  # a piece leaves every 0.1 s
+        now += 0.1
+        assert not q.admit(b"behind", wire.PieceRequest(TASK, 100 + i, "d", left=900), now) or True
+        flight.tracker.done = True
+        (ident, r), = q.release_all(now)
+        flight = InFlight(r)
+        flight.tracker = type("T", (), {"done": False})()
+        q.sent(ident, flight)
+        if ident == b"ahead":
+            served_ahead_at = now
+            break
+    assert served_ahead_at is not None
+    assert served_ahead_at <= (900 - 100) / uploadq.AGE_PER_S + 1.0
+    assert uploadq.need(-1) == 1000 and uploadq.need(2**63) == 1000 and uploadq.need(-5) == 1000
 
 
 def test_picker_says_how_much_of_the_task_is_left():
@@ -121,8 +150,8 @@ def test_meter_finds_the_connections_measures_the_queue_and_sets_small_send_buff
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
     meter = UplinkMeter(router)
+    port = meter.port = router.bind_to_random_port("tcp://127.0.0.1")
     child = _stalled_child(ctx, f"tcp://127.0.0.1:{port}")
     try:
         child.send(b"hello")
@@ -185,6 +214,126 @@ def test_upload_server_caps_pieces_in_flight_once_its_uplink_queues(tmp_path):
                 assert server.queues.waiting  # the rest wait in the parent, cancellable
             finally:
                 child.close(0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+
+
+def test_policy_keeps_the_cap_on_the_queue_it_made_short_and_lifts_a_cap_that_costs_throughput():
+    p = UplinkPolicy()
+    for _ in range(2):
+        p.sample(acked=300_000, queued=2_000_000, dt=1.0, piece_len=64 << 10, busy=6, active=6)
+    assert p.congested
+    # Capped, the kernel holds about 0.2 s of the link: still queuing by the calm threshold.
+    for _ in range(10):
+        d = p.sample(acked=300_000, queued=60_000 + 70_000, dt=1.0, piece_len=64 << 10, busy=6, active=6)
+    assert p.congested and d.inflight_total == 2
+    # Children whose own downlinks were the limit: under the cap they take half what they did.
+    lifted = None
+    for i in range(10):
+        d = p.sample(acked=100_000, queued=2_000_000, dt=1.0, piece_len=64 << 10, busy=6, active=6)
+        if d.inflight_total == 0:
+            lifted = i
+            break
+    assert lifted is not None and d.sndbuf == uplink.SNDBUF_RESTORE and not p.congested
+    for _ in range(uplink.HOLD_OFF_SAMPLES - 1):  # not capped again for a while
+        d = p.sample(acked=100_000, queued=2_000_000, dt=1.0, piece_len=64 << 10, busy=6, active=6)
+        assert d.inflight_total == 0
+
+
+def test_meter_touches_no_descriptor_that_is_not_its_connection_and_switches_off_without_tcp_info(monkeypatch):
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    meter = UplinkMeter(router)
+    port = meter.port = router.bind_to_random_port("tcp://127.0.0.1")
+    child = ctx.socket(zmq.DEALER)
+    child.setsockopt(zmq.LINGER, 0)
+    child.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        child.send(b"hello")
+        assert router.poll(int(TIMEOUT_S * 1000))
+        router.recv_multipart()
+        meter.poll(time.monotonic(), 1 << 20)
+        (fd, conn), = meter.conns.items()
+        conn.peer = ("192.0.2.1", 9)  # as if ZeroMQ closed it and the number went to another socket
+        meter.policy.sndbuf = uplink.SNDBUF_MIN
+        with socket.socket(fileno=os.dup(fd)) as s:
+            before = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        meter.poll(time.monotonic(), 1 << 20)
+        assert meter.conns == {}
+        with socket.socket(fileno=os.dup(fd)) as s:
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == before  # untouched
+        # A kernel without the tcp_info this reads (not Linux, or older than 4.1): off, quietly.
+        meter.drain_events()
+        meter.conns[fd] = uplink._Conn(("127.0.0.1", 0))
+        with socket.socket(fileno=os.dup(fd)) as s:
+            meter.conns[fd].peer = s.getpeername()
+        monkeypatch.setattr(uplink, "TCPI_BYTES_ACKED", 4096)
+        assert meter.poll(time.monotonic(), 1 << 20) is None and meter.broken
+        assert meter.poll(time.monotonic(), 1 << 20) is None
+    finally:
+        child.close(0)
+        meter.close()
+        router.close(0)
+        ctx.term()
+
+
+def test_meter_close_returns_with_monitor_events_unread():
+    """disable_monitor sends one last event into the monitor pipe: close reads what waits first."""
+    import threading
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    meter = UplinkMeter(router)
+    port = meter.port = router.bind_to_random_port("tcp://127.0.0.1")
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", port)):
+            pass
+    closer = threading.Thread(target=meter.close, daemon=True)
+    closer.start()
+    closer.join(TIMEOUT_S)
+    try:
+        assert not closer.is_alive()
+    finally:
+        router.close(0)
+        ctx.term()
+
+
+def test_upload_server_reads_its_monitor_all_the_time(tmp_path):
+    """Connections that never speak ZeroMQ (probes, a child with the wrong key) each leave two
+    monitor events; unread, about a thousand of them would block libzmq's I/O thread, and with
+    it every socket of the daemon. A real child is still served after 1200 of them."""
+    store, held = _store_pieces(tmp_path, count=1, size=64 << 10)
+
+    async def main():
+        counters = Counters()
+        async with _upload_server(store, held, counters, children=0) as (server, _):
+            port = server.uplink.port
+            assert port > 0
+
+            def probe():
+                for _ in range(1200):
+                    with socket.create_connection(("127.0.0.1", port)):
+                        pass
+
+            await asyncio.to_thread(probe)
+            child = zmq.asyncio.Socket.from_socket(server.sock.context.socket(zmq.DEALER))
+            child.setsockopt(zmq.LINGER, 0)
+            child.connect(server.addr)
+            try:
+                await child.send_multipart(wire.encode(wire.PieceRequest(TASK, 0, held[0].digest, 1000)))
+                assert await child.poll(int(TIMEOUT_S * 1000)), "the daemon's I/O thread is stuck"
+                reply = wire.decode(await child.recv_multipart())
+                assert isinstance(reply, wire.PieceData) and reply.num == 0
+            finally:
+                child.close(0)
+            deadline = time.monotonic() + TIMEOUT_S
+            while len(server.uplink.conns) > 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert len(server.uplink.conns) <= 1  # the probes came and went
 
     try:
         asyncio.run(main())

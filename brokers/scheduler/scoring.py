@@ -36,7 +36,7 @@ class Weights:
     idc: float = 0.15
     location: float = 0.10
     seed: float = 0.10
-    uplink: float = 0.35
+    uplink: float = 0.20
 
 
 DEFAULT_WEIGHTS = Weights()
