@@ -46,6 +46,10 @@ def test_policy_shrinks_buffers_and_caps_pieces_while_the_link_queues_then_lets_
     assert p.congested
     assert d.sndbuf == max(uplink.SNDBUF_MIN, int(300_000 * uplink.SNDBUF_S))
     assert d.inflight_total == 2  # 0.2 s of the link is less than a piece: never below two
+    slow = UplinkPolicy()  # 75 kB/s (0.6 Mbit/s) and ten queuing children: not one each
+    for _ in range(2):
+        d = slow.sample(acked=75_000, queued=800_000, dt=1.0, piece_len=64 << 10, busy=10, active=10)
+    assert d.inflight_total == 2  # ten 64 KiB pieces would take 8.7 s: the neediest go first
     fast = UplinkPolicy()
     for _ in range(2):  # five children queue: the buffers share SNDBUF_S of the link
         d = fast.sample(acked=10_000_000, queued=5_000_000, dt=1.0, piece_len=64 << 10, busy=5, active=5)
@@ -229,7 +233,8 @@ def test_policy_keeps_the_cap_on_the_queue_it_made_short_and_lifts_a_cap_that_co
     # Capped, the kernel holds about 0.2 s of the link: still queuing by the calm threshold.
     for _ in range(10):
         d = p.sample(acked=300_000, queued=60_000 + 70_000, dt=1.0, piece_len=64 << 10, busy=6, active=6)
-    assert p.congested and d.inflight_total == 2
+    # A piece for each of the six queuing children: six drain in 1.3 s (< INFLIGHT_MAX_S).
+    assert p.congested and d.inflight_total == 6
     # Children whose own downlinks were the limit: under the cap they take half what they did.
     lifted = None
     for i in range(10):
