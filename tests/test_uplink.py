@@ -150,12 +150,18 @@ def _stalled_child(ctx: zmq.Context, addr: str) -> zmq.Socket:
     return d
 
 
-def test_meter_finds_the_connections_measures_the_queue_and_sets_small_send_buffers():
-    ctx = zmq.Context()
+def _metered_router(ctx: zmq.Context) -> tuple[zmq.Socket, UplinkMeter, int]:
+    """A ROUTER on loopback with an UplinkMeter, as the upload server sets one up."""
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     meter = UplinkMeter(router)
-    port = meter.port = router.bind_to_random_port("tcp://127.0.0.1")
+    meter.port = router.bind_to_random_port("tcp://127.0.0.1")
+    return router, meter, meter.port
+
+
+def test_meter_finds_the_connections_measures_the_queue_and_sets_small_send_buffers():
+    ctx = zmq.Context()
+    router, meter, port = _metered_router(ctx)
     child = _stalled_child(ctx, f"tcp://127.0.0.1:{port}")
     try:
         child.send(b"hello")
@@ -250,10 +256,7 @@ def test_policy_keeps_the_cap_on_the_queue_it_made_short_and_lifts_a_cap_that_co
 
 def test_meter_touches_no_descriptor_that_is_not_its_connection_and_switches_off_without_tcp_info(monkeypatch):
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    meter = UplinkMeter(router)
-    port = meter.port = router.bind_to_random_port("tcp://127.0.0.1")
+    router, meter, port = _metered_router(ctx)
     child = ctx.socket(zmq.DEALER)
     child.setsockopt(zmq.LINGER, 0)
     child.connect(f"tcp://127.0.0.1:{port}")
@@ -290,10 +293,7 @@ def test_meter_close_returns_with_monitor_events_unread():
     """disable_monitor sends one last event into the monitor pipe: close reads what waits first."""
     import threading
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    meter = UplinkMeter(router)
-    port = meter.port = router.bind_to_random_port("tcp://127.0.0.1")
+    router, meter, port = _metered_router(ctx)
     for _ in range(50):
         with socket.create_connection(("127.0.0.1", port)):
             pass
