@@ -157,6 +157,14 @@ def default_host() -> str:
         return "127.0.0.1"
 
 
+def tcp_port(endpoint: str) -> int:
+    """The port of a bound tcp:// endpoint; 0 for anything else (ipc://, inproc://)."""
+    if not endpoint.startswith("tcp://"):
+        return 0
+    port = endpoint.rpartition(":")[2]
+    return int(port) if port.isdigit() else 0
+
+
 def with_port_offset(endpoint: str, offset: int) -> str:
     """tcp://h:p -> tcp://h:(p+offset); '*' stays '*'. Used for a service's second socket."""
     if not endpoint.startswith("tcp://"):

@@ -82,9 +82,10 @@ class UploadServer:
         # connections' send buffers and the in-flight cap once the uplink is the bottleneck.
         self.uplink = UplinkMeter(self.sock) if share else None
         self.drain: Drain | None = None
-        self.addr = net.advertise(net.bind(self.sock, listen), advertise_host or None)
+        bound = net.bind(self.sock, listen)
+        self.addr = net.advertise(bound, advertise_host or None)
         if self.uplink is not None:
-            self.uplink.port = _tcp_port(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            self.uplink.port = net.tcp_port(bound)
         self.subs: dict[str, dict[bytes, Subscriber]] = {}
         self.rr: dict[str, int] = {}
         self.pending: list[tuple[float, str, int]] = []  # (reveal at, task, num)
@@ -490,12 +491,3 @@ class UploadServer:
             self.drain = None
         self.sock.close(0)
 
-
-def _tcp_port(endpoint: str) -> int:
-    """The port of a tcp:// endpoint; 0 for anything else (ipc://: no TCP to measure)."""
-    if not endpoint.startswith("tcp://"):
-        return 0
-    try:
-        return int(endpoint.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return 0

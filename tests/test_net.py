@@ -22,6 +22,8 @@ def test_endpoints():
         net.tcp("nohost")
     assert net.advertise("tcp://0.0.0.0:5", "10.0.0.1") == "tcp://10.0.0.1:5"
     assert net.with_port_offset("tcp://h:10", 1) == "tcp://h:11"
+    assert net.tcp_port("tcp://0.0.0.0:42241") == 42241 and net.tcp_port("tcp://[::1]:7") == 7
+    assert net.tcp_port("ipc:///tmp/x.sock") == 0
 
 
 def test_recv_burst_takes_queued_messages_and_never_stalls():

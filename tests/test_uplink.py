@@ -19,7 +19,7 @@ from nodes.picker import Picker
 from nodes.uploadq import ChildQueues, InFlight
 from nodes.uplink import UplinkMeter, UplinkPolicy
 from tests.conftest import TIMEOUT_S
-from tests.test_upload_cancel import TASK, _store_pieces, _upload_server
+from tests.test_upload_cancel import TASK, _store_pieces, _upload_server, run_then_close
 
 MiB = 1 << 20
 
@@ -225,10 +225,7 @@ def test_upload_server_caps_pieces_in_flight_once_its_uplink_queues(tmp_path):
             finally:
                 child.close(0)
 
-    try:
-        asyncio.run(main())
-    finally:
-        store.close()
+    run_then_close(main, store)
 
 
 def test_policy_keeps_the_cap_on_the_queue_it_made_short_and_lifts_a_cap_that_costs_throughput():
@@ -340,7 +337,4 @@ def test_upload_server_reads_its_monitor_all_the_time(tmp_path):
                 await asyncio.sleep(0.1)
             assert len(server.uplink.conns) <= 1  # the probes came and went
 
-    try:
-        asyncio.run(main())
-    finally:
-        store.close()
+    run_then_close(main, store)

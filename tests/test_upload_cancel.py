@@ -125,6 +125,14 @@ async def _upload_server(store, held, counters, children: int = 1, **kw):
         ctx.term()
 
 
+def run_then_close(main, store) -> None:
+    """asyncio.run(main()), then close the store whatever happened."""
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+
+
 async def _recv(sock, timeout_s: float = TIMEOUT_S):
     if not await sock.poll(int(timeout_s * 1000)):
         return None
@@ -160,10 +168,7 @@ def test_cancelled_requests_are_never_sent(tmp_path):
             assert counters["upload.cancel-too-late"] == 0
             assert server.bytes_uploaded == 2 * size
 
-    try:
-        asyncio.run(main())
-    finally:
-        store.close()
+    run_then_close(main, store)
 
 
 def test_malformed_cancel_is_dropped_and_counted_and_the_server_goes_on(tmp_path):
@@ -187,10 +192,7 @@ def test_malformed_cancel_is_dropped_and_counted_and_the_server_goes_on(tmp_path
             assert counters["dropped.bad-frame"] == len(bad)
             assert counters["upload.cancel-too-late"] == 1 and counters["upload.cancelled"] == 0
 
-    try:
-        asyncio.run(main())
-    finally:
-        store.close()
+    run_then_close(main, store)
 
 
 def test_a_global_cap_serves_the_oldest_request_first_whoever_asked():
@@ -273,7 +275,4 @@ def test_piece_files_are_read_off_the_loop_and_a_cancel_stops_a_read(tmp_path):
         assert counters["upload.cancelled-reading"] == 2
         assert server.bytes_uploaded == 2 * size
 
-    try:
-        asyncio.run(main())
-    finally:
-        store.close()
+    run_then_close(main, store)
