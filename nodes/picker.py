@@ -70,6 +70,12 @@ RESCUE_FACTOR = 3.0
 # starved flows cannot turn into a swarm of duplicates (the issue's goal: redundant bytes < 2%).
 RESCUE_BUDGET = 0.01
 RESCUE_MIN = 2
+# Endgame: a request this many times older than its parent's usual wait is late and may be
+# asked of an idle parent too. The copy costs nothing while the request still waits in the slow
+# parent's queue (the winner's PIECE_CANCEL removes it there); under uplink sharing the child
+# furthest ahead waits longest there, and was 3 times: 2-3.5 s pieces at the end (lab).
+ENDGAME_LATE = 1.5
+TAIL_SLOWER = 2.0  # the tail: a parent this many times slower than our quickest is passed over
 AIMD_DECREASE = 0.25  # of a piece, per late piece (window_mode "aimd")
 AIMD_MIN_PIECES = 1  # the smallest AIMD window, in pieces
 
@@ -116,6 +122,7 @@ class Picker:
         # it): pieces are asked for in order from there, so the client's reads overlap the
         # download instead of waiting for a contiguous prefix that rarest-first builds last.
         self.stream_offset = -1
+        self._seed_open = False  # the tail (_tail): the seed's window is an ordinary parent's
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -288,6 +295,8 @@ class Picker:
             wanted.sort(key=self._rank.__getitem__)  # rarest first: (count, tiebreak) as one float
         # Non-seed parents first: the seed serves what only it has.
         order = sorted(self.parents.values(), key=lambda s: (s.seed, len(s.outstanding)))
+        slow, quick_have, seed_have = self._tail(now) if self.complete else (set(), set(), set())
+        self._seed_open = bool(slow)
         taken: set[int] = set()
         for st in order:
             budget = self._budget(st)
@@ -298,7 +307,9 @@ class Picker:
                     break
                 if n in taken or n not in st.have:
                     continue
-                if st.seed and self._other_has(n, st.pid):
+                if st.pid in slow and (n in quick_have or n in seed_have):
+                    continue  # the tail: a quick parent or the seed holds it (_tail)
+                if st.seed and self._other_has(n, st.pid) and (not slow or n in quick_have):
                     continue
                 taken.add(n)
                 self._request(st, n, now)
@@ -322,6 +333,43 @@ class Picker:
             out.extend(self._endgame(now))
         return out
 
+    def _tail(self, now: float) -> tuple[set[str], set[int], set[int]]:
+        """The download's last stretch. Slow parents: those where a request asked now would take
+        (`_wait`) longer than the rest of the download should take at the rate all our parents
+        give together, and more than TAIL_SLOWER times at the quickest parent. Returned with the
+        pieces quick non-seed parents hold and those a quick seed holds. A slow parent is not
+        asked for a piece a quick parent or the seed holds (it waits for their next free slot),
+        and the seed may be asked for a piece only slow parents hold, with a full window: its
+        upload no longer needs saving for pieces nobody has, and it answers in tens of
+        milliseconds where a loaded fast peer took half a second. In the lab
+        (N=8, 16 MiB, half the peers at 5 Mbit/s) the last pieces were asked of 5 Mbit/s
+        parents and came 1.5-2.8 s later while the seed and the fast uplinks idled, a second
+        on every peer's finish. No restriction while every parent is quick enough, or when
+        nobody quick is left to take the slow parents' place."""
+        none: tuple[set[str], set[int], set[int]] = (set(), set(), set())
+        rate = sum(st.rate_bps for st in self.parents.values() if st.rate_bps)
+        wait = {st.pid: self._wait(st) for st in self.parents.values() if st.latency_s is not None}
+        others = [st for st in self.parents.values() if not st.seed and st.pid in wait]
+        if rate <= 0 or not others:
+            return none
+        eta = (len(self.manifest) - len(self.have)) * self._piece_len / rate
+        limit = max(eta, TAIL_SLOWER * min(wait.values()))
+        slow = {st.pid for st in others if wait[st.pid] > limit}
+        quick = [st for st in others if st.pid not in slow and not st.benched]
+        seeds = [st for st in self.parents.values() if st.seed and not st.benched
+                 and wait.get(st.pid, 0.0) <= limit]
+        if not slow or not (quick or seeds):
+            return none
+        return slow, set().union(*(st.have for st in quick)), set().union(*(st.have for st in seeds))
+
+    def _wait(self, st: ParentState) -> float:
+        """How long a request asked of `st` now would take: its usual wait, or more when our
+        requests queued there and one more take longer at the rate it gives us. (The queue
+        alone misses the other children's requests ahead of ours: in the lab a 10 Mbit/s
+        parent whose queue said 0.5 s took a second at the end, as the child furthest on.)"""
+        queue = (len(st.outstanding) + 1) * self._piece_len / st.rate_bps if st.rate_bps else 0.0
+        return max(st.latency_s or 0.0, queue)
+
     def _stream_rank(self, num: int) -> tuple[bool, int]:
         end = self.manifest[num].offset + self.manifest[num].length
         return end <= self.stream_offset, self.manifest[num].offset
@@ -329,9 +377,10 @@ class Picker:
     def _budget(self, st: ParentState) -> int:
         if st.benched:
             return 0
-        if st.seed:
+        if st.seed and not self._seed_open:
             # A seed's upload is the swarm's scarcest resource: each child keeps only a couple
             # of requests there, so the seed spreads distinct pieces that children then trade.
+            # In the tail (_tail) its window is a parent's like any other.
             return 1 if len(st.outstanding) < self.min_window else 0
         used = st.outstanding_bytes(self.manifest)
         window = self.window_bytes
@@ -443,7 +492,7 @@ class Picker:
                 continue
             asked_at = holder.outstanding.get(n, now)
             # Late means later than this parent usually is (its queue may be long for good reasons).
-            late_after = max(self.endgame_after_s, 3 * (holder.latency_s or 0.0))
+            late_after = max(self.endgame_after_s, ENDGAME_LATE * (holder.latency_s or 0.0))
             if now - asked_at >= late_after:
                 pending.append((asked_at, n))
         for asked_at, n in sorted(pending):

@@ -72,6 +72,7 @@ class ParentSide:
             return
         self.state = "running"
         wanted = {p.peer_id: p for p in parents if p.peer_id not in self.blocklist and p.peer_id != self.peer_id}
+        trace("parents", self.task_id, len(wanted), "", sorted(wanted))
         for pid in list(self.parents):
             if pid not in wanted:
                 self._drop_parent(pid, block=False)

@@ -348,3 +348,18 @@ def test_no_endgame_while_the_manifest_is_still_growing_or_requests_are_young():
     assert p.next_requests(0.5) == []  # requests younger than endgame_after_s are left alone
     dups = p.next_requests(1.5)
     assert dups and all(len(p.requested[n]) == 2 for _, n in dups)
+
+
+def test_endgame_duplicates_a_request_late_by_its_parents_own_pace():
+    """Late = ENDGAME_LATE times the holder's usual wait (and endgame_after_s at least): an
+    idle parent copies it then, not before."""
+    from nodes.picker import ENDGAME_LATE
+    p = picker(1, window_pieces=4, endgame_after_s=0.5)
+    p.add_parent("slow")
+    p.on_have("slow", [0])
+    assert p.next_requests(10.0) == [("slow", 0)]
+    p.parents["slow"].latency_s = 1.0
+    p.add_parent("idle")
+    p.on_have("idle", [0])
+    assert p.next_requests(10.0 + 0.9 * ENDGAME_LATE) == []
+    assert p.next_requests(10.0 + 1.1 * ENDGAME_LATE) == [("idle", 0)]

@@ -219,3 +219,50 @@ def test_a_benched_parent_whose_requests_timed_out_is_asked_again():
     assert not p.parents["B"].benched
     assert any(pid == "B" for pid, _ in p.next_requests(22.0))
 
+
+
+def _last_sources(p: Picker, rates: dict[str, float], n: int, seed_pid: str) -> tuple[dict, list[str]]:
+    firsts: list[str] = []
+    on_piece = p.on_piece
+
+    def record(pid: str, num: int, now: float | None = None) -> None:
+        if num not in p.have:
+            firsts.append(pid)
+        on_piece(pid, num, now)
+
+    p.on_piece = record  # type: ignore[method-assign]
+    return simulate(p, rates, n, seed_pid=seed_pid), firsts
+
+
+def test_the_last_pieces_are_not_left_in_a_slow_parents_queue():
+    """A fast parent, a slow one and the seed. Without the tail rule the last pieces wait in the
+    slow parent's queue; with it they go to the fast parent and the seed, whose window opens
+    once its upload no longer needs saving for pieces nobody else has."""
+    rates = {"fast": 20 * PIECE, "slow": 2 * PIECE, "seed": 10 * PIECE}
+    ideal = 200 * PIECE / sum(rates.values())
+    kw = dict(window_bytes=16 * PIECE, window_target_s=1.0, endgame_after_s=1.0)
+    plain = Picker(rng=random.Random(3), **kw)
+    plain._tail = lambda now: (set(), set(), set())  # type: ignore[method-assign]
+    before, _ = _last_sources(plain, rates, 200, "seed")
+    after, firsts = _last_sources(Picker(rng=random.Random(3), **kw), rates, 200, "seed")
+    assert after["finish_s"] < before["finish_s"] - 0.3
+    assert after["finish_s"] < 1.05 * ideal
+    assert "slow" not in firsts[-8:] and "seed" in firsts[-8:]
+    assert after["duplicates"] <= 2
+
+
+def test_no_tail_rule_far_from_the_end_or_without_a_quick_parent():
+    p = Picker(window_bytes=16 * PIECE, window_target_s=1.0)
+    p.add_manifest(manifest(100))
+    p.complete = True
+    for pid, latency in (("fast", 0.1), ("slow", 1.0)):
+        p.add_parent(pid)
+        p.on_have(pid, range(100))
+        st = p.parents[pid]
+        st.latency_s, st.rate_bps = latency, PIECE / latency
+    assert p._tail(0.0) == (set(), set(), set())  # 100 pieces left: 9 s at 11 pieces a second
+    p.have.update(range(95))
+    slow, quick_have, _ = p._tail(0.0)
+    assert slow == {"slow"} and quick_have == set(range(100))
+    p.parents["fast"].benched = True  # nobody quick to take its place
+    assert p._tail(0.0) == (set(), set(), set())

@@ -108,3 +108,79 @@ def test_a_laggards_extra_parent_is_the_host_with_the_biggest_share_of_uplink():
     added = [p.peer_id for p in behind.take(wire.PeerParents)[-1].parents if p.peer_id not in before]
     assert len(added) == parents_mod.LAG_EXTRA_PARENTS
     assert all(int(net.core.peers[pid].host_id[1:]) % 2 == 0 for pid in added)  # fast hosts
+
+
+def test_a_peer_whose_parents_uplinks_give_it_little_gets_more_before_it_falls_behind():
+    """Starved: even progress, but one peer's parents are all slow hosts. Measured uplinks show
+    it, and it gets parents as a laggard does; a peer with no slow parent gets none."""
+    net, hosts = swarm(n=10, max_parents=3)
+    slow = {"h7", "h8", "h9"}
+    for h in hosts:
+        rate = 100_000 if h.host_id in slow else 2_000_000
+        for k in range(4):
+            net.core.note_uplink(net.core.hosts[h.host_id], k * rate, net.now + k)
+    starved = hosts[1]
+    net.core._set_parents(net.core.peers[starved.peer()],
+                          {h.peer(): h.host_id for h in hosts if h.host_id in slow})
+    for h in hosts[1:]:
+        h.report(range(40), source="p2p")  # nobody behind
+    served = {h.host_id: set(net.core.peers[h.peer()].parents.values()) for h in hosts[2:]}
+    assert any(not parents & slow for parents in served.values())
+    net.advance(1.0)
+    grown = starved.take(wire.PeerParents)
+    assert grown and len(grown[-1].parents) == 4
+    assert grown[-1].parents[-1].host_id not in slow  # the best share: a fast host
+    assert net.core.counters["parents-starved"] >= 1 and net.core.counters["parents-laggard"] == 0
+    for h in hosts[2:]:
+        if not served[h.host_id] & slow:
+            assert h.take(wire.PeerParents) == []
+
+
+def test_no_starved_boost_until_most_uplinks_are_measured():
+    net, hosts = swarm(n=10, max_parents=3)
+    peer = net.core.peers[hosts[1].peer()]
+    net.core._set_parents(peer, {net.core.peers[h.peer()].peer_id: h.host_id for h in hosts[7:10]})
+    for h in hosts[7:10]:  # only the three slow ones measured
+        for k in range(4):
+            net.core.note_uplink(net.core.hosts[h.host_id], k * 100_000, net.now + k)
+    for h in hosts[1:]:
+        h.report(range(40), source="p2p")
+    net.advance(2.0)
+    assert net.core.counters["parents-starved"] == 0
+
+
+def test_a_peer_short_of_parents_gets_new_candidates_within_the_fill_delay():
+    """The first peer to register finds only the source; the peers registering just after it
+    join its list within FILL_DELAY_S, not at the next refresh a second later."""
+    net = FakeNet(max_parents=4)
+    hosts = [net.host(f"h{i}") for i in range(6)]
+    hosts[0].register()
+    hosts[0].report(range(PIECES), content_length=PIECES * 100)
+    net.advance(0.5, step=0.05)  # past the first refresh: the next is ~1 s away
+    first = hosts[1]
+    first.register()
+    assert [p.peer_id for p in first.one(wire.PeerParents).parents] == [hosts[0].peer()]
+    assert net.core._next_refresh - net.now > 0.5
+    for h in hosts[2:]:
+        h.register()
+    net.advance(parents_mod.FILL_DELAY_S + 0.05, step=0.05)
+    lists = first.take(wire.PeerParents)
+    assert lists and len(lists[-1].parents) == 4
+    assert net.core.counters["parents-filled"] >= 1
+    assert net.core._next_refresh - net.now > 0.3  # the fill, not the periodic refresh
+    assert first.peer() not in net.core.tasks[TASK_ID(net)].short
+
+
+def TASK_ID(net: FakeNet) -> str:
+    return next(iter(net.core.tasks))
+
+
+def test_a_full_parent_list_is_not_short_and_a_leaving_peer_is_forgotten():
+    net, hosts = swarm(n=8, max_parents=3)
+    task = net.core.tasks[TASK_ID(net)]
+    assert not task.short  # everyone found three parents at registration or the refresh
+    lone = net.core.peers[hosts[1].peer()]
+    net.core._set_parents(lone, {hosts[0].peer(): hosts[0].host_id})
+    assert lone.peer_id in task.short
+    hosts[1].send(wire.PeerLeave(lone.task_id, lone.peer_id))
+    assert lone.peer_id not in task.short

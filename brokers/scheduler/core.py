@@ -19,7 +19,9 @@ Decisions worth knowing:
   contradict a known digest are ignored and counted (`piece-mismatch`).
 - Parent lists are only grown or repaired, never reshuffled: a Running peer keeps its valid
   parents; the periodic refresh adds new ones while it has fewer than `max_parents` and
-  replaces those that left. A refresh only looks at tasks whose set of possible parents
+  replaces those that left. A peer short of parents (the first to register found few
+  candidates) is filled within FILL_DELAY_S of a new candidate joining, not at the next
+  refresh: it then connects while the uplinks are still quiet (parents.py, `_fill_short`). A refresh only looks at tasks whose set of possible parents
   changed since the peer was last served (`Task.version`), so it stays cheap on big swarms.
 - A peer whose parents all vanished and who has no candidate left goes back to source,
   as does a Reschedule with nothing left: a download never fails only because P2P did.
@@ -39,7 +41,7 @@ from typing import Any
 from brokers.scheduler import scoring
 from brokers.scheduler.model import (  # noqa: F401 (the model's names, re-exported)
     DOWNLOADING_STATES, PARENT_STATES, TRANSITIONS, Action, Host, Peer, PeerEvent, PeerState, Refused, Task)
-from brokers.scheduler.parents import ParentChoice
+from brokers.scheduler.parents import FILL_DELAY_S, ParentChoice
 from dfzmq import wire
 from dfzmq.actions import Publish, Send
 from dfzmq.ids import rendezvous, short
@@ -79,6 +81,8 @@ class SchedulerCore(ParentChoice):
         self._children: collections.Counter[str] = collections.Counter()
         self._next_pub = 0.0
         self._next_refresh = 0.0
+        self._fill_wanted = False  # a new parent candidate joined a task with short peers
+        self._fill_at: float | None = None
         self._handlers = {
             wire.Heartbeat: self._on_heartbeat,
             wire.PeerRegister: self._on_peer_register,
@@ -117,6 +121,9 @@ class SchedulerCore(ParentChoice):
             self.counters["refused." + e.code] += 1
             log.debug("refused %s from %r: %s %s", type(msg).__name__, sender, e.code, e.detail)
             out.append(Send(sender, wire.Error(code=e.code, detail=e.detail, ref=e.ref)))
+        if self._fill_wanted and self._fill_at is None:
+            self._fill_at = now + FILL_DELAY_S
+        self._fill_wanted = False
         return out
 
     def handle_timer(self, now: float) -> list[Action]:
@@ -132,7 +139,11 @@ class SchedulerCore(ParentChoice):
                     self._forget_failure(task)
             if now >= self._next_refresh:
                 self._next_refresh = now + self.refresh_interval_s
+                self._fill_at = None
                 self._refresh_parents(now, out)
+            elif self._fill_at is not None and now >= self._fill_at:
+                self._fill_at = None
+                self._fill_short(now, out)
         except Refused:
             # Timers only apply transitions the table allows; reaching this is our bug.
             # Keep serving rather than take the whole swarm down with us.
@@ -145,6 +156,8 @@ class SchedulerCore(ParentChoice):
 
     def next_deadline(self) -> float:
         deadline = min(self._next_pub, self._next_refresh)
+        if self._fill_at is not None:
+            deadline = min(deadline, self._fill_at)
         for task in self.tasks.values():
             if task.seed_deadline is not None:
                 deadline = min(deadline, task.seed_deadline)
@@ -600,6 +613,7 @@ class SchedulerCore(ParentChoice):
             task = self.tasks.get(peer.task_id)
             if task is not None:
                 task.version += 1
+                self._fill_wanted |= bool(task.short) and nxt in PARENT_STATES
         peer.state = nxt
 
     def _push(self, task: Task, except_peer: str, msg: Any, out: list[Action]) -> None:

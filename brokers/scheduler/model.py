@@ -98,6 +98,9 @@ class Task:
     waiting: list[str] = field(default_factory=list)  # peers waiting for the seed
     peers: set[str] = field(default_factory=set)
     version: int = 0  # bumped whenever the set of possible parents changes
+    # Running peers holding fewer than max_parents parents (the first to register found few
+    # candidates): filled within FILL_DELAY_S of a new candidate, not at the next refresh.
+    short: set[str] = field(default_factory=set)
     bad_peers: set[str] = field(default_factory=set)  # served corrupt bytes: never a parent again
     meta: dict[str, str] = field(default_factory=dict)  # origin headers proxies replay (issue 4)
 

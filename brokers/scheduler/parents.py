@@ -19,6 +19,21 @@ half the hosts on slow uplinks a laggard's extra parents are fast ones with room
 finished peer comes first (lab, N=16, slow half: peers that had drawn five to seven slow
 parents reached half the file at 14 s where the others took 7 s). A host not measured yet
 scores as the median of those that are.
+
+Starved peers (issue 3): a laggard shows only once it is behind. With the uplinks measured (a
+second or two into a download), the scheduler also adds up what each Running peer's parents can
+give it (each parent's uplink over its children) and boosts, as a laggard, a peer getting less
+than STARVED_FRACTION of the median: in the lab (N=8, 16 MiB, slow half) the first peers to
+register held four 5 Mbit/s parents of six and fell behind from the start.
+
+Short peers (issue 3): the first peers of a task to register find few candidates (the very
+first finds only the source) and used to wait for the next refresh, up to refresh_interval_s,
+to be given the peers that registered after them. By then every uplink's queue was full:
+their new connections' handshakes and first pieces waited behind it (a full FIFO drops SYN-ACKs
+and a lost one costs a second), so in the lab (N=8, 16 MiB, slow half) the first two peers
+reached a quarter of the file at 2.6-3.2 s where the others took 1.6 s, and finished last. A
+peer with fewer than max_parents parents is listed in `Task.short` and filled FILL_DELAY_S after
+a new candidate joins; the delay gathers one wave of registrations into one fill.
 """
 
 from __future__ import annotations
@@ -35,6 +50,10 @@ LAG_FRACTION = 0.05  # of the task's pieces behind the median Running peer
 LAG_EXTRA_PARENTS = 3
 UPLINK_SMOOTHING = 0.5  # weight of the newest HostStats interval in a host's upload rate
 UPLINK_FADE = 0.02  # per second: how fast a host's best upload rate is forgotten
+# A Running peer whose parents' uplinks give it less than this share of what the median peer
+# gets is starved before it falls behind, and gets a parent more per refresh as a laggard does.
+STARVED_FRACTION = 0.7
+FILL_DELAY_S = 0.05  # from a new candidate joining a task to filling its short peers
 
 
 class ParentChoice:
@@ -113,6 +132,25 @@ class ParentChoice:
         peer.parents = parents
         for h in parents.values():
             self._children[h] += 1
+        task = self.tasks.get(peer.task_id)
+        if task is not None:
+            if parents and len(parents) < self.max_parents:
+                task.short.add(peer.peer_id)
+            else:
+                task.short.discard(peer.peer_id)
+
+    def _fill_short(self, now: float, out: list[Action]) -> None:
+        """Give peers short of parents the candidates that joined since (module docstring)."""
+        for task in list(self.tasks.values()):
+            if not task.short or task.failed_reason is not None:
+                continue
+            for pid in sorted(task.short):
+                peer = self.peers.get(pid)
+                if peer is None or peer.state is not _R:
+                    task.short.discard(pid)
+                elif peer.seen_version != task.version:
+                    self.counters["parents-filled"] += 1
+                    self._refresh_running(peer, task, now, out)
 
     def _assign_parents(self, peer: Peer, task: Task, chosen: list[str],
                         out: list[Action]) -> None:
@@ -158,8 +196,12 @@ class ParentChoice:
             return
         held = sorted(len(p.pieces) for p in running)
         median = held[len(held) // 2]
+        inflow = self._inflows(running)
+        flows = sorted(inflow.values())
         for peer in running:
-            if median - len(peer.pieces) < LAG_FRACTION * total:
+            behind = median - len(peer.pieces) >= LAG_FRACTION * total
+            starved = bool(flows) and inflow[peer.peer_id] < STARVED_FRACTION * flows[len(flows) // 2]
+            if not (behind or starved):
                 continue
             if len(peer.parents) >= self.max_parents + LAG_EXTRA_PARENTS:
                 continue
@@ -171,8 +213,25 @@ class ParentChoice:
             host = self.hosts[peer.host_id]
             best = scoring.rank([self._candidate(task, c) for c in cands], peer.peer_id,
                                 host.info.idc, host.info.location, self.weights)[0]
-            self.counters["parents-laggard"] += 1
+            self.counters["parents-laggard" if behind else "parents-starved"] += 1
             self._assign_parents(peer, task, [*peer.parents, best.peer_id], out)
+
+    def _inflows(self, running: list[Peer]) -> dict[str, float]:
+        """peer id -> what its parents' uplinks give it, each parent's measured uplink shared
+        by its children (a host not measured yet counts as the median); {} until most of the
+        parent hosts are measured."""
+        hosts = {h for p in running for h in p.parents.values()}
+        known = sorted(self.hosts[h].uplink_bps for h in hosts if h in self.hosts and self.hosts[h].uplink_bps > 0)
+        if not hosts or 3 * len(known) < 2 * len(hosts):
+            return {}
+        median = known[len(known) // 2]
+
+        def share(h: str) -> float:
+            host = self.hosts.get(h)
+            up = host.uplink_bps if host is not None and host.uplink_bps > 0 else median
+            return up / max(1, self._children_of_host(h))
+
+        return {p.peer_id: sum(share(h) for h in p.parents.values()) for p in running}
 
     def _refresh_running(self, peer: Peer, task: Task, now: float, out: list[Action]) -> None:
         valid = [p for p in peer.parents
