@@ -76,6 +76,7 @@ RESCUE_MIN = 2
 # furthest ahead waits longest there, and was 3 times: 2-3.5 s pieces at the end (lab).
 ENDGAME_LATE = 1.5
 TAIL_SLOWER = 2.0  # the tail: a parent this many times slower than our quickest is passed over
+TAIL_SHARE = 0.25  # the tail is at most this share of a task's pieces (the seed's window opens there)
 AIMD_DECREASE = 0.25  # of a piece, per late piece (window_mode "aimd")
 AIMD_MIN_PIECES = 1  # the smallest AIMD window, in pieces
 
@@ -284,6 +285,8 @@ class Picker:
         return out
 
     def _next_requests(self, now: float) -> list[tuple[str, int]]:
+        slow, quick, seeds = self._tail(now) if self.complete else ([], [], [])
+        self._seed_open = bool(slow)
         if not any(self._budget(st) > 0 for st in self.parents.values()):
             return []
         # A stuck request is older news than any new piece: it gets a parent's room first.
@@ -295,8 +298,7 @@ class Picker:
             wanted.sort(key=self._rank.__getitem__)  # rarest first: (count, tiebreak) as one float
         # Non-seed parents first: the seed serves what only it has.
         order = sorted(self.parents.values(), key=lambda s: (s.seed, len(s.outstanding)))
-        slow, quick_have, seed_have = self._tail(now) if self.complete else (set(), set(), set())
-        self._seed_open = bool(slow)
+        slow_ids = {st.pid for st in slow}
         taken: set[int] = set()
         for st in order:
             budget = self._budget(st)
@@ -307,9 +309,9 @@ class Picker:
                     break
                 if n in taken or n not in st.have:
                     continue
-                if st.pid in slow and (n in quick_have or n in seed_have):
+                if st.pid in slow_ids and any(n in q.have for q in quick + seeds):
                     continue  # the tail: a quick parent or the seed holds it (_tail)
-                if st.seed and self._other_has(n, st.pid) and (not slow or n in quick_have):
+                if st.seed and self._other_has(n, st.pid) and (not slow or any(n in q.have for q in quick)):
                     continue
                 taken.add(n)
                 self._request(st, n, now)
@@ -333,42 +335,46 @@ class Picker:
             out.extend(self._endgame(now))
         return out
 
-    def _tail(self, now: float) -> tuple[set[str], set[int], set[int]]:
-        """The download's last stretch. Slow parents: those where a request asked now would take
-        (`_wait`) longer than the rest of the download should take at the rate all our parents
-        give together, and more than TAIL_SLOWER times at the quickest parent. Returned with the
-        pieces quick non-seed parents hold and those a quick seed holds. A slow parent is not
-        asked for a piece a quick parent or the seed holds (it waits for their next free slot),
-        and the seed may be asked for a piece only slow parents hold, with a full window: its
-        upload no longer needs saving for pieces nobody has, and it answers in tens of
-        milliseconds where a loaded fast peer took half a second. In the lab
+    def _tail(self, now: float) -> tuple[list[ParentState], list[ParentState], list[ParentState]]:
+        """The download's last stretch (the last TAIL_SHARE of its pieces): slow parents, quick
+        non-seed parents, quick seeds. Slow: a request asked of it now would take (`_wait`)
+        longer than the rest of the download should take at the rate all our parents give
+        together, and more than TAIL_SLOWER times the quickest parent's (the seed counts). A
+        slow parent is not asked for a piece a quick parent or the seed holds (the piece waits
+        for their next free slot), and the seed may be asked for a piece only slow parents hold,
+        with a full window: its upload no longer needs saving for pieces nobody has, and it
+        answers in tens of milliseconds where a loaded fast peer took half a second. In the lab
         (N=8, 16 MiB, half the peers at 5 Mbit/s) the last pieces were asked of 5 Mbit/s
-        parents and came 1.5-2.8 s later while the seed and the fast uplinks idled, a second
-        on every peer's finish. No restriction while every parent is quick enough, or when
-        nobody quick is left to take the slow parents' place."""
-        none: tuple[set[str], set[int], set[int]] = (set(), set(), set())
+        parents and came 1.5-2.8 s later while the seed and the fast uplinks idled, a second on
+        every peer's finish. No restriction while every parent is quick enough, or when nobody
+        quick is left to take the slow parents' place."""
+        left = len(self.manifest) - len(self.have)
         rate = sum(st.rate_bps for st in self.parents.values() if st.rate_bps)
-        wait = {st.pid: self._wait(st) for st in self.parents.values() if st.latency_s is not None}
+        if rate <= 0 or left > TAIL_SHARE * len(self.manifest):
+            return [], [], []
+        wait = {st.pid: self._wait(st, now) for st in self.parents.values()
+                if st.latency_s is not None or st.outstanding}
         others = [st for st in self.parents.values() if not st.seed and st.pid in wait]
-        if rate <= 0 or not others:
-            return none
-        eta = (len(self.manifest) - len(self.have)) * self._piece_len / rate
-        limit = max(eta, TAIL_SLOWER * min(wait.values()))
-        slow = {st.pid for st in others if wait[st.pid] > limit}
-        quick = [st for st in others if st.pid not in slow and not st.benched]
+        if not others:
+            return [], [], []
+        limit = max(left * self._piece_len / rate, TAIL_SLOWER * min(wait.values()))
+        slow = [st for st in others if wait[st.pid] > limit]
+        quick = [st for st in others if wait[st.pid] <= limit and not st.benched]
         seeds = [st for st in self.parents.values() if st.seed and not st.benched
                  and wait.get(st.pid, 0.0) <= limit]
         if not slow or not (quick or seeds):
-            return none
-        return slow, set().union(*(st.have for st in quick)), set().union(*(st.have for st in seeds))
+            return [], [], []
+        return slow, quick, seeds
 
-    def _wait(self, st: ParentState) -> float:
-        """How long a request asked of `st` now would take: its usual wait, or more when our
-        requests queued there and one more take longer at the rate it gives us. (The queue
-        alone misses the other children's requests ahead of ours: in the lab a 10 Mbit/s
-        parent whose queue said 0.5 s took a second at the end, as the child furthest on.)"""
+    def _wait(self, st: ParentState, now: float) -> float:
+        """How long a request asked of `st` now would take: its usual wait; more when our
+        requests queued there and one more take longer at the rate it gives us (which misses
+        the other children's requests ahead of ours: in the lab a 10 Mbit/s parent whose queue
+        said 0.5 s took a second at the end, as the child furthest on); and at least as long as
+        its oldest request has waited (a parent gone quiet is not quick, whatever it was)."""
         queue = (len(st.outstanding) + 1) * self._piece_len / st.rate_bps if st.rate_bps else 0.0
-        return max(st.latency_s or 0.0, queue)
+        oldest = now - min(st.outstanding.values()) if st.outstanding else 0.0
+        return max(st.latency_s or 0.0, queue, oldest)
 
     def _stream_rank(self, num: int) -> tuple[bool, int]:
         end = self.manifest[num].offset + self.manifest[num].length
@@ -496,10 +502,11 @@ class Picker:
             if now - asked_at >= late_after:
                 pending.append((asked_at, n))
         for asked_at, n in sorted(pending):
-            for st in self.parents.values():
-                if n in st.have and n not in st.outstanding and not st.outstanding:
-                    self._request(st, n, now)
-                    out.append((st.pid, n))
-                    self.duplicates += 1
-                    break
+            idle = [st for st in self.parents.values()
+                    if n in st.have and n not in st.outstanding and not st.outstanding]
+            if idle:  # the quickest idle holder (the tail leaves slow parents idle)
+                st = min(idle, key=lambda q: self._wait(q, now))
+                self._request(st, n, now)
+                out.append((st.pid, n))
+                self.duplicates += 1
         return out

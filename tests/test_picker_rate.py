@@ -242,7 +242,7 @@ def test_the_last_pieces_are_not_left_in_a_slow_parents_queue():
     ideal = 200 * PIECE / sum(rates.values())
     kw = dict(window_bytes=16 * PIECE, window_target_s=1.0, endgame_after_s=1.0)
     plain = Picker(rng=random.Random(3), **kw)
-    plain._tail = lambda now: (set(), set(), set())  # type: ignore[method-assign]
+    plain._tail = lambda now: ([], [], [])  # type: ignore[method-assign]
     before, _ = _last_sources(plain, rates, 200, "seed")
     after, firsts = _last_sources(Picker(rng=random.Random(3), **kw), rates, 200, "seed")
     assert after["finish_s"] < before["finish_s"] - 0.3
@@ -251,18 +251,71 @@ def test_the_last_pieces_are_not_left_in_a_slow_parents_queue():
     assert after["duplicates"] <= 2
 
 
-def test_no_tail_rule_far_from_the_end_or_without_a_quick_parent():
+def _two_parents(left: int, total: int = 100) -> Picker:
     p = Picker(window_bytes=16 * PIECE, window_target_s=1.0)
-    p.add_manifest(manifest(100))
+    p.add_manifest(manifest(total))
     p.complete = True
     for pid, latency in (("fast", 0.1), ("slow", 1.0)):
         p.add_parent(pid)
+        p.on_have(pid, range(total))
+        st = p.parents[pid]
+        st.latency_s, st.rate_bps = latency, PIECE / latency
+    p.have.update(range(total - left))
+    return p
+
+
+def names(parents) -> list[str]:
+    return [st.pid for st in parents]
+
+
+def test_no_tail_rule_far_from_the_end_or_without_a_quick_parent():
+    assert _two_parents(left=100)._tail(0.0) == ([], [], [])  # 9 s left at 11 pieces a second
+    assert _two_parents(left=30)._tail(0.0) == ([], [], [])  # past TAIL_SHARE of the pieces
+    p = _two_parents(left=5)
+    slow, quick, seeds = p._tail(0.0)
+    assert names(slow) == ["slow"] and names(quick) == ["fast"] and seeds == []
+    reqs = p.next_requests(0.0)
+    assert reqs and {pid for pid, _ in reqs} == {"fast"}  # none for the slow parent
+    p.parents["fast"].benched = True  # nobody quick to take its place
+    assert p._tail(0.0) == ([], [], [])
+
+
+def test_a_quick_parent_gone_quiet_is_no_longer_quick():
+    """Its requests' age counts: a fast parent silent for 3 s is slower than the slow one, which
+    then takes the pieces (without that, they waited for the piece timeout)."""
+    p = _two_parents(left=5)
+    first = p.next_requests(0.0)
+    assert {pid for pid, _ in first} == {"fast"}
+    slow, quick, _ = p._tail(3.0)
+    assert names(slow) == ["fast"] and names(quick) == ["slow"]
+    assert any(pid == "slow" for pid, _ in p.next_requests(3.0))
+
+
+def test_the_seeds_window_opens_in_the_tail_only():
+    p = Picker(window_bytes=16 * PIECE, window_target_s=1.0, min_window=2)
+    p.add_manifest(manifest(100))
+    p.complete = True
+    p.add_parent("seed", seed=True)
+    p.add_parent("slow")
+    for pid, latency in (("seed", 0.05), ("slow", 2.0)):
         p.on_have(pid, range(100))
         st = p.parents[pid]
         st.latency_s, st.rate_bps = latency, PIECE / latency
-    assert p._tail(0.0) == (set(), set(), set())  # 100 pieces left: 9 s at 11 pieces a second
-    p.have.update(range(95))
-    slow, quick_have, _ = p._tail(0.0)
-    assert slow == {"slow"} and quick_have == set(range(100))
-    p.parents["fast"].benched = True  # nobody quick to take its place
-    assert p._tail(0.0) == (set(), set(), set())
+    p.parents["seed"].window = 8 * PIECE
+    early = p.next_requests(0.0)
+    assert [pid for pid, _ in early].count("seed") <= 1  # pieces others hold: not the seed's
+    for pid, n in early:
+        p.on_piece(pid, n, 0.0)
+    p.have.update(range(90))
+    late = p.next_requests(0.1)
+    assert [pid for pid, _ in late].count("seed") >= 4  # an ordinary parent's window
+    assert "slow" not in {pid for pid, _ in late}
+
+
+def test_a_parents_wait_counts_our_queue_there_at_its_rate():
+    p = _two_parents(left=20)
+    fast = p.parents["fast"]
+    assert p._wait(fast, 0.0) == 0.1  # nothing outstanding: its usual wait
+    for n in range(80, 88):
+        p._request(fast, n, 0.0)
+    assert abs(p._wait(fast, 0.0) - 0.9) < 1e-9  # eight queued and one more, 0.1 s each

@@ -184,3 +184,25 @@ def test_a_full_parent_list_is_not_short_and_a_leaving_peer_is_forgotten():
     assert lone.peer_id in task.short
     hosts[1].send(wire.PeerLeave(lone.task_id, lone.peer_id))
     assert lone.peer_id not in task.short
+
+
+def test_a_fill_offers_the_newcomers_only_and_leaves_the_rest_to_the_refresh():
+    """A short peer that could not use an older candidate (out of upload slots) is not searched
+    again on every join: a fill scores only the candidates that joined since the last one."""
+    net = FakeNet(max_parents=4)
+    hosts = [net.host(f"h{i}") for i in range(4)]
+    hosts[0].register()
+    hosts[0].report(range(PIECES), content_length=PIECES * 100)
+    net.advance(0.5, step=0.05)
+    first = hosts[1]
+    first.register()
+    hosts[2].register()
+    net.advance(parents_mod.FILL_DELAY_S + 0.05, step=0.05)
+    assert [p.host_id for p in first.take(wire.PeerParents)[-1].parents] == ["h0", "h2"]
+    task = net.core.tasks[TASK_ID(net)]
+    peer = net.core.peers[first.peer()]
+    net.core._set_parents(peer, {hosts[0].peer(): "h0"})  # as if h2 had been out of slots
+    hosts[3].register()
+    net.advance(parents_mod.FILL_DELAY_S + 0.05, step=0.05)
+    got = [p.host_id for p in first.take(wire.PeerParents)[-1].parents]
+    assert got == ["h0", "h3"] and peer.peer_id in task.short and not task.joined

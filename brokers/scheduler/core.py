@@ -21,7 +21,8 @@ Decisions worth knowing:
   parents; the periodic refresh adds new ones while it has fewer than `max_parents` and
   replaces those that left. A peer short of parents (the first to register found few
   candidates) is filled within FILL_DELAY_S of a new candidate joining, not at the next
-  refresh: it then connects while the uplinks are still quiet (parents.py, `_fill_short`). A refresh only looks at tasks whose set of possible parents
+  refresh: it then connects while the uplinks are still quiet (parents.py, `_fill_short`).
+  A refresh only looks at tasks whose set of possible parents
   changed since the peer was last served (`Task.version`), so it stays cheap on big swarms.
 - A peer whose parents all vanished and who has no candidate left goes back to source,
   as does a Reschedule with nothing left: a download never fails only because P2P did.
@@ -81,7 +82,7 @@ class SchedulerCore(ParentChoice):
         self._children: collections.Counter[str] = collections.Counter()
         self._next_pub = 0.0
         self._next_refresh = 0.0
-        self._fill_wanted = False  # a new parent candidate joined a task with short peers
+        self._fill_tasks: set[str] = set()  # tasks with short peers that new candidates joined
         self._fill_at: float | None = None
         self._handlers = {
             wire.Heartbeat: self._on_heartbeat,
@@ -121,10 +122,12 @@ class SchedulerCore(ParentChoice):
             self.counters["refused." + e.code] += 1
             log.debug("refused %s from %r: %s %s", type(msg).__name__, sender, e.code, e.detail)
             out.append(Send(sender, wire.Error(code=e.code, detail=e.detail, ref=e.ref)))
-        if self._fill_wanted and self._fill_at is None:
-            self._fill_at = now + FILL_DELAY_S
-        self._fill_wanted = False
+        self._schedule_fill(now)
         return out
+
+    def _schedule_fill(self, now: float) -> None:
+        if self._fill_tasks and self._fill_at is None:
+            self._fill_at = now + FILL_DELAY_S
 
     def handle_timer(self, now: float) -> list[Action]:
         """Expire hosts, seeds and failures; refresh parent lists; heartbeat the PUB socket."""
@@ -140,10 +143,12 @@ class SchedulerCore(ParentChoice):
             if now >= self._next_refresh:
                 self._next_refresh = now + self.refresh_interval_s
                 self._fill_at = None
+                self._forget_fill()  # the refresh looks at every candidate
                 self._refresh_parents(now, out)
             elif self._fill_at is not None and now >= self._fill_at:
                 self._fill_at = None
                 self._fill_short(now, out)
+            self._schedule_fill(now)  # candidates that joined during this tick
         except Refused:
             # Timers only apply transitions the table allows; reaching this is our bug.
             # Keep serving rather than take the whole swarm down with us.
@@ -613,7 +618,9 @@ class SchedulerCore(ParentChoice):
             task = self.tasks.get(peer.task_id)
             if task is not None:
                 task.version += 1
-                self._fill_wanted |= bool(task.short) and nxt in PARENT_STATES
+                if task.short and nxt in PARENT_STATES:
+                    task.joined.append(peer.peer_id)
+                    self._fill_tasks.add(task.task_id)
         peer.state = nxt
 
     def _push(self, task: Task, except_peer: str, msg: Any, out: list[Action]) -> None:

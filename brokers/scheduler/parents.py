@@ -23,7 +23,7 @@ scores as the median of those that are.
 Starved peers (issue 3): a laggard shows only once it is behind. With the uplinks measured (a
 second or two into a download), the scheduler also adds up what each Running peer's parents can
 give it (each parent's uplink over its children) and boosts, as a laggard, a peer getting less
-than STARVED_FRACTION of the median: in the lab (N=8, 16 MiB, slow half) the first peers to
+than STARVED_FRACTION of the median (and not ahead of the median peer): in the lab (N=8, 16 MiB, slow half) the first peers to
 register held four 5 Mbit/s parents of six and fell behind from the start.
 
 Short peers (issue 3): the first peers of a task to register find few candidates (the very
@@ -32,8 +32,9 @@ to be given the peers that registered after them. By then every uplink's queue w
 their new connections' handshakes and first pieces waited behind it (a full FIFO drops SYN-ACKs
 and a lost one costs a second), so in the lab (N=8, 16 MiB, slow half) the first two peers
 reached a quarter of the file at 2.6-3.2 s where the others took 1.6 s, and finished last. A
-peer with fewer than max_parents parents is listed in `Task.short` and filled FILL_DELAY_S after
-a new candidate joins; the delay gathers one wave of registrations into one fill.
+peer with fewer than max_parents parents is listed in `Task.short` and offered the candidates
+that joined since, FILL_DELAY_S after the first of them; the delay gathers one wave of
+registrations into one fill.
 """
 
 from __future__ import annotations
@@ -139,18 +140,42 @@ class ParentChoice:
             else:
                 task.short.discard(peer.peer_id)
 
+    def _forget_fill(self) -> None:
+        for tid in self._fill_tasks:
+            task = self.tasks.get(tid)
+            if task is not None:
+                task.joined.clear()
+        self._fill_tasks.clear()
+
     def _fill_short(self, now: float, out: list[Action]) -> None:
-        """Give peers short of parents the candidates that joined since (module docstring)."""
-        for task in list(self.tasks.values()):
-            if not task.short or task.failed_reason is not None:
+        """Offer the candidates that joined since the last fill to the peers short of parents
+        (module docstring). Only the newcomers are scored, so a fill costs short peers times
+        newcomers, not a refresh of the whole task: peers that stay short because every host is
+        out of upload slots are not searched again on every join."""
+        for tid in sorted(self._fill_tasks):
+            task = self.tasks.get(tid)
+            if task is None:
+                continue
+            joined, task.joined = task.joined, []
+            fresh = [self.peers[p] for p in dict.fromkeys(joined) if p in self.peers]
+            if task.failed_reason is not None or not fresh:
                 continue
             for pid in sorted(task.short):
                 peer = self.peers.get(pid)
                 if peer is None or peer.state is not _R:
                     task.short.discard(pid)
-                elif peer.seen_version != task.version:
-                    self.counters["parents-filled"] += 1
-                    self._refresh_running(peer, task, now, out)
+                    continue
+                room = self.max_parents - len(peer.parents)
+                cands = [c for c in fresh if c.peer_id not in peer.parents and self._qualifies(peer, c, now)
+                         and self._children_of_host(c.host_id) < self.hosts[c.host_id].info.upload_slots]
+                if room <= 0 or not cands:
+                    continue
+                host = self.hosts[peer.host_id]
+                ranked = scoring.rank([self._candidate(task, c) for c in cands], peer.peer_id,
+                                      host.info.idc, host.info.location, self.weights)
+                self.counters["parents-filled"] += 1
+                self._assign_parents(peer, task, [*peer.parents, *(c.peer_id for c in ranked[:room])], out)
+        self._fill_tasks.clear()
 
     def _assign_parents(self, peer: Peer, task: Task, chosen: list[str],
                         out: list[Action]) -> None:
@@ -200,7 +225,8 @@ class ParentChoice:
         flows = sorted(inflow.values())
         for peer in running:
             behind = median - len(peer.pieces) >= LAG_FRACTION * total
-            starved = bool(flows) and inflow[peer.peer_id] < STARVED_FRACTION * flows[len(flows) // 2]
+            starved = (bool(flows) and len(peer.pieces) <= median
+                       and inflow[peer.peer_id] < STARVED_FRACTION * flows[len(flows) // 2])
             if not (behind or starved):
                 continue
             if len(peer.parents) >= self.max_parents + LAG_EXTRA_PARENTS:
