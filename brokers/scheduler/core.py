@@ -20,10 +20,10 @@ Decisions worth knowing:
 - Parent lists are only grown or repaired, never reshuffled: a Running peer keeps its valid
   parents; the periodic refresh adds new ones while it has fewer than `max_parents` and
   replaces those that left. A peer short of parents (the first to register found few
-  candidates) is filled within FILL_DELAY_S of a new candidate joining, not at the next
-  refresh: it then connects while the uplinks are still quiet (parents.py, `_fill_short`).
-  A refresh only looks at tasks whose set of possible parents
-  changed since the peer was last served (`Task.version`), so it stays cheap on big swarms.
+  candidates) is offered new candidates within FILL_DELAY_S of their joining, not at the
+  next refresh (parents.py, `_fill_short`). A refresh only looks at tasks whose set of
+  possible parents changed since the peer was last served (`Task.version`), so it stays
+  cheap on big swarms.
 - A peer whose parents all vanished and who has no candidate left goes back to source,
   as does a Reschedule with nothing left: a download never fails only because P2P did.
 - Seed hosts are chosen per task by rendezvous hashing, so tasks spread over seeds.

@@ -23,18 +23,18 @@ scores as the median of those that are.
 Starved peers (issue 3): a laggard shows only once it is behind. With the uplinks measured (a
 second or two into a download), the scheduler also adds up what each Running peer's parents can
 give it (each parent's uplink over its children) and boosts, as a laggard, a peer getting less
-than STARVED_FRACTION of the median (and not ahead of the median peer): in the lab (N=8, 16 MiB, slow half) the first peers to
-register held four 5 Mbit/s parents of six and fell behind from the start.
+than STARVED_FRACTION of the median and not ahead of the median peer: in the lab (N=8, 16 MiB,
+slow half) the first peers to register held four 5 Mbit/s parents of six and fell behind from
+the start.
 
 Short peers (issue 3): the first peers of a task to register find few candidates (the very
 first finds only the source) and used to wait for the next refresh, up to refresh_interval_s,
-to be given the peers that registered after them. By then every uplink's queue was full:
-their new connections' handshakes and first pieces waited behind it (a full FIFO drops SYN-ACKs
-and a lost one costs a second), so in the lab (N=8, 16 MiB, slow half) the first two peers
-reached a quarter of the file at 2.6-3.2 s where the others took 1.6 s, and finished last. A
-peer with fewer than max_parents parents is listed in `Task.short` and offered the candidates
-that joined since, FILL_DELAY_S after the first of them; the delay gathers one wave of
-registrations into one fill.
+for the peers that registered after them, pulling from the seed alone meanwhile; in the lab
+(N=8, 16 MiB, slow half) the first two reached a quarter of the file at 2.6-3.2 s where the
+others took 1.6 s. A peer with fewer than max_parents parents is listed in `Task.short` and
+offered the candidates that joined since, FILL_DELAY_S after the first of them; the delay
+gathers one wave of registrations into one fill. (Side by side with the code before, the lab
+could not tell the difference from run-to-run scatter at N=4-16: README, fourth round.)
 """
 
 from __future__ import annotations
