@@ -99,15 +99,21 @@ class ParentChoice:
             return chosen
         # The load limit: a host whose upload slots are all taken gets no more children (the
         # source above is the exception: without it an incomplete task cannot finish).
-        rest = [c for c in rest if self._children_of_host(c.host_id) < self.hosts[c.host_id].info.upload_slots]
+        rest = [c for c in rest if self._has_room(c.host_id)]
         if not rest:
             return chosen
         if len(rest) > self.candidate_parents:
             rest = self.rng.sample(rest, self.candidate_parents)
+        return chosen + [c.peer_id for c in self._ranked(child, task, rest)[:room]]
+
+    def _has_room(self, host_id: str) -> bool:
+        """The load limit: the host has an upload slot free for one more child."""
+        return self._children_of_host(host_id) < self.hosts[host_id].info.upload_slots
+
+    def _ranked(self, child: Peer, task: Task, cands: list[Peer]) -> list[scoring.Candidate]:
         host = self.hosts[child.host_id]
-        ranked = scoring.rank([self._candidate(task, c) for c in rest], child.peer_id,
-                              host.info.idc, host.info.location, self.weights)
-        return chosen + [c.peer_id for c in ranked[:room]]
+        return scoring.rank([self._candidate(task, c) for c in cands], child.peer_id,
+                            host.info.idc, host.info.location, self.weights)
 
     def _candidate(self, task: Task, peer: Peer) -> scoring.Candidate:
         info = self.hosts[peer.host_id].info
@@ -166,15 +172,13 @@ class ParentChoice:
                     task.short.discard(pid)
                     continue
                 room = self.max_parents - len(peer.parents)
-                cands = [c for c in fresh if c.peer_id not in peer.parents and self._qualifies(peer, c, now)
-                         and self._children_of_host(c.host_id) < self.hosts[c.host_id].info.upload_slots]
+                cands = [c for c in fresh if c.peer_id not in peer.parents
+                         and self._qualifies(peer, c, now) and self._has_room(c.host_id)]
                 if room <= 0 or not cands:
                     continue
-                host = self.hosts[peer.host_id]
-                ranked = scoring.rank([self._candidate(task, c) for c in cands], peer.peer_id,
-                                      host.info.idc, host.info.location, self.weights)
+                ranked = self._ranked(peer, task, cands)[:room]
                 self.counters["parents-filled"] += 1
-                self._assign_parents(peer, task, [*peer.parents, *(c.peer_id for c in ranked[:room])], out)
+                self._assign_parents(peer, task, [*peer.parents, *(c.peer_id for c in ranked)], out)
         self._fill_tasks.clear()
 
     def _assign_parents(self, peer: Peer, task: Task, chosen: list[str],
@@ -233,12 +237,10 @@ class ParentChoice:
                 continue
             cands = [c for c in (self.peers[pid] for pid in sorted(task.peers))
                      if c.peer_id not in peer.parents and self._qualifies(peer, c, now)
-                     and self._children_of_host(c.host_id) < self.hosts[c.host_id].info.upload_slots]
+                     and self._has_room(c.host_id)]
             if not cands:
                 continue
-            host = self.hosts[peer.host_id]
-            best = scoring.rank([self._candidate(task, c) for c in cands], peer.peer_id,
-                                host.info.idc, host.info.location, self.weights)[0]
+            best = self._ranked(peer, task, cands)[0]
             self.counters["parents-laggard" if behind else "parents-starved"] += 1
             self._assign_parents(peer, task, [*peer.parents, best.peer_id], out)
 
