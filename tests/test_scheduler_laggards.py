@@ -206,3 +206,86 @@ def test_a_fill_offers_the_newcomers_only_and_leaves_the_rest_to_the_refresh():
     net.advance(parents_mod.FILL_DELAY_S + 0.05, step=0.05)
     got = [p.host_id for p in first.take(wire.PeerParents)[-1].parents]
     assert got == ["h0", "h3"] and peer.peer_id in task.short and not task.joined
+
+
+def children(net: FakeNet) -> dict[str, int]:
+    return dict(net.core._children)
+
+
+def test_peers_that_register_last_are_given_children_at_the_next_refresh():
+    """Everyone's list is full when the last peers register, so nobody would take them as a
+    parent and their uplinks would idle (lab, N=32: the last eight had 0-2 children for half of
+    the run). The refresh adds them to the lists of the peers they help most, a child a round to
+    each, and only adds."""
+    net, hosts = swarm(n=12, max_parents=4)
+    before = {h.host_id: list(net.core.peers[h.peer()].parents) for h in hosts[1:]}
+    assert not net.core.tasks[TASK_ID(net)].short
+    late = [net.host(f"late{i}") for i in range(3)]
+    for h in late:
+        h.register()
+    net.advance(1.0)
+    kids = children(net)
+    peers = [h.host_id for h in hosts[1:] + late]
+    average = sum(kids.get(h, 0) for h in peers) / len(peers)
+    for h in late:
+        assert kids.get(h.host_id, 0) >= max(2, average - 1.5), (kids, average)
+    assert net.core.counters["parents-fed"] >= 3
+    for h in hosts[1:]:
+        lists = h.take(wire.PeerParents)
+        if lists:  # added, never swapped, one a pass at most, within the cap
+            got = [p.peer_id for p in lists[-1].parents]
+            assert got[:-1] == before[h.host_id] and len(got) == 4 + parents_mod.FEED_EXTRA_PARENTS
+
+
+def test_the_uplinks_of_peers_that_finished_serve_the_peers_still_downloading():
+    net, hosts = swarm(n=10, max_parents=5)
+    still = hosts[7:]
+    busy = {h for s in still for h in net.core.peers[s.peer()].parents.values()}
+    for h in hosts[1:7]:
+        h.report(range(PIECES), source="p2p")
+        h.done(PIECES)
+    for h in still:
+        h.take()
+    idle = [h.host_id for h in hosts[1:7] if h.host_id not in busy]
+    assert idle  # finished peers whose children are all gone
+    net.advance(1.0)
+    now_parents = {h for s in still for h in net.core.peers[s.peer()].parents.values()}
+    assert now_parents & set(idle)
+    for s in still:  # one more parent a pass at most
+        assert len(net.core.peers[s.peer()].parents) <= 6
+    net.advance(5.0)
+    for s in still:
+        assert len(net.core.peers[s.peer()].parents) <= 5 + parents_mod.LAG_EXTRA_PARENTS
+
+
+def test_an_even_swarm_is_left_alone():
+    net = FakeNet(max_parents=3)
+    hosts = [net.host(f"h{i}") for i in range(5)]
+    hosts[0].register()
+    hosts[0].report(range(PIECES), content_length=PIECES * 100)
+    for h in hosts[1:]:
+        h.register()
+    net.advance(3.0)
+    assert net.core.counters["parents-fed"] == 0
+
+
+def test_a_boost_does_not_pick_a_host_that_already_has_more_than_its_share_of_children():
+    """Every boost used to take the best-scored candidate, so boosts piled onto one host (lab,
+    N=32: 7 to 22 children in three seconds)."""
+    net, hosts = swarm(n=10, max_parents=3)
+    core = net.core
+    crowded = hosts[5]
+    for h in hosts[1:9]:
+        h.report(range(100 if h is crowded else 50), source="p2p")  # the best-scored candidate
+    for h in hosts[1:5] + hosts[6:9]:
+        peer = core.peers[h.peer()]
+        core._set_parents(peer, {**peer.parents, crowded.peer(): crowded.host_id})
+    slow = hosts[9]
+    slow.report(range(50, 55), source="p2p")  # far behind: a laggard
+    for h in hosts:
+        h.take()
+    net.advance(1.0)
+    added = [p.host_id for p in slow.take(wire.PeerParents)[-1].parents][3:]
+    assert added and crowded.host_id not in added
+    _, average = core._average_children(core.tasks[TASK_ID(net)], net.now)
+    assert all(core._children_of_host(h) <= average + 1 for h in added)

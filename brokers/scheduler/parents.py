@@ -35,9 +35,24 @@ others took 1.6 s. A peer with fewer than max_parents parents is listed in `Task
 offered the candidates that joined since, FILL_DELAY_S after the first of them; the delay
 gathers one wave of registrations into one fill. (Side by side with the code before, the lab
 could not tell the difference from run-to-run scatter at N=4-16: README, fourth round.)
+
+Idle uplinks (issue 3): a peer is given parents when it registers and keeps them, so the peers
+that register last find every list full and nobody takes them as a parent. In the lab (N=32,
+16 MiB, equal 3 Mbit/s links) the last eight registrants had 0-2 children each for the first
+half of the run, a quarter of the swarm's upload capacity idle, and every peer's downlink ran at
+0.80 of its rate. `_feed_idle` gives a parent host (not the task's source) with more than one
+child fewer than the task's average parent host children: the Running peers whose parents give
+them least (`_inflows`), one new parent each per pass, up to the average less one, and each
+peer at most FEED_EXTRA_PARENTS beyond max_parents this way. It runs in
+the fill after a candidate joins (for the newcomers) and in every refresh (for all, so that the
+uplinks of peers whose children finished serve the peers still downloading). Like a laggard's
+boost it only adds: requests in flight at the old parents stay where they are.
 """
 
 from __future__ import annotations
+
+import heapq
+import math
 
 from brokers.scheduler import scoring
 from brokers.scheduler.model import PARENT_STATES, Action, Host, Peer, PeerEvent, PeerState, Task
@@ -55,6 +70,10 @@ UPLINK_FADE = 0.02  # per second: how fast a host's best upload rate is forgotte
 # gets is starved before it falls behind, and gets a parent more per refresh as a laggard does.
 STARVED_FRACTION = 0.7
 FILL_DELAY_S = 0.05  # from a new candidate joining a task to filling its short peers
+# A peer takes at most this many parents beyond max_parents to give idle uplinks children: the
+# fed edges count in the average children a host should have, so without a cap every list
+# would grow to the laggards' cap in a stream of registrations.
+FEED_EXTRA_PARENTS = 1
 
 
 class ParentChoice:
@@ -216,6 +235,7 @@ class ParentChoice:
                     else:
                         peer.seen_version = task.version
             self._boost_laggards(task, now, out)
+            self._feed_idle(task, now, out)
 
     def _boost_laggards(self, task: Task, now: float, out: list[Action]) -> None:
         """One more parent for each Running peer far behind the others (module docstring)."""
@@ -226,6 +246,7 @@ class ParentChoice:
         held = sorted(len(p.pieces) for p in running)
         median = held[len(held) // 2]
         inflow = self._inflows(running)
+        _, average = self._average_children(task, now)
         flows = sorted(inflow.values())
         for peer in running:
             behind = median - len(peer.pieces) >= LAG_FRACTION * total
@@ -238,21 +259,73 @@ class ParentChoice:
             cands = [c for c in (self.peers[pid] for pid in sorted(task.peers))
                      if c.peer_id not in peer.parents and self._qualifies(peer, c, now)
                      and self._has_room(c.host_id)]
-            if not cands:
+            # Not a host that already has more than its share of children: every boost would
+            # pick the same best-scored host (lab, N=32: one host went from 7 to 22 children in
+            # three seconds, and each of them got a 22nd of its uplink).
+            light = [c for c in cands if c.peer_id == task.source_peer
+                     or self._children_of_host(c.host_id) <= average]
+            if not light:
                 continue
-            best = self._ranked(peer, task, cands)[0]
+            best = self._ranked(peer, task, light)[0]
             self.counters["parents-laggard" if behind else "parents-starved"] += 1
             self._assign_parents(peer, task, [*peer.parents, best.peer_id], out)
 
-    def _inflows(self, running: list[Peer]) -> dict[str, float]:
+    def _average_children(self, task: Task, now: float) -> tuple[list[Peer], float]:
+        """The task's possible parents other than its source, and their hosts' mean children."""
+        cands = [p for p in (self.peers[pid] for pid in sorted(task.peers))
+                 if p.state in PARENT_STATES and p.peer_id != task.source_peer and self._alive(p.host_id, now)]
+        if not cands:
+            return cands, 0.0
+        return cands, sum(self._children_of_host(c.host_id) for c in cands) / len(cands)
+
+    def _feed_idle(self, task: Task, now: float, out: list[Action]) -> None:
+        """Children for parent hosts with fewer than the task's average (module docstring):
+        one child a round to each such host, fewest children first, so that a few of them do
+        not take every child with room."""
+        running = [self.peers[pid] for pid in sorted(task.peers) if self.peers[pid].state is _R]
+        cands, average = self._average_children(task, now)
+        if task.failed_reason is not None or len(running) < 2:
+            return
+        want = {c.peer_id: math.ceil(average) - 1 - self._children_of_host(c.host_id) for c in cands
+                if self._children_of_host(c.host_id) + 1 < average and self._has_room(c.host_id)}
+        if not want:
+            return
+        inflow = self._inflows(running, partial=True)
+        cap = self.max_parents + FEED_EXTRA_PARENTS
+        heap = [(inflow[p.peer_id], len(p.pieces), p.peer_id) for p in running if len(p.parents) < cap]
+        heapq.heapify(heap)
+        idle = sorted((self.peers[pid] for pid in want),
+                      key=lambda c: (self._children_of_host(c.host_id), -self.hosts[c.host_id].uplink_bps, c.peer_id))
+        while idle and heap:
+            for cand in list(idle):
+                passed = []
+                while heap:
+                    item = heapq.heappop(heap)
+                    child = self.peers[item[2]]
+                    if cand.peer_id in child.parents or not self._qualifies(child, cand, now):
+                        passed.append(item)
+                        continue
+                    self.counters["parents-fed"] += 1
+                    self._assign_parents(child, task, [*child.parents, cand.peer_id], out)
+                    want[cand.peer_id] -= 1  # the child is not pushed back: one new parent a pass
+                    break
+                else:
+                    idle.remove(cand)  # nobody left who could take it
+                if want[cand.peer_id] <= 0 and cand in idle:
+                    idle.remove(cand)
+                for item in passed:
+                    heapq.heappush(heap, item)
+
+    def _inflows(self, running: list[Peer], partial: bool = False) -> dict[str, float]:
         """peer id -> what its parents' uplinks give it, each parent's measured uplink shared
         by its children (a host not measured yet counts as the median); {} until most of the
-        parent hosts are measured."""
+        parent hosts are measured, unless `partial` (then with nothing measured every uplink
+        counts as 1)."""
         hosts = {h for p in running for h in p.parents.values()}
         known = sorted(self.hosts[h].uplink_bps for h in hosts if h in self.hosts and self.hosts[h].uplink_bps > 0)
-        if not hosts or 3 * len(known) < 2 * len(hosts):
+        if not partial and (not hosts or 3 * len(known) < 2 * len(hosts)):
             return {}
-        median = known[len(known) // 2]
+        median = known[len(known) // 2] if known else 1.0
 
         def share(h: str) -> float:
             host = self.hosts.get(h)
