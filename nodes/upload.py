@@ -7,7 +7,11 @@ They ask for pieces by digest (PIECE_REQUEST) and get the bytes as their own fra
 Pieces this peer read from the origin are revealed the way BitTorrent's super-seeding does:
 first to one subscriber (round robin), to everyone only `reveal_delay_s` later. By then the
 first child usually holds it and the others fetch it from that child, so the origin-reading
-peer uploads each piece about once and the swarm carries the rest.
+peer uploads each piece about once and the swarm carries the rest. A child that subscribes
+while pieces are hidden gets its share of them, those shown to the fewest children first: in
+the lab (N=32, the origin read in 0.5 s) most children subscribed after the seed had read most
+pieces, saw only the two revealed to everyone by then, and 21 of 32 asked the seed for piece 0
+(its first seconds of upload went to copies of one piece).
 
 It never blocks on a slow child (ROUTER drops past the high-water mark; children's credit
 windows bound what is queued), and never lets a malformed frame stop the loop.
@@ -90,6 +94,7 @@ class UploadServer:
         self.rr: dict[str, int] = {}
         self.pending: list[tuple[float, str, int]] = []  # (reveal at, task, num)
         self.hidden: dict[str, set[int]] = {}  # task -> nums not yet revealed to all
+        self.shown: dict[str, dict[int, int]] = {}  # task -> hidden num -> children it was shown to
         self.fresh: dict[str, list[int]] = {}  # task -> nums stored since the last HAVE flush
         self.bytes_uploaded = 0
         self.corrupt = False  # fault switch for tests only (DFZMQ_TEST_CORRUPT_UPLOADS)
@@ -127,6 +132,7 @@ class UploadServer:
                 idents = list(subs)
                 i = self.rr.get(task_id, 0) % len(idents)
                 self.rr[task_id] = i + 1
+                self.shown.setdefault(task_id, {})[num] = 1
                 self._have(task_id, idents[i], [num])
             return
         if subs:
@@ -145,6 +151,7 @@ class UploadServer:
     def on_complete(self, task_id: str) -> None:
         """The task is complete here: reveal everything to everyone now."""
         self.hidden.pop(task_id, None)
+        self.shown.pop(task_id, None)
         held = self.held(task_id)
         for ident, sub in list(self.subs.get(task_id, {}).items()):
             self._have(task_id, ident, [n for n in held if n not in sub.revealed], complete=True)
@@ -250,6 +257,7 @@ class UploadServer:
         self.subs.pop(task_id, None)
         self.rr.pop(task_id, None)
         self.hidden.pop(task_id, None)
+        self.shown.pop(task_id, None)
         self.queues.drop_task(task_id)
 
     def _subscribe(self, ident: bytes, msg: wire.Subscribe) -> None:
@@ -259,6 +267,12 @@ class UploadServer:
         held = self.held(msg.task_id)
         hidden = self.hidden.get(msg.task_id, set())
         nums = [n for n in held if n not in hidden]
+        if hidden:  # its share of the hidden pieces, those shown to the fewest children first
+            shown = self.shown.setdefault(msg.task_id, {})
+            share = sorted(hidden, key=lambda n: (shown.get(n, 0), n))[:-(-len(hidden) // len(subs))]
+            for n in share:
+                shown[n] = shown.get(n, 0) + 1
+            nums += share
         self._have(msg.task_id, ident, nums, complete=self._complete(msg.task_id, held))
 
     def _complete(self, task_id: str, held: dict) -> bool:
@@ -444,6 +458,7 @@ class UploadServer:
                 hidden = self.hidden.get(task_id)
                 if hidden is not None and num in hidden:
                     hidden.discard(num)
+                    self.shown.get(task_id, {}).pop(num, None)
                     due.setdefault(task_id, []).append(num)
             for task_id, nums in due.items():
                 for ident, sub in list(self.subs.get(task_id, {}).items()):

@@ -276,3 +276,31 @@ def test_piece_files_are_read_off_the_loop_and_a_cancel_stops_a_read(tmp_path):
         assert server.bytes_uploaded == 2 * size
 
     run_then_close(main, store)
+
+
+def test_a_child_that_subscribes_while_pieces_are_hidden_gets_its_share_of_them(tmp_path):
+    """Super-seeding: pieces read from the origin are shown to one child before everyone. A child
+    that subscribes after they were read used to see none of them, so late children all asked
+    the seed for the few pieces revealed to everyone (lab, N=32: 21 of 32 asked for piece 0)."""
+    store, held = _store_pieces(tmp_path, 10, 64 * 1024)
+    counters = Counters()
+
+    async def main() -> None:
+        async with _upload_server(store, held, counters, children=3, reveal_delay_s=30.0) as (server, socks):
+            for n in range(10):
+                server.on_piece(TASK, n, from_origin=True)  # nobody subscribed yet: all hidden
+            seen = []
+            for sock in socks:
+                await sock.send_multipart(wire.encode(wire.Subscribe(TASK, f"child-{len(seen)}")))
+                msg = await _recv(sock)
+                assert isinstance(msg, wire.Have)
+                seen.append(set(msg.nums))
+            assert [len(s) for s in seen] == [10, 5, 4]  # a share: hidden / subscribers, rounded up
+            assert not seen[1] & seen[2]  # the fewest shown first: the late ones differ
+            server.on_complete(TASK)
+            for sock, before in zip(socks, seen):
+                msg = await _recv(sock)
+                assert isinstance(msg, wire.Have) and msg.complete
+                assert before | set(msg.nums) == set(range(10)) and not before & set(msg.nums)
+
+    run_then_close(main, store)
