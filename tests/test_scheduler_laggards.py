@@ -287,5 +287,20 @@ def test_a_boost_does_not_pick_a_host_that_already_has_more_than_its_share_of_ch
     net.advance(1.0)
     added = [p.host_id for p in slow.take(wire.PeerParents)[-1].parents][3:]
     assert added and crowded.host_id not in added
-    _, average = core._average_children(core.tasks[TASK_ID(net)], net.now)
-    assert all(core._children_of_host(h) <= average + 1 for h in added)
+    _, kids, average = core._average_children(core.tasks[TASK_ID(net)], net.now)
+    assert all(kids.get(h, 0) <= average + 1 for h in added)
+
+
+def test_the_feed_keeps_to_upload_slots_and_to_the_tasks_own_load():
+    net, hosts = swarm(n=12, max_parents=5)
+    small = net.host("small", slots=2)
+    small.register()
+    net.advance(1.0)
+    assert net.core._children_of_host("small") <= 2
+    fed = net.core.counters["parents-fed"]
+    other = "o" * 64  # a busy host in another task must not make this task's hosts look idle
+    for h in hosts[1:6]:
+        h.register(task=other)
+    net.advance(2.0)
+    busy = {h: net.core._children_of_host(h) for h in net.core._children}
+    assert net.core.counters["parents-fed"] - fed <= 2, (busy, dict(net.core.counters))

@@ -23,7 +23,7 @@ Decisions worth knowing:
   candidates) is offered new candidates within FILL_DELAY_S of their joining, not at the
   next refresh (parents.py, `_fill_short`); a candidate with fewer children than its task's
   parent hosts have on average is added to the lists of the peers its uplink would help most
-  (`_feed_idle`), at once and at every refresh. A refresh only repairs lists in tasks whose
+  (`_feed_idle`) at every refresh. A refresh only repairs lists in tasks whose
   set of possible parents changed since the peer was last served (`Task.version`), so it
   stays cheap on big swarms.
 - A peer whose parents all vanished and who has no candidate left goes back to source,
@@ -84,7 +84,7 @@ class SchedulerCore(ParentChoice):
         self._children: collections.Counter[str] = collections.Counter()
         self._next_pub = 0.0
         self._next_refresh = 0.0
-        self._fill_tasks: set[str] = set()  # tasks that new candidates joined since the last fill
+        self._fill_tasks: set[str] = set()  # tasks with short peers that new candidates joined
         self._fill_at: float | None = None
         self._handlers = {
             wire.Heartbeat: self._on_heartbeat,
@@ -620,7 +620,7 @@ class SchedulerCore(ParentChoice):
             task = self.tasks.get(peer.task_id)
             if task is not None:
                 task.version += 1
-                if nxt in PARENT_STATES:
+                if task.short and nxt in PARENT_STATES:
                     task.joined.append(peer.peer_id)
                     self._fill_tasks.add(task.task_id)
         peer.state = nxt

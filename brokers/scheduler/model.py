@@ -101,7 +101,7 @@ class Task:
     # Running peers holding fewer than max_parents parents (the first to register found few
     # candidates): filled within FILL_DELAY_S of a new candidate, not at the next refresh.
     short: set[str] = field(default_factory=set)
-    joined: list[str] = field(default_factory=list)  # candidates new since the last fill
+    joined: list[str] = field(default_factory=list)  # candidates new since the last fill (while short)
     bad_peers: set[str] = field(default_factory=set)  # served corrupt bytes: never a parent again
     meta: dict[str, str] = field(default_factory=dict)  # origin headers proxies replay (issue 4)
 

@@ -43,9 +43,10 @@ half of the run, a quarter of the swarm's upload capacity idle, and every peer's
 0.80 of its rate. `_feed_idle` gives a parent host (not the task's source) with more than one
 child fewer than the task's average parent host children: the Running peers whose parents give
 them least (`_inflows`), one new parent each per pass, up to the average less one, and each
-peer at most FEED_EXTRA_PARENTS beyond max_parents this way. It runs in
-the fill after a candidate joins (for the newcomers) and in every refresh (for all, so that the
-uplinks of peers whose children finished serve the peers still downloading). Like a laggard's
+peer at most FEED_EXTRA_PARENTS beyond max_parents this way, within the host's upload slots;
+children are counted within the task. It runs in every refresh, not in the fill (fed at once,
+the first newcomers of a wave took every peer's extra slot), and so also hands the uplinks of
+peers whose children finished to the peers still downloading. Like a laggard's
 boost it only adds: requests in flight at the old parents stay where they are.
 """
 
@@ -246,7 +247,7 @@ class ParentChoice:
         held = sorted(len(p.pieces) for p in running)
         median = held[len(held) // 2]
         inflow = self._inflows(running)
-        _, average = self._average_children(task, now)
+        _, kids, average = self._average_children(task, now)
         flows = sorted(inflow.values())
         for peer in running:
             behind = median - len(peer.pieces) >= LAG_FRACTION * total
@@ -263,31 +264,38 @@ class ParentChoice:
             # pick the same best-scored host (lab, N=32: one host went from 7 to 22 children in
             # three seconds, and each of them got a 22nd of its uplink).
             light = [c for c in cands if c.peer_id == task.source_peer
-                     or self._children_of_host(c.host_id) <= average]
+                     or kids.get(c.host_id, 0) <= average]
             if not light:
                 continue
             best = self._ranked(peer, task, light)[0]
             self.counters["parents-laggard" if behind else "parents-starved"] += 1
             self._assign_parents(peer, task, [*peer.parents, best.peer_id], out)
 
-    def _average_children(self, task: Task, now: float) -> tuple[list[Peer], float]:
-        """The task's possible parents other than its source, and their hosts' mean children."""
-        cands = [p for p in (self.peers[pid] for pid in sorted(task.peers))
-                 if p.state in PARENT_STATES and p.peer_id != task.source_peer and self._alive(p.host_id, now)]
+    def _average_children(self, task: Task, now: float) -> tuple[list[Peer], dict[str, int], float]:
+        """The task's possible parents other than its source (and bad peers), each host's
+        children in this task, and their mean (other tasks' load must not make this task's
+        hosts look idle)."""
+        members = [self.peers[pid] for pid in sorted(task.peers)]
+        kids: dict[str, int] = {}
+        for p in members:
+            for h in p.parents.values():
+                kids[h] = kids.get(h, 0) + 1
+        cands = [p for p in members if p.state in PARENT_STATES and p.peer_id != task.source_peer
+                 and p.peer_id not in task.bad_peers and self._alive(p.host_id, now)]
         if not cands:
-            return cands, 0.0
-        return cands, sum(self._children_of_host(c.host_id) for c in cands) / len(cands)
+            return cands, kids, 0.0
+        return cands, kids, sum(kids.get(c.host_id, 0) for c in cands) / len(cands)
 
     def _feed_idle(self, task: Task, now: float, out: list[Action]) -> None:
         """Children for parent hosts with fewer than the task's average (module docstring):
         one child a round to each such host, fewest children first, so that a few of them do
         not take every child with room."""
         running = [self.peers[pid] for pid in sorted(task.peers) if self.peers[pid].state is _R]
-        cands, average = self._average_children(task, now)
+        cands, kids, average = self._average_children(task, now)
         if task.failed_reason is not None or len(running) < 2:
             return
-        want = {c.peer_id: math.ceil(average) - 1 - self._children_of_host(c.host_id) for c in cands
-                if self._children_of_host(c.host_id) + 1 < average and self._has_room(c.host_id)}
+        want = {c.peer_id: math.ceil(average) - 1 - kids.get(c.host_id, 0) for c in cands
+                if kids.get(c.host_id, 0) + 1 < average and self._has_room(c.host_id)}
         if not want:
             return
         inflow = self._inflows(running, partial=True)
@@ -295,7 +303,7 @@ class ParentChoice:
         heap = [(inflow[p.peer_id], len(p.pieces), p.peer_id) for p in running if len(p.parents) < cap]
         heapq.heapify(heap)
         idle = sorted((self.peers[pid] for pid in want),
-                      key=lambda c: (self._children_of_host(c.host_id), -self.hosts[c.host_id].uplink_bps, c.peer_id))
+                      key=lambda c: (kids.get(c.host_id, 0), -self.hosts[c.host_id].uplink_bps, c.peer_id))
         while idle and heap:
             for cand in list(idle):
                 passed = []
@@ -311,7 +319,7 @@ class ParentChoice:
                     break
                 else:
                     idle.remove(cand)  # nobody left who could take it
-                if want[cand.peer_id] <= 0 and cand in idle:
+                if (want[cand.peer_id] <= 0 or not self._has_room(cand.host_id)) and cand in idle:
                     idle.remove(cand)
                 for item in passed:
                     heapq.heappush(heap, item)
