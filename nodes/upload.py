@@ -93,8 +93,8 @@ class UploadServer:
         self.subs: dict[str, dict[bytes, Subscriber]] = {}
         self.rr: dict[str, int] = {}
         self.pending: list[tuple[float, str, int]] = []  # (reveal at, task, num)
-        self.hidden: dict[str, set[int]] = {}  # task -> nums not yet revealed to all
-        self.shown: dict[str, dict[int, int]] = {}  # task -> hidden num -> children it was shown to
+        # task -> nums not yet revealed to all -> how many children they were shown to meanwhile
+        self.hidden: dict[str, dict[int, int]] = {}
         self.fresh: dict[str, list[int]] = {}  # task -> nums stored since the last HAVE flush
         self.bytes_uploaded = 0
         self.corrupt = False  # fault switch for tests only (DFZMQ_TEST_CORRUPT_UPLOADS)
@@ -124,7 +124,8 @@ class UploadServer:
     def on_piece(self, task_id: str, num: int, from_origin: bool) -> None:
         subs = self.subs.get(task_id)
         if from_origin and self.reveal_delay_s > 0:
-            self.hidden.setdefault(task_id, set()).add(num)
+            shown = self.hidden.setdefault(task_id, {})
+            shown[num] = 0
             if not self.pending:
                 self._wake.set()
             self.pending.append((time.monotonic() + self.reveal_delay_s, task_id, num))
@@ -132,7 +133,7 @@ class UploadServer:
                 idents = list(subs)
                 i = self.rr.get(task_id, 0) % len(idents)
                 self.rr[task_id] = i + 1
-                self.shown.setdefault(task_id, {})[num] = 1
+                shown[num] = 1
                 self._have(task_id, idents[i], [num])
             return
         if subs:
@@ -151,7 +152,6 @@ class UploadServer:
     def on_complete(self, task_id: str) -> None:
         """The task is complete here: reveal everything to everyone now."""
         self.hidden.pop(task_id, None)
-        self.shown.pop(task_id, None)
         held = self.held(task_id)
         for ident, sub in list(self.subs.get(task_id, {}).items()):
             self._have(task_id, ident, [n for n in held if n not in sub.revealed], complete=True)
@@ -257,7 +257,6 @@ class UploadServer:
         self.subs.pop(task_id, None)
         self.rr.pop(task_id, None)
         self.hidden.pop(task_id, None)
-        self.shown.pop(task_id, None)
         self.queues.drop_task(task_id)
 
     def _subscribe(self, ident: bytes, msg: wire.Subscribe) -> None:
@@ -265,13 +264,12 @@ class UploadServer:
         subs = self.subs.setdefault(msg.task_id, {})
         subs[ident] = Subscriber(msg.peer_id)
         held = self.held(msg.task_id)
-        hidden = self.hidden.get(msg.task_id, set())
+        hidden = self.hidden.get(msg.task_id, {})
         nums = [n for n in held if n not in hidden]
         if hidden:  # its share of the hidden pieces, those shown to the fewest children first
-            shown = self.shown.setdefault(msg.task_id, {})
-            share = sorted(hidden, key=lambda n: (shown.get(n, 0), n))[:-(-len(hidden) // len(subs))]
+            share = sorted(hidden, key=lambda n: (hidden[n], n))[:-(-len(hidden) // len(subs))]
             for n in share:
-                shown[n] = shown.get(n, 0) + 1
+                hidden[n] += 1
             nums += share
         self._have(msg.task_id, ident, nums, complete=self._complete(msg.task_id, held))
 
@@ -457,8 +455,7 @@ class UploadServer:
                 _, task_id, num = self.pending.pop(0)
                 hidden = self.hidden.get(task_id)
                 if hidden is not None and num in hidden:
-                    hidden.discard(num)
-                    self.shown.get(task_id, {}).pop(num, None)
+                    del hidden[num]
                     due.setdefault(task_id, []).append(num)
             for task_id, nums in due.items():
                 for ident, sub in list(self.subs.get(task_id, {}).items()):

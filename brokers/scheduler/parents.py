@@ -290,10 +290,12 @@ class ParentChoice:
         """Children for parent hosts with fewer than the task's average (module docstring):
         one child a round to each such host, fewest children first, so that a few of them do
         not take every child with room."""
-        running = [self.peers[pid] for pid in sorted(task.peers) if self.peers[pid].state is _R]
-        cands, kids, average = self._average_children(task, now)
-        if task.failed_reason is not None or len(running) < 2:
+        if task.failed_reason is not None:
             return
+        running = [self.peers[pid] for pid in sorted(task.peers) if self.peers[pid].state is _R]
+        if len(running) < 2:
+            return
+        cands, kids, average = self._average_children(task, now)
         want = {c.peer_id: math.ceil(average) - 1 - kids.get(c.host_id, 0) for c in cands
                 if kids.get(c.host_id, 0) + 1 < average and self._has_room(c.host_id)}
         if not want:
