@@ -277,7 +277,7 @@ class ProxyServer:
             return
         run, new = d.require_task(tid, url, httprules.origin_headers(headers), tag, application)
         d.gc.note_access(tid)
-        sink = StreamSink(asyncio.get_running_loop(), d.store, expected)
+        sink = StreamSink(asyncio.get_running_loop(), d.store, expected, self.cfg.proxy_hold_bytes)
         try:
             await run.attach(sink)
         except BaseException:

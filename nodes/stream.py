@@ -3,11 +3,17 @@
 `StreamSink` has the shape of `OutputSink` (the task run calls `set_length`, `write`, `finish`
 and `abort` from its writer thread) but writes nothing: it only posts "piece N is stored" to
 the event loop. `StreamSink.body(start, end)` is the asyncio side: it yields the bytes of
-[start, end) in order, reading each covering piece back from the piece store (where the run
-put it before telling any sink; a piece just stored comes from the store's memory of recent
-pieces, uncopied) as soon as it is there, so a client gets bytes while the
-task is still downloading. What a stream holds in memory is bounded: the piece being sent and
-the reads of the next READ_AHEAD_BYTES (8 MiB) ahead of it, however slow the client.
+[start, end) in order, reading each covering piece back from the piece store as soon as it is there, so a client gets bytes while the task is still downloading.
+
+Where the bytes come from: a piece the run hands over while a client reads, and which lies
+within `hold_bytes` (default 256 MiB) of the client's position, is kept as handed (the
+received frame, uncopied) until the client takes it. Without that, a client slower than the
+download (curl writing a cold page cache) made the daemon read back from disk every piece
+that had left the store's small cache of recent pieces: half of a 1 GiB body, measured.
+Other pieces are read back from the piece store (its memory of recent pieces, else the
+disk). What a stream holds in memory is bounded: `hold_bytes` of held pieces, the piece
+being sent and the reads of the next READ_AHEAD_BYTES (8 MiB) ahead of it, however slow the
+client.
 
 With an expected digest (a registry blob's `sha256:...`), the body is hashed in order and the
 last piece is held back until the whole body matched: a client never receives the final byte
@@ -29,14 +35,22 @@ from nodes.sink import new_hasher, parse_digest
 from nodes.store import DISK
 
 READ_AHEAD_BYTES = 8 << 20  # piece reads in flight ahead of what a streaming client takes
+HOLD_BYTES = 256 << 20  # handed-over pieces kept for a client behind the download (proxy_hold_bytes)
 
 
 class StreamSink:
     wants_data = False  # catch-up on attach needs no piece bytes, only which pieces are stored
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, store: Any, expected: str = "") -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, store: Any, expected: str = "",
+                 hold_bytes: int = HOLD_BYTES) -> None:
         self.loop = loop
         self.store = store
+        self.hold_bytes = hold_bytes
+        self.held: dict[int, Any] = {}  # piece offset -> its bytes as handed over (loop thread)
+        self.held_size = 0
+        self.window = (0, 0)  # [pos, end) a body is reading now; (0, 0) while none is
+        self.reads_held = 0  # pieces a body took as handed over, and from the store
+        self.reads_store = 0
         self.expected = parse_digest(expected) if expected else None
         self.by_offset: dict[int, PieceInfo] = {}  # loop thread only
         self.offsets: list[int] = []  # sorted, for finding the piece under a range start
@@ -56,7 +70,7 @@ class StreamSink:
 
     def write(self, info: PieceInfo, data: Any) -> None:
         self.bytes += info.length
-        self._post(self._on_piece, info)
+        self._post(self._on_piece, info, data)
 
     def finish(self, content_length: int, file_digest: str) -> None:
         self.closed = True
@@ -78,10 +92,15 @@ class StreamSink:
         self.length = n
         self.changed.set()
 
-    def _on_piece(self, info: PieceInfo) -> None:
+    def _on_piece(self, info: PieceInfo, data: Any = None) -> None:
         if info.offset not in self.by_offset:
             self.by_offset[info.offset] = info
             bisect.insort(self.offsets, info.offset)
+            pos, end = self.window
+            if (data is not None and pos < info.offset + info.length and info.offset < min(end, pos + self.hold_bytes)
+                    and self.held_size + info.length <= self.hold_bytes):
+                self.held[info.offset] = data
+                self.held_size += info.length
         self.changed.set()
 
     def _on_finish(self) -> None:
@@ -115,6 +134,7 @@ class StreamSink:
         pos = start
         try:
             while pos < end:
+                self.window = (pos, end)
                 info = self.covering(pos)
                 if info is None:
                     if self.failed:
@@ -134,6 +154,9 @@ class StreamSink:
                 yield memoryview(data)[lo:hi]
                 pos = info.offset + hi
         finally:
+            self.window = (0, 0)
+            self.held.clear()
+            self.held_size = 0
             for fut in ahead.values():
                 if not fut.cancel() and fut.done():
                     fut.exception()  # retrieved: an unread piece's error is no error
@@ -150,9 +173,17 @@ class StreamSink:
             p = self.by_offset.get(p.offset + p.length)
 
     def _start_read(self, info: PieceInfo) -> asyncio.Future:
-        """A piece still in the store's memory (uncopied) or in LMDB is taken on the loop; only
-        a piece file's read, which waits for the disk, goes to a thread."""
+        """A held piece, or one still in the store's memory (uncopied) or in LMDB, is taken on
+        the loop; only a piece file's read, which waits for the disk, goes to a thread."""
         loop = asyncio.get_running_loop()
+        data = self.held.pop(info.offset, None)
+        if data is not None:
+            self.held_size -= info.length
+            self.reads_held += 1
+            fut = loop.create_future()
+            fut.set_result(data)
+            return fut
+        self.reads_store += 1
         data = self.store.get_ready(info.digest, view=True)
         if data is DISK:
             return loop.run_in_executor(None, self._read, info)

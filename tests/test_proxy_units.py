@@ -253,6 +253,53 @@ def test_stream_sink_holds_back_the_last_piece_until_the_digest_matched():
     assert got == blob[:1000]  # everything but the last piece went out; the client sees a cut
 
 
+def test_stream_sink_keeps_pieces_handed_over_within_its_hold_for_a_client_behind_the_download():
+    """A client slower than the download takes the pieces the run handed over as they were, up
+    to hold_bytes ahead of it, instead of reading them back from the store (from disk, once
+    they left its cache of recent pieces); beyond the hold it reads the store."""
+    import asyncio
+    import random
+
+    from nodes.stream import StreamSink
+    blob = random.Random(6).randbytes(1050)
+    pieces = _pieces(blob, 100)
+
+    class Counting(_Store):
+        reads = 0
+
+        def get_ready(self, digest: str, view: bool = False) -> bytes | None:
+            self.reads += 1
+            return super().get_ready(digest, view)
+
+    async def go():
+        store = Counting()
+        sink = StreamSink(asyncio.get_running_loop(), store, hold_bytes=300)
+
+        def hand(i):  # as the writer thread does: store, then tell the sink with the bytes
+            info, data = pieces[i]
+            store.data[info.digest] = data
+            sink.write(info, memoryview(data))
+
+        sink.set_length(len(blob))
+        hand(0)  # stored before the client asked: read from the store
+        await asyncio.sleep(0)
+        body = sink.body(0, len(blob))
+        got = bytearray(await body.__anext__())
+        for i in range(1, 11):  # the rest arrives while the client still holds piece 0
+            hand(i)
+        await asyncio.sleep(0)
+        assert sorted(sink.held) == [100, 200] and sink.held_size == 200  # 300 bytes from byte 0
+        sink.finish(len(blob), "")
+        async for chunk in body:
+            got += chunk
+        return bytes(got), sink, store
+
+    got, sink, store = asyncio.run(go())
+    assert got == blob
+    assert (sink.reads_held, sink.reads_store, store.reads) == (2, 9, 9)
+    assert sink.held == {} and sink.held_size == 0
+
+
 @pytest.mark.parametrize("hub", ["docker.io", "https://docker.io", "index.docker.io", "http://index.docker.io",
                                  "registry-1.docker.io", "https://registry-1.docker.io/"])
 def test_every_docker_hub_alias_goes_to_registry_1(hub, monkeypatch):
