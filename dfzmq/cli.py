@@ -133,6 +133,9 @@ def daemon(
     """Run a peer daemon (or, with --seed, a seed peer)."""
     setup_logging(log_level)
     from nodes.daemon import run_daemon
+    from nodes.memtune import keep_freed_buffers
+
+    keep_freed_buffers()  # piece buffers reused, not fresh pages per piece (nodes/memtune.py)
 
     cfg = run_guarded(resolve, DaemonConfig, "daemon",
                       {"manager": manager, "data": data, "seed": seed, "listen": listen,
