@@ -7,7 +7,7 @@ the event loop. `StreamSink.body(start, end)` is the asyncio side: it yields the
 
 Where the bytes come from: a piece the run hands over while a client reads, and which lies
 within `hold_bytes` (default 256 MiB) of the client's position, is kept as handed (the
-received frame, uncopied) until the client takes it. Without that, a client slower than the
+received frame, uncopied; a buffer its owner may reuse is not kept) until the client takes it. Without that, a client slower than the
 download (curl writing a cold page cache) made the daemon read back from disk every piece
 that had left the store's small cache of recent pieces: half of a 1 GiB body, measured.
 Other pieces are read back from the piece store (its memory of recent pieces, else the
@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator
 from dfzmq.errors import DownloadError, IntegrityError, StorageError
 from dfzmq.wire import PieceInfo
 from nodes.sink import new_hasher, parse_digest
-from nodes.store import DISK
+from nodes.store import DISK, _mutable
 
 READ_AHEAD_BYTES = 8 << 20  # piece reads in flight ahead of what a streaming client takes
 HOLD_BYTES = 256 << 20  # handed-over pieces kept for a client behind the download (proxy_hold_bytes)
@@ -97,8 +97,9 @@ class StreamSink:
             self.by_offset[info.offset] = info
             bisect.insort(self.offsets, info.offset)
             pos, end = self.window
+            # A buffer its owner may reuse (a bytearray, a mapped file) is read back instead.
             if (data is not None and pos < info.offset + info.length and info.offset < min(end, pos + self.hold_bytes)
-                    and self.held_size + info.length <= self.hold_bytes):
+                    and self.held_size + info.length <= self.hold_bytes and not _mutable(data)):
                 self.held[info.offset] = data
                 self.held_size += info.length
         self.changed.set()

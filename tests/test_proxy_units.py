@@ -299,6 +299,17 @@ def test_stream_sink_keeps_pieces_handed_over_within_its_hold_for_a_client_behin
     assert (sink.reads_held, sink.reads_store, store.reads) == (2, 9, 9)
     assert sink.held == {} and sink.held_size == 0
 
+    async def reused():  # a buffer its owner refills (a bytearray) is never kept
+        sink = StreamSink(asyncio.get_running_loop(), Counting(), hold_bytes=400)
+        sink.window = (0, len(blob))
+        sink.write(pieces[1][0], bytearray(pieces[1][1]))
+        sink.write(pieces[2][0], memoryview(bytearray(pieces[2][1])))
+        sink.write(pieces[3][0], pieces[3][1])
+        await asyncio.sleep(0)
+        return sorted(sink.held)
+
+    assert asyncio.run(reused()) == [300]
+
 
 @pytest.mark.parametrize("hub", ["docker.io", "https://docker.io", "index.docker.io", "http://index.docker.io",
                                  "registry-1.docker.io", "https://registry-1.docker.io/"])
