@@ -246,6 +246,9 @@ def fetch_via_daemon(addr: str, req: wire.Download, progress, patience_s: float 
 def fetch_embedded(req: wire.Download, manager: str | None, progress, curve=None) -> dict:
     """A one-shot peer in this process: through the cluster with a manager, else from source."""
     from nodes.daemon import Daemon
+    from nodes.memtune import keep_freed_buffers
+
+    keep_freed_buffers()
 
     tmp = Path(tempfile.mkdtemp(prefix="dfzmq-fetch-"))
     cfg = DaemonConfig(manager=manager or "", data=tmp, listen="0.0.0.0:0" if manager else "127.0.0.1:0",

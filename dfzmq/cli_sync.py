@@ -89,6 +89,8 @@ async def _run(entries, fetcher_kind: str, addr: str | None, manager: str | None
                 return await asyncio.to_thread(fetch_via_daemon, addr, req, lambda d, t: None)
         else:
             from nodes.daemon import Daemon
+            from nodes.memtune import keep_freed_buffers
+            keep_freed_buffers()  # a peer in this process: its pieces reuse freed buffers too
             tmp = Path(tempfile.mkdtemp(prefix="dfzmq-sync-"))
             cfg = DaemonConfig(manager=manager or "", data=tmp, listen="0.0.0.0:0" if manager else "127.0.0.1:0",
                                control=f"ipc://{tmp}/control.sock", map_size=1 << 38)
