@@ -14,8 +14,8 @@ less, never more).
 pieces up to that come from the heaps) and the trim threshold to TRIM_BYTES, the free memory a
 heap may keep for reuse. It does nothing where the C library is not glibc, and leaves alone
 what the operator set (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES with
-glibc.malloc settings). A process setting, so the commands that run a peer (`daemon`, and `fetch` and `sync` without
-one) call it, not the library.
+glibc.malloc settings). A process setting, so the commands that run a peer (`daemon`, and
+`fetch` and `sync` without one) call it, not the library.
 """
 
 from __future__ import annotations
