@@ -78,7 +78,13 @@ ENDGAME_LATE = 1.5
 TAIL_SLOWER = 2.0  # the tail: a parent this many times slower than our quickest is passed over
 TAIL_SHARE = 0.25  # the tail is at most this share of a task's pieces (the seed's window opens there)
 AIMD_DECREASE = 0.25  # of a piece, per late piece (window_mode "aimd")
-AIMD_MIN_PIECES = 1  # the smallest AIMD window, in pieces
+# The smallest AIMD window, in pieces. Two, not one: a parent whose uplink is the bottleneck
+# serves the child furthest behind first (nodes/uploadq.py), but a child with one request there
+# sends the next only after the last piece landed, and by then the parent has handed its few
+# in-socket slots to others: the child furthest behind got a slow parent's piece every 2-3 s
+# instead of back to back (lab, N=32, slow half: three peers that had drawn five slow parents
+# each held a quarter of the file at 33-36 s where the others took 20-25 s, and finished last).
+AIMD_MIN_PIECES = 2
 
 
 class Picker:
@@ -393,8 +399,10 @@ class Picker:
         used = st.outstanding_bytes(self.manifest)
         window = self.window_bytes
         if self.window_target_s > 0 and self.window_mode == "aimd":
-            # From min_window pieces; late pieces may take it down to one piece in flight (a
-            # 0.6 Mbit/s parent with ten children queued 17 s at two pieces each).
+            # From min_window pieces; late pieces may take it down to AIMD_MIN_PIECES (a
+            # parent's queue is ordered by need, and cancellable, so two waiting there cost
+            # little: before that ordering, a 0.6 Mbit/s parent with ten children queued 17 s
+            # at two pieces each, and the floor was one piece).
             window = int(st.window) or self.min_window * self._piece_len
             return max(window - used, 1) if not st.outstanding else window - used
         elif self.window_target_s > 0:
