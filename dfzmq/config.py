@@ -89,7 +89,7 @@ class DaemonConfig:
     proxy_rules: list[str] = field(default_factory=list)  # URL regexes served peer to peer
     proxy_prefetch: bool = False  # a Range request also fetches the whole task in the background
     proxy_filter_params: list[str] = field(default_factory=list)  # more query params left out of task ids
-    proxy_hold_bytes: int = 256 << 20  # pieces kept in memory per client behind the download (nodes/stream.py)
+    proxy_hold_bytes: int = 256 << 20  # kept in memory for clients behind the download (nodes/stream.py)
     registry_mirrors: list[str] = field(default_factory=list)  # upstream registries; the first is the default
     metrics: str = ""  # HOST:PORT of the Prometheus /metrics endpoint; "" = off
     # Each parent's credit window is what it sent us in this many seconds while busy (at

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -44,9 +45,9 @@ from yarl import URL
 
 from dfzmq import ids
 from dfzmq.errors import ConfigError, DfzmqError, IntegrityError, SourceError
-from nodes import httprules
+from nodes import httprules, memtune
 from nodes.source import REPLAY_HEADERS, _safe
-from nodes.stream import StreamSink
+from nodes.stream import HoldBudget, StreamSink
 
 if TYPE_CHECKING:
     from nodes.daemon import Daemon
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 64 * 1024  # request line and headers
 REPLAY = {h.title() for h in REPLAY_HEADERS}
 CHUNK = 256 * 1024
+RELEASE_AFTER_BYTES = 64 << 20  # a stream that held this much: the heaps' free memory goes back after it
 IDLE_TIMEOUT_S = 120.0  # a keep-alive connection with no request for this long is closed
 
 
@@ -158,6 +160,7 @@ class ProxyServer:
         self.session: aiohttp.ClientSession | None = None
         self._conns: set[asyncio.Task] = set()
         self.streaming: collections.Counter[str] = collections.Counter()  # task id -> clients reading it
+        self.hold = HoldBudget(self.cfg.proxy_hold_bytes)  # pieces kept for clients behind their download
         self.readers: dict[str, collections.Counter[int]] = {}  # task id -> start offsets of clients reading it
 
     async def start(self) -> None:
@@ -277,7 +280,7 @@ class ProxyServer:
             return
         run, new = d.require_task(tid, url, httprules.origin_headers(headers), tag, application)
         d.gc.note_access(tid)
-        sink = StreamSink(asyncio.get_running_loop(), d.store, expected, self.cfg.proxy_hold_bytes)
+        sink = StreamSink(asyncio.get_running_loop(), d.store, expected, self.hold)
         try:
             await run.attach(sink)
         except BaseException:
@@ -344,8 +347,10 @@ class ProxyServer:
         await ex.respond(ans.status, out)  # 200: what a whole-body GET of the task got from the origin
         self._reading(run, ans.start, +1)
         try:
-            async for chunk in sink.body(ans.start, ans.end, verify=(ans.status == 200)):
-                await ex.send(h11.Data(data=chunk))  # h11 passes the buffer through uncopied
+            # Closed as soon as the client goes (its held pieces freed now, not by the GC).
+            async with contextlib.aclosing(sink.body(ans.start, ans.end, verify=(ans.status == 200))) as body:
+                async for chunk in body:
+                    await ex.send(h11.Data(data=chunk))  # h11 passes the buffer through uncopied
         except IntegrityError:
             # Stored bytes that do not match the blob's digest (its run checked them, so the
             # store changed since): delete them, so the next pull reads the registry afresh.
@@ -357,6 +362,9 @@ class ProxyServer:
             raise
         finally:
             self._reading(run, ans.start, -1)
+            if sink.held_peak >= RELEASE_AFTER_BYTES and self.hold.used == 0:
+                # The frames it held are free now, but glibc keeps such memory for reuse.
+                asyncio.get_running_loop().run_in_executor(None, memtune.release)
         await ex.send(h11.EndOfMessage())
         self.counters["proxy.p2p-bytes"] += ans.end - ans.start
 

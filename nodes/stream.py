@@ -6,14 +6,16 @@ the event loop. `StreamSink.body(start, end)` is the asyncio side: it yields the
 [start, end) in order, reading each covering piece back from the piece store as soon as it is there, so a client gets bytes while the task is still downloading.
 
 Where the bytes come from: a piece the run hands over while a client reads, and which lies
-within `hold_bytes` (default 256 MiB) of the client's position, is kept as handed (the
-received frame, uncopied; a buffer its owner may reuse is not kept) until the client takes it. Without that, a client slower than the
+within the hold of the client's position, is kept as handed (the received frame, uncopied;
+only `bytes` and ZeroMQ frames, which nobody refills) until the client takes it. The hold is
+one budget for the daemon's proxy, all clients together (`HoldBudget`, `proxy_hold_bytes`,
+default 256 MiB), so a hundred slow clients cannot pin a hundred times that. Without that, a client slower than the
 download (curl writing a cold page cache) made the daemon read back from disk every piece
 that had left the store's small cache of recent pieces: half of a 1 GiB body, measured.
 Other pieces are read back from the piece store (its memory of recent pieces, else the
-disk). What a stream holds in memory is bounded: `hold_bytes` of held pieces, the piece
-being sent and the reads of the next READ_AHEAD_BYTES (8 MiB) ahead of it, however slow the
-client.
+disk). What a stream holds in memory is bounded: its held pieces (within the shared budget),
+the piece being sent and the reads of the next READ_AHEAD_BYTES (8 MiB) ahead of it, however
+slow the client.
 
 With an expected digest (a registry blob's `sha256:...`), the body is hashed in order and the
 last piece is held back until the whole body matched: a client never receives the final byte
@@ -29,25 +31,45 @@ import asyncio
 import bisect
 from typing import Any, AsyncIterator
 
+import zmq
+
 from dfzmq.errors import DownloadError, IntegrityError, StorageError
 from dfzmq.wire import PieceInfo
 from nodes.sink import new_hasher, parse_digest
-from nodes.store import DISK, _mutable
+from nodes.store import DISK
 
 READ_AHEAD_BYTES = 8 << 20  # piece reads in flight ahead of what a streaming client takes
-HOLD_BYTES = 256 << 20  # handed-over pieces kept for a client behind the download (proxy_hold_bytes)
+HOLD_BYTES = 256 << 20  # handed-over pieces kept for clients behind the download (proxy_hold_bytes)
+
+
+class HoldBudget:
+    """What the streams of one proxy may hold together (loop thread only)."""
+
+    def __init__(self, limit: int = HOLD_BYTES) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+def _stable(data: Any) -> bool:
+    """`data` is bytes or a received ZeroMQ frame (or a view of one): nobody writes to it again.
+    A bytearray, mapped file or other buffer may be refilled by its owner: not kept."""
+    owner = data
+    while isinstance(owner, memoryview):
+        owner = owner.obj
+    return isinstance(owner, (bytes, zmq.Frame))
 
 
 class StreamSink:
     wants_data = False  # catch-up on attach needs no piece bytes, only which pieces are stored
 
     def __init__(self, loop: asyncio.AbstractEventLoop, store: Any, expected: str = "",
-                 hold_bytes: int = HOLD_BYTES) -> None:
+                 budget: HoldBudget | None = None) -> None:
         self.loop = loop
         self.store = store
-        self.hold_bytes = hold_bytes
+        self.budget = budget if budget is not None else HoldBudget()
         self.held: dict[int, Any] = {}  # piece offset -> its bytes as handed over (loop thread)
-        self.held_size = 0
+        self.held_size = 0  # this stream's part of budget.used
+        self.held_peak = 0  # the most it held at once
         self.window = (0, 0)  # [pos, end) a body is reading now; (0, 0) while none is
         self.reads_held = 0  # pieces a body took as handed over, and from the store
         self.reads_store = 0
@@ -97,11 +119,13 @@ class StreamSink:
             self.by_offset[info.offset] = info
             bisect.insort(self.offsets, info.offset)
             pos, end = self.window
-            # A buffer its owner may reuse (a bytearray, a mapped file) is read back instead.
-            if (data is not None and pos < info.offset + info.length and info.offset < min(end, pos + self.hold_bytes)
-                    and self.held_size + info.length <= self.hold_bytes and not _mutable(data)):
+            budget = self.budget
+            if (data is not None and pos < info.offset + info.length and info.offset < min(end, pos + budget.limit)
+                    and budget.used + info.length <= budget.limit and _stable(data)):
                 self.held[info.offset] = data
                 self.held_size += info.length
+                self.held_peak = max(self.held_peak, self.held_size)
+                budget.used += info.length
         self.changed.set()
 
     def _on_finish(self) -> None:
@@ -157,6 +181,7 @@ class StreamSink:
         finally:
             self.window = (0, 0)
             self.held.clear()
+            self.budget.used -= self.held_size
             self.held_size = 0
             for fut in ahead.values():
                 if not fut.cancel() and fut.done():
@@ -180,6 +205,7 @@ class StreamSink:
         data = self.held.pop(info.offset, None)
         if data is not None:
             self.held_size -= info.length
+            self.budget.used -= info.length
             self.reads_held += 1
             fut = loop.create_future()
             fut.set_result(data)

@@ -260,7 +260,7 @@ def test_stream_sink_keeps_pieces_handed_over_within_its_hold_for_a_client_behin
     import asyncio
     import random
 
-    from nodes.stream import StreamSink
+    from nodes.stream import HoldBudget, StreamSink
     blob = random.Random(6).randbytes(1050)
     pieces = _pieces(blob, 100)
 
@@ -273,7 +273,7 @@ def test_stream_sink_keeps_pieces_handed_over_within_its_hold_for_a_client_behin
 
     async def go():
         store = Counting()
-        sink = StreamSink(asyncio.get_running_loop(), store, hold_bytes=300)
+        sink = StreamSink(asyncio.get_running_loop(), store, budget=HoldBudget(300))
 
         def hand(i):  # as the writer thread does: store, then tell the sink with the bytes
             info, data = pieces[i]
@@ -300,7 +300,7 @@ def test_stream_sink_keeps_pieces_handed_over_within_its_hold_for_a_client_behin
     assert sink.held == {} and sink.held_size == 0
 
     async def reused():  # a buffer its owner refills (a bytearray) is never kept
-        sink = StreamSink(asyncio.get_running_loop(), Counting(), hold_bytes=400)
+        sink = StreamSink(asyncio.get_running_loop(), Counting(), budget=HoldBudget(400))
         sink.window = (0, len(blob))
         sink.write(pieces[1][0], bytearray(pieces[1][1]))
         sink.write(pieces[2][0], memoryview(bytearray(pieces[2][1])))
@@ -309,6 +309,36 @@ def test_stream_sink_keeps_pieces_handed_over_within_its_hold_for_a_client_behin
         return sorted(sink.held)
 
     assert asyncio.run(reused()) == [300]
+
+    async def shared_and_closed():
+        """One budget for every stream of the proxy; a body closed early (the client went) gives
+        its part back at once, and holds nothing more after."""
+        loop = asyncio.get_running_loop()
+        budget = HoldBudget(300)
+        full = Counting()
+        full.data = {info.digest: data for info, data in pieces}
+        a, b = StreamSink(loop, full, budget=budget), StreamSink(loop, full, budget=budget)
+        for sink in (a, b):
+            sink.set_length(len(blob))
+            sink.write(pieces[0][0], pieces[0][1])
+        await asyncio.sleep(0)
+        bodies = [a.body(0, len(blob)), b.body(0, len(blob))]
+        for body in bodies:
+            await body.__anext__()
+        for i in (1, 2):
+            a.write(*pieces[i])
+            b.write(*pieces[i])
+        await asyncio.sleep(0)
+        assert budget.used == 300 and (a.held_size, b.held_size) == (200, 100)  # a came first
+        await bodies[0].aclose()
+        assert budget.used == 100 and a.held == {} and a.window == (0, 0)
+        a.write(*pieces[3])
+        await asyncio.sleep(0)
+        assert a.held == {} and budget.used == 100
+        await bodies[1].aclose()
+        return budget.used
+
+    assert asyncio.run(shared_and_closed()) == 0
 
 
 @pytest.mark.parametrize("hub", ["docker.io", "https://docker.io", "index.docker.io", "http://index.docker.io",
