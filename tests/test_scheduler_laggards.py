@@ -304,3 +304,63 @@ def test_the_feed_keeps_to_upload_slots_and_to_the_tasks_own_load():
     net.advance(2.0)
     busy = {h: net.core._children_of_host(h) for h in net.core._children}
     assert net.core.counters["parents-fed"] - fed <= 2, (busy, dict(net.core.counters))
+
+
+def measure(net: FakeNet, hosts, rate_of) -> None:
+    """Uplinks as the hosts' HostStats would show them: rate_of(host) bytes/s."""
+    for h in hosts:
+        for k in range(4):
+            net.core.note_uplink(net.core.hosts[h.host_id], k * rate_of(h), net.now + k)
+
+
+def test_a_boost_takes_the_biggest_share_of_uplink_over_a_better_scored_slow_host():
+    """Slow hosts further on and with fewer children score higher (pieces, free slots), but a
+    peer behind needs bytes: its extra parent is a fast host (lab, N=32, slow half: a starved
+    peer's first extra parents were slow hosts)."""
+    net, hosts = swarm(n=10, max_parents=3)
+    core = net.core
+    fast, slow = hosts[1:5], hosts[5:9]
+    measure(net, hosts, lambda h: 500_000 if h in fast or h is hosts[0] else 100_000)  # 3 and 0.6 Mbit/s
+    for h in fast:
+        h.report(range(50), source="p2p")
+    for h in slow:
+        h.report(range(PIECES), source="p2p")  # every piece, still uploading
+    behind = hosts[9]
+    behind.report(range(5), source="p2p")
+    peer = core.peers[behind.peer()]
+    for h in hosts:
+        h.take()
+    ranked = core._ranked(peer, core.tasks[TASK_ID(net)],
+                          [core.peers[h.peer()] for h in fast + slow if h.peer() not in peer.parents])
+    assert ranked[0].host_id in {h.host_id for h in slow}  # what the score alone would pick
+    net.advance(1.0)
+    added = [p.host_id for p in behind.take(wire.PeerParents)[-1].parents][3:]
+    assert added and all(h in {f.host_id for f in fast} for h in added), added
+
+
+def test_the_peer_given_least_is_fed_a_fast_idle_uplink_before_a_slow_one_with_fewer_children():
+    """Idle hosts used to be offered fewest children first: a slow host is often the one with
+    fewest (its children finish their pieces there last), so the poorest peer got it and gained
+    little (lab, N=32, slow half). Now the fastest idle host goes first."""
+    net, hosts = swarm(n=12, max_parents=4)
+    core = net.core
+    late = [net.host("lateslow"), net.host("latefast")]
+    for h in late:
+        h.register()
+    net.advance(0.2)  # they have parents: Running, so possible parents themselves
+    measure(net, hosts + late, lambda h: 100_000 if h.host_id == "lateslow" else 500_000)
+    cap = core.max_parents + parents_mod.FEED_EXTRA_PARENTS
+    ring = [core.peers[h.peer()] for h in hosts[1:]]
+    poor = ring[0]
+    fast = core.peers[late[1].peer()]
+    for i, p in enumerate(ring[1:] + [core.peers[h.peer()] for h in late], start=1):
+        # Everyone else has a full list, spread evenly over the ring; latefast has one child.
+        pick = [ring[(i + k) % len(ring)] for k in range(1, cap + 1)]
+        pick = [q for q in pick if q is not p][:cap - 1] + ([fast] if p is ring[1] else [ring[(i + cap + 1) % len(ring)]])
+        core._set_parents(p, {q.peer_id: q.host_id for q in pick})
+    kids = {h: core._children_of_host(h) for h in ["latefast", "lateslow"] + [q.host_id for q in ring]}
+    assert kids["lateslow"] == 0 and kids["latefast"] == 1 and min(kids[q.host_id] for q in ring) > 1, kids
+    before = set(poor.parents)
+    net.advance(1.0)
+    added = [core.peers[pid].host_id for pid in poor.parents if pid not in before]
+    assert added and added[0] != "lateslow", added

@@ -8,7 +8,8 @@ brokers/scheduler/scoring.py.
 Laggards (issue 3): the scheduler sees every peer's progress. A Running peer more than
 LAG_FRACTION of the file behind the task's median has drawn a poor set of parents (slow
 uplinks, starved flows); each refresh gives it one more parent, up to LAG_EXTRA_PARENTS
-beyond max_parents, best scored first (most pieces, most free slots). Nobody loses a parent
+beyond max_parents: the candidate whose uplink it would get most of (uplink / (children + 1),
+`_best_share`), the best scored while no uplink is measured. Nobody loses a parent
 for it, and a peer that caught up keeps what it has until its list is next repaired.
 
 Uplinks (issue 3): every daemon's HostStats carries the piece bytes it has sent so far; the
@@ -42,7 +43,8 @@ that register last find every list full and nobody takes them as a parent. In th
 half of the run, a quarter of the swarm's upload capacity idle, and every peer's downlink ran at
 0.80 of its rate. `_feed_idle` gives a parent host (not the task's source) with more than one
 child fewer than the task's average parent host children: the Running peers whose parents give
-them least (`_inflows`), one new parent each per pass, up to the average less one, and each
+them least (`_inflows`) get the fastest idle hosts (fewest children first used to hand the
+poorest peer a slow host), one new parent each per pass, up to the average less one, and each
 peer at most FEED_EXTRA_PARENTS beyond max_parents this way, within the host's upload slots;
 children are counted within the task. It runs in every refresh, not in the fill (fed at once,
 the first newcomers of a wave took every peer's extra slot), and so also hands the uplinks of
@@ -267,7 +269,7 @@ class ParentChoice:
                      or kids.get(c.host_id, 0) <= average]
             if not light:
                 continue
-            best = self._ranked(peer, task, light)[0]
+            best = self._best_share(self._ranked(peer, task, light))
             self.counters["parents-laggard" if behind else "parents-starved"] += 1
             self._assign_parents(peer, task, [*peer.parents, best.peer_id], out)
 
@@ -304,8 +306,11 @@ class ParentChoice:
         cap = self.max_parents + FEED_EXTRA_PARENTS
         heap = [(inflow[p.peer_id], len(p.pieces), p.peer_id) for p in running if len(p.parents) < cap]
         heapq.heapify(heap)
+        # Fastest first, so the peers whose parents give them least get the fastest idle uplinks
+        # (fewest children first, when none is measured yet).
+        up = self._uplinks([c.host_id for c in cands])
         idle = sorted((self.peers[pid] for pid in want),
-                      key=lambda c: (kids.get(c.host_id, 0), -self.hosts[c.host_id].uplink_bps, c.peer_id))
+                      key=lambda c: (-up.get(c.host_id, 0.0), kids.get(c.host_id, 0), c.peer_id))
         while idle and heap:
             for cand in list(idle):
                 passed = []
@@ -325,6 +330,25 @@ class ParentChoice:
                     idle.remove(cand)
                 for item in passed:
                     heapq.heappush(heap, item)
+
+    def _uplinks(self, host_ids: list[str]) -> dict[str, float]:
+        """host id -> its measured uplink, the median of the measured ones where it has none
+        yet; {} when none is measured."""
+        known = sorted(self.hosts[h].uplink_bps for h in host_ids if self.hosts[h].uplink_bps > 0)
+        if not known:
+            return {}
+        median = known[len(known) // 2]
+        return {h: self.hosts[h].uplink_bps or median for h in host_ids}
+
+    def _best_share(self, ranked: list[scoring.Candidate]) -> scoring.Candidate:
+        """Of `ranked` (best scored first), the one whose uplink a new child would get most of
+        (uplink / (children + 1)); the best scored while none is measured. A boosted peer needs
+        bytes: the score's other terms (free slots, pieces) made slow hosts with fewer children
+        win (lab, N=32, slow half: a starved peer's first extra parents were slow hosts)."""
+        up = self._uplinks([c.host_id for c in ranked])
+        if not up:
+            return ranked[0]
+        return max(ranked, key=lambda c: up[c.host_id] / (self._children_of_host(c.host_id) + 1))
 
     def _inflows(self, running: list[Peer], partial: bool = False) -> dict[str, float]:
         """peer id -> what its parents' uplinks give it, each parent's measured uplink shared
