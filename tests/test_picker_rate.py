@@ -184,29 +184,6 @@ def test_a_benched_parent_gets_no_new_requests_until_it_delivers():
     assert not p.parents["quiet"].benched
 
 
-def test_a_benched_parent_gets_no_new_requests_until_it_delivers():
-    p = Picker(window_bytes=8 * PIECE, window_target_s=1.0, endgame_after_s=1.0, rng=random.Random(6))
-    p.add_manifest(manifest(50))
-    p.complete = True
-    for pid in ("quiet", "ok"):
-        p.add_parent(pid)
-        p.on_have(pid, range(50))
-    first = p.next_requests(0.0)
-    at_quiet = [n for pid, n in first if pid == "quiet"]
-    for pid, n in first:
-        if pid == "ok":
-            p.on_piece("ok", n, 0.2)
-    p.next_requests(0.2)
-    for pid, n in list(p.requested.items()):
-        if "ok" in n:
-            p.on_piece("ok", pid, 0.4)
-    moved = p.next_requests(5.0)  # "quiet" sent nothing for 5 s: its requests go to "ok"
-    assert {n for pid, n in moved if pid == "ok"} >= set(at_quiet)
-    assert p.parents["quiet"].benched and p._budget(p.parents["quiet"]) == 0
-    p.on_duplicate("quiet", at_quiet[0])  # its late copy: alive after all
-    assert not p.parents["quiet"].benched
-
-
 def test_aimd_window_shrinks_to_two_pieces_at_a_parent_that_is_always_late():
     """Two, so that a parent ordering its queue by need always has this child's next request
     when its last piece leaves (AIMD_MIN_PIECES)."""
