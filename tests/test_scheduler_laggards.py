@@ -338,6 +338,26 @@ def test_a_boost_takes_the_biggest_share_of_uplink_over_a_better_scored_slow_hos
     assert added and all(h in {f.host_id for f in fast} for h in added), added
 
 
+def test_a_boost_by_uplink_still_takes_a_host_further_on_than_the_peer():
+    """A newcomer with nothing yet and no children has the biggest share of uplink on paper (an
+    unmeasured uplink counts as the median): a peer behind must not get it as its extra parent."""
+    net, hosts = swarm(n=10, max_parents=3)
+    core = net.core
+    measure(net, hosts, lambda h: 500_000)
+    for h in hosts[1:9]:
+        h.report(range(60), source="p2p")
+    behind = hosts[9]
+    behind.report(range(10), source="p2p")
+    fresh = [net.host(f"new{i}") for i in range(3)]
+    for h in fresh:
+        h.register()
+    for h in hosts + fresh:
+        h.take()
+    net.advance(1.0)
+    added = [p.host_id for p in behind.take(wire.PeerParents)[-1].parents][3:]
+    assert added and not any(h.startswith("new") for h in added), added
+
+
 def test_the_peer_given_least_is_fed_a_fast_idle_uplink_before_a_slow_one_with_fewer_children():
     """Idle hosts used to be offered fewest children first: a slow host is often the one with
     fewest (its children finish their pieces there last), so the poorest peer got it and gained

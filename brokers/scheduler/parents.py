@@ -269,7 +269,7 @@ class ParentChoice:
                      or kids.get(c.host_id, 0) <= average]
             if not light:
                 continue
-            best = self._best_share(self._ranked(peer, task, light))
+            best = self._best_share(self._ranked(peer, task, light), self._candidate(task, peer).pieces_fraction)
             self.counters["parents-laggard" if behind else "parents-starved"] += 1
             self._assign_parents(peer, task, [*peer.parents, best.peer_id], out)
 
@@ -340,15 +340,17 @@ class ParentChoice:
         median = known[len(known) // 2]
         return {h: self.hosts[h].uplink_bps or median for h in host_ids}
 
-    def _best_share(self, ranked: list[scoring.Candidate]) -> scoring.Candidate:
-        """Of `ranked` (best scored first), the one whose uplink a new child would get most of
-        (uplink / (children + 1)); the best scored while none is measured. A boosted peer needs
-        bytes: the score's other terms (free slots, pieces) made slow hosts with fewer children
-        win (lab, N=32, slow half: a starved peer's first extra parents were slow hosts)."""
-        up = self._uplinks([c.host_id for c in ranked])
+    def _best_share(self, ranked: list[scoring.Candidate], held: float) -> scoring.Candidate:
+        """Of `ranked` (best scored first) that hold more of the task than the child (`held`, a
+        fraction), the one whose uplink the child would get most of (uplink / (children + 1));
+        the best scored while none is measured or none holds more. A boosted peer needs bytes:
+        the score's other terms (free slots, pieces) made slow hosts with fewer children win
+        (lab, N=32, slow half: a starved peer's first extra parents were slow hosts)."""
+        ahead = [c for c in ranked if c.pieces_fraction > held]
+        up = self._uplinks([c.host_id for c in ahead])
         if not up:
             return ranked[0]
-        return max(ranked, key=lambda c: up[c.host_id] / (self._children_of_host(c.host_id) + 1))
+        return max(ahead, key=lambda c: up[c.host_id] / (self._children_of_host(c.host_id) + 1))
 
     def _inflows(self, running: list[Peer], partial: bool = False) -> dict[str, float]:
         """peer id -> what its parents' uplinks give it, each parent's measured uplink shared
