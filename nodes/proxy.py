@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 64 * 1024  # request line and headers
 REPLAY = {h.title() for h in REPLAY_HEADERS}
 CHUNK = 256 * 1024
-RELEASE_AFTER_BYTES = 64 << 20  # a stream that held this much: the heaps' free memory goes back after it
+RELEASE_AFTER_BYTES = 64 << 20  # a stream that held this much: free heap memory goes back after it
 IDLE_TIMEOUT_S = 120.0  # a keep-alive connection with no request for this long is closed
 
 

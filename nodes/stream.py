@@ -3,15 +3,17 @@
 `StreamSink` has the shape of `OutputSink` (the task run calls `set_length`, `write`, `finish`
 and `abort` from its writer thread) but writes nothing: it only posts "piece N is stored" to
 the event loop. `StreamSink.body(start, end)` is the asyncio side: it yields the bytes of
-[start, end) in order, reading each covering piece back from the piece store as soon as it is there, so a client gets bytes while the task is still downloading.
+[start, end) in order, each piece as soon as it is there, so a client gets bytes while the
+task is still downloading.
 
 Where the bytes come from: a piece the run hands over while a client reads, and which lies
 within the hold of the client's position, is kept as handed (the received frame, uncopied;
 only `bytes` and ZeroMQ frames, which nobody refills) until the client takes it. The hold is
 one budget for the daemon's proxy, all clients together (`HoldBudget`, `proxy_hold_bytes`,
-default 256 MiB), so a hundred slow clients cannot pin a hundred times that. Without that, a client slower than the
-download (curl writing a cold page cache) made the daemon read back from disk every piece
-that had left the store's small cache of recent pieces: half of a 1 GiB body, measured.
+default 256 MiB), so a hundred slow clients cannot pin a hundred times that. Without it, a
+client slower than the download (curl writing a cold page cache) made the daemon read back
+from disk every piece that had left the store's small cache of recent pieces: half of a 1 GiB
+body, measured.
 Other pieces are read back from the piece store (its memory of recent pieces, else the
 disk). What a stream holds in memory is bounded: its held pieces (within the shared budget),
 the piece being sent and the reads of the next READ_AHEAD_BYTES (8 MiB) ahead of it, however
@@ -120,8 +122,8 @@ class StreamSink:
             bisect.insort(self.offsets, info.offset)
             pos, end = self.window
             budget = self.budget
-            if (data is not None and pos < info.offset + info.length and info.offset < min(end, pos + budget.limit)
-                    and budget.used + info.length <= budget.limit and _stable(data)):
+            ahead = pos < info.offset + info.length and info.offset < min(end, pos + budget.limit)
+            if data is not None and ahead and budget.used + info.length <= budget.limit and _stable(data):
                 self.held[info.offset] = data
                 self.held_size += info.length
                 self.held_peak = max(self.held_peak, self.held_size)

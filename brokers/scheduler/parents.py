@@ -269,7 +269,7 @@ class ParentChoice:
                      or kids.get(c.host_id, 0) <= average]
             if not light:
                 continue
-            best = self._best_share(self._ranked(peer, task, light), self._candidate(task, peer).pieces_fraction)
+            best = self._best_share(self._ranked(peer, task, light), len(peer.pieces) / total)
             self.counters["parents-laggard" if behind else "parents-starved"] += 1
             self._assign_parents(peer, task, [*peer.parents, best.peer_id], out)
 
