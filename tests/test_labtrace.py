@@ -56,6 +56,32 @@ def test_late_pieces_and_waste_from_trace_lines(tmp_path):
     assert summary["uplinks"]["h1"]["use"] == pytest.approx(1.0)
     assert summary["downlinks"]["h1"]["use"] == pytest.approx(0.5)
     assert summary["late"]["h2"]["finish_s"] == 4.3
+    assert summary["unasked"]["h1"]["unasked_s"] == 0.5  # piece 1 waited 0-0.5 s; t_end 1 s
+
+
+def test_unasked_time_is_when_no_request_waits_at_a_parent():
+    """h1 is asked at 0 and 1 and both pieces are held at 2 and 3 (the second from h7: a request
+    waits until its child holds the piece, from whoever); then nothing until 6. h5 is asked
+    once at 4, and the piece never comes: it waits until the end."""
+    child_a = [
+        [100.0, "req", "t", 1, "lab-h1-aa/t", None],
+        [101.0, "req", "t", 2, "lab-h1-aa/t", None],
+        [102.0, "got", "t", 1, "lab-h1-aa/t", None],
+        [101.5, "req", "t", 2, "lab-h7-cc/t", None],
+        [103.0, "got", "t", 2, "lab-h7-cc/t", None],
+        [100.0, "parents", "t", 2, "", ["lab-h1-aa/t", "lab-h7-cc/t"]],
+    ]
+    child_b = [
+        [106.0, "req", "t", 3, "lab-h1-aa/t", None],
+        [107.0, "got", "t", 3, "lab-h1-aa/t", None],
+        [104.0, "req", "t", 4, "lab-h5-bb/t", None],
+    ]
+    out = labtrace.unasked({"a": child_a, "b": child_b}, t0=100.0, t_end=10.0)
+    assert list(out) == ["h1", "h5", "h7"]
+    assert out["h1"] == {"unasked_s": 3.0 + 3.0, "unasked_share": 0.6}  # 3-6 s and 7-10 s
+    assert out["h5"] == {"unasked_s": 0.0, "unasked_share": 0.0}
+    assert out["h7"]["unasked_s"] == pytest.approx(7.0)  # asked 1.5-3, then never again
+    assert labtrace.unasked({"a": child_a}, t0=100.0, t_end=0.5)["h1"]["unasked_s"] == 0.0
 
 
 def test_gso_segments_keep_a_packet_within_its_link_time():

@@ -9,7 +9,12 @@
   half its rate while some peer still downloaded;
 - late: per peer, where its last pieces came from (parent host, seconds from request to
   arrival) and how long its slowest request waited;
-- waste: endgame duplicates, timed out requests and parents dropped as silent, by parent host.
+- waste: endgame duplicates, timed out requests and parents dropped as silent, by parent host;
+- unasked: per parent host, the time from its first request until the last host finished in
+  which no child had a request waiting at it: an uplink idle for want of requests, not of
+  bandwidth (its children already held what it had, or it had none left). Session 9 found this
+  way that the fast half of an N=32 slow-half run pulled from each other in step and sat
+  unasked 10-23% of the run.
 
 Pure functions over plain data (samples, trace lines), so the arithmetic is unit-tested
 without namespaces.
@@ -117,6 +122,36 @@ def waste(all_events: dict[str, list[list]]) -> dict:
     return {ev: dict(sorted(c.items())) for ev, c in counts.items()}
 
 
+def unasked(all_events: dict[str, list[list]], t0: float, t_end: float) -> dict[str, dict]:
+    """Per parent host: seconds (and share) from its first request to `t_end` (from the run's
+    start) in which no request was waiting at it. A request waits from when it was asked until
+    its child held the piece, from whichever parent (or until `t_end`)."""
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for events in all_events.values():
+        held: dict[int, float] = {}
+        for t, ev, _task, num, _parent, _extra in events:
+            if ev == "got":
+                held.setdefault(num, t)
+        for t, ev, _task, num, parent, _extra in events:
+            if ev == "req":
+                spans[host_of(parent)].append((t - t0, held.get(num, t0 + t_end) - t0))
+    out = {}
+    for host, waits in spans.items():
+        waits.sort()
+        start = waits[0][0]
+        if start >= t_end:
+            continue
+        idle, covered = 0.0, start
+        for begin, end in waits:
+            begin, end = min(begin, t_end), min(end, t_end)
+            if begin > covered:
+                idle += begin - covered
+            covered = max(covered, end)
+        idle += t_end - covered
+        out[host] = {"unasked_s": round(idle, 2), "unasked_share": round(idle / (t_end - start), 3)}
+    return dict(sorted(out.items(), key=lambda kv: (len(kv[0]), kv[0])))
+
+
 def summarize(samples, rates_bps, t0: float, last_s: float | None, wall_s: float,
               traces: dict[str, Path], finish: dict[str, float | None]) -> dict:
     t_end = last_s or wall_s
@@ -129,4 +164,5 @@ def summarize(samples, rates_bps, t0: float, last_s: float | None, wall_s: float
         "downlinks": link_use(rx, {h: r[0] for h, r in rates_bps.items() if h}, t_end),
         "late": {name: late_pieces(ev, t0, finish.get(name)) for name, ev in events.items()},
         "waste": waste(events),
+        "unasked": unasked(events, t0, t_end),
     }
