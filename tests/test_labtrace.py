@@ -63,19 +63,13 @@ def test_unasked_time_is_when_no_request_waits_at_a_parent():
     """h1 is asked at 0 and 1 and both pieces are held at 2 and 3 (the second from h7: a request
     waits until its child holds the piece, from whoever); then nothing until 6. h5 is asked
     once at 4, and the piece never comes: it waits until the end."""
-    child_a = [
-        [100.0, "req", "t", 1, "lab-h1-aa/t", None],
-        [101.0, "req", "t", 2, "lab-h1-aa/t", None],
-        [102.0, "got", "t", 1, "lab-h1-aa/t", None],
-        [101.5, "req", "t", 2, "lab-h7-cc/t", None],
-        [103.0, "got", "t", 2, "lab-h7-cc/t", None],
-        [100.0, "parents", "t", 2, "", ["lab-h1-aa/t", "lab-h7-cc/t"]],
-    ]
-    child_b = [
-        [106.0, "req", "t", 3, "lab-h1-aa/t", None],
-        [107.0, "got", "t", 3, "lab-h1-aa/t", None],
-        [104.0, "req", "t", 4, "lab-h5-bb/t", None],
-    ]
+    def ev(t: float, kind: str, num: int, host: str) -> list:
+        return [100.0 + t, kind, "t", num, f"lab-{host}-aa/t", None]
+
+    child_a = [ev(0, "req", 1, "h1"), ev(1, "req", 2, "h1"), ev(2, "got", 1, "h1"),
+               ev(1.5, "req", 2, "h7"), ev(3, "got", 2, "h7"),
+               [100.0, "parents", "t", 2, "", ["lab-h1-aa/t", "lab-h7-aa/t"]]]
+    child_b = [ev(6, "req", 3, "h1"), ev(7, "got", 3, "h1"), ev(4, "req", 4, "h5")]
     out = labtrace.unasked({"a": child_a, "b": child_b}, t0=100.0, t_end=10.0)
     assert list(out) == ["h1", "h5", "h7"]
     assert out["h1"] == {"unasked_s": 3.0 + 3.0, "unasked_share": 0.6}  # 3-6 s and 7-10 s
