@@ -333,12 +333,13 @@ class ParentChoice:
 
     def _uplinks(self, host_ids: list[str]) -> dict[str, float]:
         """host id -> its measured uplink, the median of the measured ones where it has none
-        yet; {} when none is measured."""
-        known = sorted(self.hosts[h].uplink_bps for h in host_ids if self.hosts[h].uplink_bps > 0)
+        yet (or is gone); {} when none is measured."""
+        rate = {h: host.uplink_bps if (host := self.hosts.get(h)) is not None else 0.0 for h in host_ids}
+        known = sorted(r for r in rate.values() if r > 0)
         if not known:
             return {}
         median = known[len(known) // 2]
-        return {h: self.hosts[h].uplink_bps or median for h in host_ids}
+        return {h: r or median for h, r in rate.items()}
 
     def _best_share(self, ranked: list[scoring.Candidate], held: float) -> scoring.Candidate:
         """Of `ranked` (best scored first) that hold more of the task than the child (`held`, a
@@ -357,16 +358,14 @@ class ParentChoice:
         by its children (a host not measured yet counts as the median); {} until most of the
         parent hosts are measured, unless `partial` (then with nothing measured every uplink
         counts as 1)."""
-        hosts = {h for p in running for h in p.parents.values()}
-        known = sorted(self.hosts[h].uplink_bps for h in hosts if h in self.hosts and self.hosts[h].uplink_bps > 0)
-        if not partial and (not hosts or 3 * len(known) < 2 * len(hosts)):
+        hosts = sorted({h for p in running for h in p.parents.values()})
+        up = self._uplinks(hosts)
+        measured = sum(1 for h in hosts if h in self.hosts and self.hosts[h].uplink_bps > 0)
+        if not partial and (not hosts or 3 * measured < 2 * len(hosts)):
             return {}
-        median = known[len(known) // 2] if known else 1.0
 
         def share(h: str) -> float:
-            host = self.hosts.get(h)
-            up = host.uplink_bps if host is not None and host.uplink_bps > 0 else median
-            return up / max(1, self._children_of_host(h))
+            return up.get(h, 1.0) / max(1, self._children_of_host(h))
 
         return {p.peer_id: sum(share(h) for h in p.parents.values()) for p in running}
 
