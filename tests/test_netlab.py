@@ -22,6 +22,11 @@ def test_bounds_follow_design():
     assert plain_s == pytest.approx(4 * f / 25e6)
     slow = netlab.LabSpec(peers=4, size_mib=16, slow_half_up_mbit=20)
     assert [slow.up_mbit(i) for i in range(5)] == [200, 100, 100, 20, 20]
+    spread = netlab.LabSpec(peers=5, size_mib=16, slow_half_up_mbit=20, slow_hosts="alternate")
+    assert [spread.up_mbit(i) for i in range(6)] == [200, 100, 20, 100, 20, 100]
+    # the same number of slow peers either way, so the same bound
+    last = netlab.LabSpec(peers=5, size_mib=16, slow_half_up_mbit=20)
+    assert netlab.bounds(spread) == pytest.approx(netlab.bounds(last))
 
 
 @pytest.mark.timeout(180)

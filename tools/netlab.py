@@ -68,6 +68,7 @@ REDUNDANT_GOAL_PCT = 2.0
 # Fixed ports are safe here: host 0 is a namespace of this run alone.
 MANAGER_PORT, SCHEDULER_PORT, ORIGIN_PORT = 7000, 7010, 8080
 FILE_NAME = "lab.bin"
+SLOW_HOSTS = ("last", "alternate")
 
 
 # --- the run's parameters and the pure arithmetic ------------------------------------------------
@@ -80,7 +81,12 @@ class LabSpec:
     peer_up_mbit: float = 100
     peer_down_mbit: float = 100
     origin_up_mbit: float = 200
-    slow_half_up_mbit: float | None = None  # the last N//2 peers upload at this rate
+    slow_half_up_mbit: float | None = None  # N//2 of the peers upload at this rate
+    # Which peers are the slow half: "last" (hosts N-N//2+1..N) or "alternate" (even hosts). The
+    # lab starts peers in host order and they register roughly so: "last" is a rack of slow
+    # hosts that came up together (speed follows registration order, and the scheduler's first
+    # choices see it before any uplink is measured); "alternate" spreads them through the order.
+    slow_hosts: str = "last"
     delay_ms: float = 0  # one-way, added on every host's upload
     timeout_s: float | None = None  # default: from the plain-download time
     trace: bool = False  # sample uplinks and keep piece traces (tools/labtrace.py)
@@ -101,9 +107,15 @@ class LabSpec:
     def up_mbit(self, host: int) -> float:
         if host == 0:
             return self.origin_up_mbit
-        if self.slow_half_up_mbit is not None and host > self.peers - self.peers // 2:
+        if self.slow_half_up_mbit is not None and self.is_slow(host):
             return self.slow_half_up_mbit
         return self.peer_up_mbit
+
+    def is_slow(self, host: int) -> bool:
+        """Whether peer `host` (1..N) is one of the N//2 slow ones."""
+        if self.slow_hosts == "alternate":
+            return host % 2 == 0
+        return host > self.peers - self.peers // 2
 
     def down_mbit(self, host: int) -> float:
         # the origin site's download carries only acks and control: the seed reads the origin locally
@@ -251,6 +263,8 @@ class Lab:
     def __init__(self, spec: LabSpec, keep: bool = False) -> None:
         if spec.peers < 1 or spec.size <= 0:
             raise LabError("need at least one peer and a non-empty file")
+        if spec.slow_hosts not in SLOW_HOSTS:
+            raise LabError(f"slow_hosts is one of {', '.join(SLOW_HOSTS)}, not {spec.slow_hosts!r}")
         self.spec = spec
         self.keep = keep
         self.run_id = f"{PREFIX}{os.getpid()}"
@@ -533,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--peer-up-mbit", type=float, default=100)
     run.add_argument("--peer-down-mbit", type=float, default=100)
     run.add_argument("--origin-up-mbit", type=float, default=200)
-    run.add_argument("--slow-half-up-mbit", type=float, default=None, help="upload of the last N//2 peers")
+    run.add_argument("--slow-half-up-mbit", type=float, default=None, help="upload of N//2 of the peers")
+    run.add_argument("--slow-hosts", choices=SLOW_HOSTS, default="last",
+                     help="which peers are the slow half: the last N//2 (they start and register "
+                          "together) or every even-numbered one")
     run.add_argument("--delay-ms", type=float, default=0, help="one-way delay added on each host's upload")
     run.add_argument("--timeout-s", type=float, default=None, help="give up on the fetches after this long")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -580,9 +597,11 @@ def main(argv: list[str] | None = None) -> int:
             err.print(f"netlab: --env wants DFZMQ_NAME=VALUE, got {item!r}")
             return 2
         extra_env.append((name, value))
-    spec = LabSpec(args.peers, args.size_mib, args.peer_up_mbit, args.peer_down_mbit, args.origin_up_mbit,
-                   args.slow_half_up_mbit, args.delay_ms, args.timeout_s, args.trace, tuple(extra_env),
-                   args.leaf_qdisc, args.packet_ms)
+    spec = LabSpec(peers=args.peers, size_mib=args.size_mib, peer_up_mbit=args.peer_up_mbit,
+                   peer_down_mbit=args.peer_down_mbit, origin_up_mbit=args.origin_up_mbit,
+                   slow_half_up_mbit=args.slow_half_up_mbit, slow_hosts=args.slow_hosts,
+                   delay_ms=args.delay_ms, timeout_s=args.timeout_s, trace=args.trace, env=tuple(extra_env),
+                   leaf_qdisc=args.leaf_qdisc, packet_ms=args.packet_ms)
     try:
         result = run_lab(spec, args.keep, log=lambda m: err.print(f"[dim]{m}[/dim]"))
     except LabError as e:
