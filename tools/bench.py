@@ -346,6 +346,7 @@ def main() -> int:
     ap.add_argument("--swarm-mib", type=int, default=256)
     ap.add_argument("--peers", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--net-mbit", type=float, default=1000, help="proxynet: every link's rate (root)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dfzmq-bench-"))
     try:
@@ -361,6 +362,10 @@ def main() -> int:
             bench_killed(root, 64 * MiB)
         if "proxy" in args.which:
             bench_proxy(root, args.proxy_mib * MiB, args.rounds)
+        if "proxynet" in args.which:  # not in the default set: it needs root and takes minutes
+            from tools.labproxy import bench as bench_proxynet
+
+            bench_proxynet(args.proxy_mib, args.net_mbit, args.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
