@@ -24,9 +24,12 @@ def test_bounds_follow_design():
     assert [slow.up_mbit(i) for i in range(5)] == [200, 100, 100, 20, 20]
     spread = netlab.LabSpec(peers=5, size_mib=16, slow_half_up_mbit=20, slow_hosts="alternate")
     assert [spread.up_mbit(i) for i in range(6)] == [200, 100, 20, 100, 20, 100]
-    # the same number of slow peers either way, so the same bound
+    first = netlab.LabSpec(peers=5, size_mib=16, slow_half_up_mbit=20, slow_hosts="first")
+    assert [first.up_mbit(i) for i in range(6)] == [200, 20, 20, 100, 100, 100]
+    # the same number of slow peers every way, so the same bound
     last = netlab.LabSpec(peers=5, size_mib=16, slow_half_up_mbit=20)
     assert netlab.bounds(spread) == pytest.approx(netlab.bounds(last))
+    assert netlab.bounds(first) == pytest.approx(netlab.bounds(last))
 
 
 @pytest.mark.timeout(180)

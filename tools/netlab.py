@@ -68,7 +68,7 @@ REDUNDANT_GOAL_PCT = 2.0
 # Fixed ports are safe here: host 0 is a namespace of this run alone.
 MANAGER_PORT, SCHEDULER_PORT, ORIGIN_PORT = 7000, 7010, 8080
 FILE_NAME = "lab.bin"
-SLOW_HOSTS = ("last", "alternate")
+SLOW_HOSTS = ("last", "first", "alternate")
 
 
 # --- the run's parameters and the pure arithmetic ------------------------------------------------
@@ -115,6 +115,8 @@ class LabSpec:
         """Whether peer `host` (1..N) is one of the N//2 slow ones."""
         if self.slow_hosts == "alternate":
             return host % 2 == 0
+        if self.slow_hosts == "first":
+            return host <= self.peers // 2
         return host > self.peers - self.peers // 2
 
     def down_mbit(self, host: int) -> float:
@@ -550,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--slow-half-up-mbit", type=float, default=None, help="upload of N//2 of the peers")
     run.add_argument("--slow-hosts", choices=SLOW_HOSTS, default="last",
                      help="which peers are the slow half: the last N//2 (they start and register "
-                          "together) or every even-numbered one")
+                          "together, after the fast half), the first N//2, or every even-numbered one")
     run.add_argument("--delay-ms", type=float, default=0, help="one-way delay added on each host's upload")
     run.add_argument("--timeout-s", type=float, default=None, help="give up on the fetches after this long")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
