@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from brokers.scheduler import parents as parents_mod
 from brokers.scheduler import scoring
 from brokers.scheduler.core import PeerState, SchedulerCore
 from dfzmq import wire
@@ -220,11 +221,51 @@ def test_max_parents_is_respected_and_source_always_included():
     hosts[0].register()
     for h in hosts[1:]:
         h.register()
-    net.advance(2.0)
-    for h in hosts[1:]:
+    for h in hosts[1:]:  # as chosen at registration
         parents = h.parents()
         assert len(parents) <= 3 and parents[0] == hosts[0].peer()
         assert h.peer() not in parents
+    net.advance(2.0)  # refreshes: the feed may give a peer one parent beyond max_parents
+    for h in hosts[1:]:
+        parents = list(net.core.peers[h.peer()].parents)
+        assert len(parents) <= 3 + parents_mod.FEED_EXTRA_PARENTS and parents[0] == hosts[0].peer()
+        assert h.peer() not in parents
+
+
+def late_share(net: FakeNet, hosts: list, late: set[str]) -> float:
+    """Of the late hosts' parents (the source aside), the share that are late hosts too."""
+    edges = [hid for h in hosts if h.host_id in late
+             for hid in net.core.peers[h.peer()].parents.values() if hid != hosts[0].host_id]
+    return sum(hid in late for hid in edges) / len(edges)
+
+
+@pytest.mark.parametrize("candidates, steps, low, high, most", [
+    (15, 0, 0.7, 1.0, 8),   # the old default: a clique by registration order, load even
+    (8, 0, 0.0, 0.6, 10),   # the default: mixed, load nearly as even
+    (15, 3, 0.0, 0.5, 11),  # the choose_free_steps trial: mixed, the first registrants loaded
+])
+def test_a_wave_of_registrations_does_not_take_registration_order_for_the_swarms_shape(
+        candidates, steps, low, high, most):
+    """The lab's N=32 wave, slow half registering last. With the best 5 of 15 sampled candidates
+    by exact free slots, every newcomer takes the peers that registered just before it (the
+    fewest children), so three quarters of the second half's parents are in the second half (in
+    the lab, the slow half fed itself). Of 8 candidates, the best 5 are nearly a random choice
+    that still leaves out the most loaded; counting free slots in steps, the hash spreads the
+    choice among hosts a few children apart: both mix the halves about as well as interleaved
+    halves are (0.44 in this swarm), the steps at the cost of a less even load."""
+    net = FakeNet(candidate_parents=candidates, choose_free_steps=steps)
+    hosts = [net.host(f"h{i}", slots=32) for i in range(33)]
+    hosts[0].register()
+    hosts[0].report(range(256), content_length=25600)
+    for h in hosts[1:]:
+        h.register()
+        net.advance(0.02, step=0.02)
+    net.advance(2.0)
+    second_half = {h.host_id for h in hosts[17:]}
+    assert low < late_share(net, hosts, second_half) <= high
+    kids = [net.core._children_of_host(h.host_id) for h in hosts[1:]]
+    assert min(kids) >= 1  # nobody left without children
+    assert max(kids) <= most  # ~5 children per host on average
 
 
 def test_piece_reports_relay_new_manifest_entries():

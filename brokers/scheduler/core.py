@@ -44,7 +44,7 @@ from typing import Any
 from brokers.scheduler import scoring
 from brokers.scheduler.model import (  # noqa: F401 (the model's names, re-exported)
     DOWNLOADING_STATES, PARENT_STATES, TRANSITIONS, Action, Host, Peer, PeerEvent, PeerState, Refused, Task)
-from brokers.scheduler.parents import FILL_DELAY_S, ParentChoice
+from brokers.scheduler.parents import CHOOSE_FREE_STEPS, FILL_DELAY_S, ParentChoice
 from dfzmq import wire
 from dfzmq.actions import Publish, Send
 from dfzmq.ids import rendezvous, short
@@ -58,11 +58,12 @@ _E = PeerEvent
 
 class SchedulerCore(ParentChoice):
     def __init__(self, scheduler_id: str, interval_s: float, liveness: int,
-                 max_parents: int = 6, candidate_parents: int = 15,
+                 max_parents: int = 6, candidate_parents: int = 8,
                  seed_timeout_s: float = 5.0, refresh_interval_s: float = 1.0,
                  failed_ttl_s: float = 60.0, counters: collections.Counter | None = None,
                  weights: scoring.Weights = scoring.DEFAULT_WEIGHTS,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 choose_free_steps: int = CHOOSE_FREE_STEPS) -> None:
         self.scheduler_id = scheduler_id
         self.interval_s = interval_s
         self.liveness = liveness
@@ -72,6 +73,7 @@ class SchedulerCore(ParentChoice):
         self.refresh_interval_s = refresh_interval_s
         self.failed_ttl_s = failed_ttl_s
         self.weights = weights
+        self.choose_free_steps = choose_free_steps  # 0: parents chosen by exact free slots
         # Shared with the service (its Counters) so STAT_REQUEST shows both sides' counts.
         self.counters = counters if counters is not None else collections.Counter()
         self.rng = rng or random.Random(0)

@@ -9,7 +9,10 @@ the same inputs always give the same order.
 The score is a weighted sum of terms in [0, 1]:
 - pieces: fraction of the task's manifest the candidate holds (1 for a finished peer);
 - free slots: upload slots the candidate's host has left after the children already assigned
-  to it, as a fraction of its slots (load spreading, as Dragonfly's load score);
+  to it, as a fraction of its slots (load spreading, as Dragonfly's load score); with
+  `free_steps`, counted in steps of that fraction of the slots (rounded up), so that hosts a
+  few children apart tie and the hash below spreads the choice among them (the scheduler's
+  parent choice at registration, brokers/scheduler/parents.py);
 - idc: same non-empty IDC as the child;
 - location: leading fields of "country|province|city|zone|cluster" that match;
 - seed: the candidate runs on a seed host (seed hosts are provisioned to upload);
@@ -24,6 +27,7 @@ children instead of every child picking the alphabetically first one.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 LOCATION_FIELDS = 5
@@ -80,9 +84,11 @@ def uplink_shares(candidates: list[Candidate]) -> dict[str, float]:
 
 
 def score(c: Candidate, child_idc: str = "", child_location: str = "",
-          weights: Weights = DEFAULT_WEIGHTS, uplink: float = 0.0) -> float:
+          weights: Weights = DEFAULT_WEIGHTS, uplink: float = 0.0, free_steps: int = 0) -> float:
     slots = max(1, c.upload_slots)
     free = min(1.0, max(0.0, c.free_slots / slots))
+    if free_steps > 0:
+        free = math.ceil(free * free_steps) / free_steps
     pieces = min(1.0, max(0.0, c.pieces_fraction))
     return (
         weights.pieces * pieces
@@ -99,11 +105,14 @@ def _tiebreak(child_id: str, peer_id: str) -> bytes:
 
 
 def rank(candidates: list[Candidate], child_id: str, child_idc: str = "",
-         child_location: str = "", weights: Weights = DEFAULT_WEIGHTS) -> list[Candidate]:
-    """Candidates best first; deterministic for the same inputs."""
+         child_location: str = "", weights: Weights = DEFAULT_WEIGHTS,
+         free_steps: int = 0) -> list[Candidate]:
+    """Candidates best first; deterministic for the same inputs. `free_steps`: count free slots
+    in steps (module docstring), 0 for exactly."""
     shares = uplink_shares(candidates)
     return sorted(
         candidates,
-        key=lambda c: (-round(score(c, child_idc, child_location, weights, shares.get(c.peer_id, 0.0)), 9),
+        key=lambda c: (-round(score(c, child_idc, child_location, weights, shares.get(c.peer_id, 0.0),
+                                     free_steps), 9),
                        _tiebreak(child_id, c.peer_id)),
     )

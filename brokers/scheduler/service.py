@@ -67,6 +67,7 @@ class _Scheduler:
         self.core = SchedulerCore(scheduler_id, cfg.heartbeat_interval_s, cfg.liveness,
                                   max_parents=cfg.max_parents,
                                   candidate_parents=cfg.candidate_parents,
+                                  choose_free_steps=cfg.choose_free_steps,
                                   counters=self.counters)
         self.views = SchedulerViews(self.core, cfg.heartbeat_interval_s, _version())
         self.metrics = None
