@@ -85,6 +85,14 @@ AIMD_DECREASE = 0.25  # of a piece, per late piece (window_mode "aimd")
 # instead of back to back (lab, N=32, slow half: three peers that had drawn five slow parents
 # each held a quarter of the file at 33-36 s where the others took 20-25 s, and finished last).
 AIMD_MIN_PIECES = 2
+# A trial, off (0): a request waiting in a seed's queue is asked of a non-seed parent that has
+# since got the piece and would send it sooner, while it has waited less than this share of the
+# seed's usual wait (an older one is probably next); the first copy wins, and the seed's
+# PIECE_CANCEL frees its place for pieces nobody else has (_from_seed). In the lab (N=32, equal
+# peers) every peer's last piece came from the seed after 5-15 s in its queue; at 0.75 equal
+# peers gained about 0.05 of the bound but redundant bytes rose to about 2% and the slow half
+# gained nothing (README, end of the eighth round).
+SEED_MOVE_BEFORE = 0.0
 
 
 class Picker:
@@ -130,6 +138,7 @@ class Picker:
         # download instead of waiting for a contiguous prefix that rarest-first builds last.
         self.stream_offset = -1
         self._seed_open = False  # the tail (_tail): the seed's window is an ordinary parent's
+        self._seed_only: set[int] = set()  # asked of a seed when no other parent held it (_from_seed)
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -191,6 +200,7 @@ class Picker:
                 self._measure(st, self.manifest[num].length, now)
                 self._adapt(st, self.manifest[num].length, latency)
         self.have.add(num)
+        self._seed_only.discard(num)
         for other in list(self.requested.get(num, ())):
             st = self.parents.get(other)
             if st is not None:
@@ -297,6 +307,7 @@ class Picker:
             return []
         # A stuck request is older news than any new piece: it gets a parent's room first.
         out: list[tuple[str, int]] = self._rescue(now) if self.complete and self.window_target_s > 0 else []
+        out += self._from_seed(now)
         wanted = list(self.manifest.keys() - self.have - self.requested.keys())
         if self.stream_offset >= 0:
             wanted.sort(key=self._stream_rank)
@@ -321,6 +332,8 @@ class Picker:
                 if st.seed and self._other_has(n, st.pid) and (not slow or any(n in q.have for q in quick)):
                     continue
                 taken.add(n)
+                if st.seed and not self._other_has(n, st.pid):
+                    self._seed_only.add(n)
                 self._request(st, n, now)
                 out.append((st.pid, n))
                 budget -= self.manifest[n].length
@@ -335,6 +348,8 @@ class Picker:
                 if n in taken or n not in st.have:
                     continue
                 taken.add(n)
+                if not self._other_has(n, st.pid):
+                    self._seed_only.add(n)
                 self._request(st, n, now)
                 out.append((st.pid, n))
                 budget -= self.manifest[n].length
@@ -495,6 +510,31 @@ class Picker:
                 out.append((best.pid, n))
                 self.duplicates += 1
                 self.rescued += 1
+        return out
+
+    def _from_seed(self, now: float) -> list[tuple[str, int]]:
+        """Requests queued at a seed for pieces no other parent held when they were asked, that
+        a non-seed parent with room holds now, are asked of the quickest such parent too
+        (SEED_MOVE_BEFORE): the seed's queue is shared by every child, a peer's is not."""
+        out: list[tuple[str, int]] = []
+        if SEED_MOVE_BEFORE <= 0:
+            return out
+        for seed in [st for st in self.parents.values() if st.seed and st.outstanding]:
+            usual = seed.latency_s or 0.0
+            for n, asked_at in sorted(seed.outstanding.items(), key=lambda x: x[1]):
+                if n not in self._seed_only or len(self.requested.get(n, ())) != 1 or (usual and now - asked_at >= SEED_MOVE_BEFORE * usual):
+                    continue
+                # Only where it would come sooner: a slow parent's queue can be longer than the
+                # seed's (in the lab, 0.6 Mbit/s parents took the moved pieces and lost time).
+                left = usual - (now - asked_at) if usual else float("inf")
+                holders = [st for st in self.parents.values()
+                           if not st.seed and n in st.have and self._budget(st) > 0
+                           and self._wait(st, now) < left]
+                if holders:
+                    st = min(holders, key=lambda q: self._wait(q, now))
+                    self._request(st, n, now)
+                    out.append((st.pid, n))
+                    self.duplicates += 1
         return out
 
     def _endgame(self, now: float) -> list[tuple[str, int]]:
