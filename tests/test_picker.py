@@ -372,15 +372,23 @@ def seed_moves(monkeypatch):
     monkeypatch.setattr(picker_mod, "SEED_MOVE_BEFORE", 0.75)
 
 
-def test_a_piece_waiting_at_the_seed_stays_there_by_default():
+def waiting_at_seed(seed_latency_s: float, peer_latency_s: float | None = None):
+    """Pieces 2 and 3 asked of the seed at t=0 (only it had them), then announced by peer P."""
     p = picker(4, window_pieces=4)
     p.add_parent("S", seed=True)
     p.add_parent("P")
     p.on_have("S", range(4))
     p.on_have("P", [0, 1])
     at_seed = {n for pid, n in p.next_requests(0.0) if pid == "S"}
-    p.parents["S"].latency_s = 5.0
+    assert at_seed and at_seed <= {2, 3}
+    p.parents["S"].latency_s = seed_latency_s  # the seed's usual wait
+    p.parents["P"].latency_s = peer_latency_s
     p.on_have("P", sorted(at_seed))
+    return p, at_seed
+
+
+def test_a_piece_waiting_at_the_seed_stays_there_by_default():
+    p, at_seed = waiting_at_seed(5.0)
     assert not [r for r in p.next_requests(1.0) if r[1] in at_seed]
 
 
@@ -388,45 +396,22 @@ def test_a_piece_waiting_at_the_seed_is_asked_of_a_peer_that_got_it_since(seed_m
     """The seed's queue is every child's: a piece asked of it because nobody else had it is
     asked of a parent that announces it later, while the seed's copy is still far off; the first
     copy wins (the daemon cancels the other at the seed)."""
-    p = picker(4, window_pieces=4)
-    p.add_parent("S", seed=True)
-    p.add_parent("P")
-    p.on_have("S", range(4))
-    p.on_have("P", [0, 1])
-    first = p.next_requests(0.0)
-    at_seed = {n for pid, n in first if pid == "S"}
-    assert at_seed and at_seed <= {2, 3}
-    p.parents["S"].latency_s = 5.0  # the seed's usual wait
-    n = min(at_seed)
-    p.on_have("P", [n])
-    assert ("P", n) in p.next_requests(1.0)
+    p, at_seed = waiting_at_seed(5.0)
+    moved = [n for pid, n in p.next_requests(1.0) if pid == "P"]
+    assert sorted(moved) == sorted(at_seed)
+    n = moved[0]
     assert p.requested[n] == {"S", "P"}
     p.on_piece("P", n, 1.5)
     assert n not in p.requested and n not in p.parents["S"].outstanding
 
 
 def test_a_piece_about_to_come_from_the_seed_stays_there(seed_moves):
-    p = picker(4, window_pieces=4)
-    p.add_parent("S", seed=True)
-    p.add_parent("P")
-    p.on_have("S", range(4))
-    p.on_have("P", [0, 1])
-    at_seed = {n for pid, n in p.next_requests(0.0) if pid == "S"}
-    p.parents["S"].latency_s = 2.0
-    p.on_have("P", sorted(at_seed))
+    p, at_seed = waiting_at_seed(2.0)
     assert not [r for r in p.next_requests(1.9) if r[1] in at_seed]  # 0.95 of its usual wait
     requested_once(p)
 
 
 def test_a_piece_waiting_at_the_seed_is_not_moved_to_a_slower_queue(seed_moves):
-    p = picker(4, window_pieces=4)
-    p.add_parent("S", seed=True)
-    p.add_parent("P")
-    p.on_have("S", range(4))
-    p.on_have("P", [0, 1])
-    at_seed = {n for pid, n in p.next_requests(0.0) if pid == "S"}
-    p.parents["S"].latency_s = 5.0
-    p.parents["P"].latency_s = 8.0  # a slow uplink: its pieces take longer than the seed's
-    p.on_have("P", sorted(at_seed))
+    p, at_seed = waiting_at_seed(5.0, peer_latency_s=8.0)  # P's pieces take longer than the seed's
     assert not [r for r in p.next_requests(1.0) if r[1] in at_seed]
     requested_once(p)
