@@ -332,8 +332,6 @@ class Picker:
                 if st.seed and self._other_has(n, st.pid) and (not slow or any(n in q.have for q in quick)):
                     continue
                 taken.add(n)
-                if st.seed and not self._other_has(n, st.pid):
-                    self._seed_only.add(n)
                 self._request(st, n, now)
                 out.append((st.pid, n))
                 budget -= self.manifest[n].length
@@ -348,8 +346,6 @@ class Picker:
                 if n in taken or n not in st.have:
                     continue
                 taken.add(n)
-                if not self._other_has(n, st.pid):
-                    self._seed_only.add(n)
                 self._request(st, n, now)
                 out.append((st.pid, n))
                 budget -= self.manifest[n].length
@@ -462,6 +458,8 @@ class Picker:
             st.busy_from = now
         st.outstanding[num] = now
         self.requested.setdefault(num, set()).add(st.pid)
+        if SEED_MOVE_BEFORE > 0 and st.seed and not self._other_has(num, st.pid):
+            self._seed_only.add(num)
 
     def _rescue(self, now: float) -> list[tuple[str, int]]:
         """Before the endgame: the requests at a parent that has gone quiet far beyond what our
@@ -522,8 +520,10 @@ class Picker:
         for seed in [st for st in self.parents.values() if st.seed and st.outstanding]:
             usual = seed.latency_s or 0.0
             for n, asked_at in sorted(seed.outstanding.items(), key=lambda x: x[1]):
-                if n not in self._seed_only or len(self.requested.get(n, ())) != 1 or (usual and now - asked_at >= SEED_MOVE_BEFORE * usual):
+                if n not in self._seed_only or len(self.requested.get(n, ())) != 1:
                     continue
+                if usual and now - asked_at >= SEED_MOVE_BEFORE * usual:
+                    continue  # probably next in the seed's queue
                 # Only where it would come sooner: a slow parent's queue can be longer than the
                 # seed's (in the lab, 0.6 Mbit/s parents took the moved pieces and lost time).
                 left = usual - (now - asked_at) if usual else float("inf")
