@@ -68,8 +68,13 @@ class DaemonConfig:
     heartbeat_interval_s: float = 1.0
     liveness: int = 4
     upload_slots: int = 32
-    window_bytes: int = 1024 * 1024  # outstanding bytes per parent (credit window; at least 2 pieces)
+    window_bytes: int = 1024 * 1024  # outstanding bytes per parent (credit window; 2 pieces while it holds 2)
     source_connections: int = 4  # parallel Range requests to the origin
+    # Longest piece of a task this daemon cuts first (reads from the origin or imports; others
+    # follow its manifest); 0 = by file size only (about 512 pieces, 64 KiB-16 MiB). For slow
+    # links: "256KiB" took a 512 MiB file to 16 peers on 12.5 Mbit/s links in 1.08 of the bound
+    # against 1.26, and costs CPU per piece on fast ones (nodes/source.py). Set it cluster-wide.
+    max_piece_length: int = 0
     source_timeout_s: float = 60.0  # the origin sending nothing for this long is a failure
     concurrent_tasks: int = 0  # tasks downloading at once (0 = no limit); others wait their turn
     concurrent_pieces: int = 0  # piece requests outstanding per task (0 = the windows decide)
@@ -99,7 +104,8 @@ class DaemonConfig:
     registry_mirrors: list[str] = field(default_factory=list)  # upstream registries; the first is the default
     metrics: str = ""  # HOST:PORT of the Prometheus /metrics endpoint; "" = off
     # Each parent's credit window is what it sent us in this many seconds while busy (at
-    # least 2 pieces, at most window_bytes): a slow parent's queue stays short (nodes/picker.py).
+    # least 2 pieces, at most window_bytes, which wins for pieces over half of it): a slow
+    # parent's queue stays short (nodes/picker.py).
     # 0 = every parent gets window_bytes.
     window_target_s: float = 1.0
     window_mode: str = "aimd"  # "aimd" (children of a parent converge to equal shares) or "rate"

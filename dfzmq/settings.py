@@ -53,6 +53,13 @@ def _rate(value: Any) -> int:
     return v
 
 
+def _piece_cap(value: Any) -> int:
+    v = _rate(value)
+    if v and not 64 << 10 <= v <= 16 << 20:
+        raise ValueError("must be 0 or between 64KiB and 16MiB")
+    return v
+
+
 def _weight(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("not a number")
@@ -69,6 +76,8 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("upload_rate", "daemon", _rate, "bytes/s all uploads of a daemon to other peers (0 = unlimited)"),
     Key("source_rate", "daemon", _rate, "bytes/s back-to-source reads of a daemon (0 = unlimited)"),
     Key("task_download_rate", "daemon", _rate, "bytes/s each task on its own (0 = unlimited)"),
+    Key("max_piece_length", "daemon", _piece_cap,
+        "longest piece of a task a daemon cuts from its origin (0 = by file size only)"),
     Key("max_parents", "scheduler", _int_in(1, 64), "parents a scheduler hands one peer"),
     Key("candidate_parents", "scheduler", _int_in(1, 1000), "candidates a scheduler samples per decision"),
     Key("weight_pieces", "scheduler", _weight, "parent score: share of the task the parent holds"),

@@ -45,7 +45,8 @@ async def read_origin(run: "TaskRun") -> None:
         return
     known = dict(run.manifest)
     reader = SourceReader(run.url, run.headers, run.cfg.source_connections, run.daemon.http,
-                          run.cfg.source_timeout_s, cdc=wants_cdc(run.tag))
+                          run.cfg.source_timeout_s, cdc=wants_cdc(run.tag),
+                          max_piece=run.cfg.max_piece_length)
     length = run.content_length if run.complete else -1
 
     async def on_piece(info: wire.PieceInfo, data: bytes) -> None:
@@ -84,7 +85,8 @@ async def read_origin(run: "TaskRun") -> None:
             if run.content_length >= 0:
                 length = run.content_length
             reader = SourceReader(run.url, run.headers, run.cfg.source_connections, run.daemon.http,
-                                  run.cfg.source_timeout_s, cdc=wants_cdc(run.tag))
+                                  run.cfg.source_timeout_s, cdc=wants_cdc(run.tag),
+                                  max_piece=run.cfg.max_piece_length)
         except DfzmqError as e:
             run.fail(e)
             return

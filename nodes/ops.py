@@ -297,7 +297,8 @@ class DaemonOps:
                                 f"remove it first (dfzmq cache rm {cache_id})")
         if tid in d.tasks:
             raise DownloadError(f"cache id {cache_id} is being downloaded here right now; try again")
-        pieces = await loop.run_in_executor(d.writer, _store_file, d.store, tid, src, size, file_digest)
+        pieces = await loop.run_in_executor(d.writer, _store_file, d.store, tid, src, size, file_digest,
+                                                d.cfg.max_piece_length)
         await loop.run_in_executor(d.writer, d.store.put_task, tid, {
             "url": cache_url(cache_id), "tag": "", "application": "", "content_length": size,
             "complete": True, "file_digest": file_digest, "piece_count": pieces, "etag": "",
@@ -355,9 +356,9 @@ def _file_blake3(path: Path) -> str:
     return h.hexdigest()
 
 
-def _store_file(store, tid: str, path: Path, size: int, file_digest: str) -> int:
+def _store_file(store, tid: str, path: Path, size: int, file_digest: str, max_piece: int = 0) -> int:
     """Writer thread: cut the file into pieces and store them; checks the file did not change."""
-    length = choose_piece_length(size)
+    length = choose_piece_length(size, max_piece)
     h = blake3.blake3()
     n = 0
     try:

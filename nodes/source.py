@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MIN_PIECE = 64 * 1024
 MAX_PIECE = 16 * 1024 * 1024
 TARGET_PIECES = 512
+CAPPED_PIECES_MAX = 16384  # a `max_piece_length` yields where a file would need more pieces than this
 PROBE_BYTES = 64 * 1024
 DEFAULT_PIECE = 4 * 1024 * 1024  # when the origin does not say how long the file is
 
@@ -68,17 +69,29 @@ def open_file_url(url: str) -> tuple[int, str]:
         raise SourceError(f"cannot open {path}: {e.strerror}") from e
 
 
-def choose_piece_length(content_length: int) -> int:
-    """A power of two that gives about TARGET_PIECES pieces, within [64 KiB, 16 MiB].
+def choose_piece_length(content_length: int, max_piece: int = 0) -> int:
+    """A power of two that gives about TARGET_PIECES pieces, within [64 KiB, 16 MiB], and no
+    longer than `max_piece` (0 = no cap) while that makes at most CAPPED_PIECES_MAX pieces.
 
     Swarm time grows like (1 + log2(N)/M) with M pieces (DESIGN.md), so M should be in the
     hundreds; below 64 KiB per-piece overhead dominates, above 16 MiB memory per transfer does.
+    The cap is the `max_piece_length` setting, for slow links: a piece is the unit a congested
+    parent hands its uplink out in (nodes/uplink.py), and at 12.5 Mbit/s a 1 MiB piece holds
+    one of its few slots for over half a second. In the network lab (N=16, 512 MiB) 1 MiB
+    pieces took 1.26 of the bound and 256 KiB pieces 1.08. Not the default: every piece costs
+    CPU on the way (a warm 1 GiB fetch on loopback took 4.7-7.3 CPU-s in 512 KiB pieces against
+    2.1-2.5 in 2 MiB ones), and on fast links a long piece takes milliseconds (README).
     """
     if content_length < 0:
         return DEFAULT_PIECE
-    want = max(1, content_length // TARGET_PIECES)
-    length = 1 << (want - 1).bit_length()
+    length = _pow2_at_least(content_length // TARGET_PIECES)
+    if max_piece > 0:
+        length = min(length, max(max_piece, _pow2_at_least(content_length // CAPPED_PIECES_MAX)))
     return max(MIN_PIECE, min(MAX_PIECE, length))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
 
 
 def digest(data: bytes) -> str:
@@ -88,21 +101,22 @@ def digest(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def plan(content_length: int, known: dict[int, PieceInfo]) -> list[tuple[int, int, int]]:
+def plan(content_length: int, known: dict[int, PieceInfo], max_piece: int = 0) -> list[tuple[int, int, int]]:
     """(num, offset, length) of every piece up to `content_length`.
 
     Known manifest entries keep their boundaries (they may have gaps: parallel readers and
     parents fill pieces in any order); missing pieces are cut at the manifest's piece length,
-    never across the start of the next known piece, or at a chosen length when nothing is known.
+    never across the start of the next known piece, or at a chosen length when nothing is known
+    (`choose_piece_length`, capped at `max_piece`).
     """
     if known:
         # A piece's offset over its number is the cut length too: a manifest that so far holds
         # only the short last piece must not cut the whole file at that length.
         piece_length = max([p.length for p in known.values()]
-                           + [p.offset // p.num for p in known.values() if p.num]) or choose_piece_length(content_length)
+                           + [p.offset // p.num for p in known.values() if p.num]) or choose_piece_length(content_length, max_piece)
         end = max(content_length, max(p.offset + p.length for p in known.values()))
     else:
-        piece_length = choose_piece_length(content_length)
+        piece_length = choose_piece_length(content_length, max_piece)
         end = content_length
     starts = sorted(p.offset for p in known.values())
     out: list[tuple[int, int, int]] = []
@@ -162,8 +176,9 @@ class SourceReader:
 
     def __init__(self, url: str, headers: dict[str, str], connections: int = 4,
                  session: aiohttp.ClientSession | None = None, timeout_s: float = 60.0,
-                 cdc: bool = False) -> None:
+                 cdc: bool = False, max_piece: int = 0) -> None:
         self.url = url
+        self.max_piece = max_piece  # longest piece when this reader cuts a new task (0 = no cap)
         self.cdc = cdc  # content-defined pieces, one sequential stream (nodes/cdcsource.py)
         self.headers = dict(headers)
         self.connections = max(1, connections)
@@ -216,7 +231,7 @@ class SourceReader:
         try:
             size = self.content_length = os.fstat(fd).st_size
             self.meta = {"status": "200"}
-            for num, offset, length in plan(size, known):
+            for num, offset, length in plan(size, known, self.max_piece):
                 if num in have:
                     continue
                 data = os.pread(fd, length, offset)
@@ -269,7 +284,7 @@ class SourceReader:
                 probe = await resp.content.read()
                 self.bytes_read += len(probe)
                 meta.content_length = self.content_length = total
-        pieces = plan(meta.content_length, known)
+        pieces = plan(meta.content_length, known, self.max_piece)
         missing = [p for p in pieces if p[0] not in have]
         # Bytes already read by the probe belong to the pieces they cover.
         if probe:
@@ -315,7 +330,7 @@ class SourceReader:
 
     async def _stream(self, resp, known, have, length: int, on_piece) -> int:
         """Cut a whole-body stream. Returns the content length actually read."""
-        piece_length = known[0].length if 0 in known else choose_piece_length(length)
+        piece_length = known[0].length if 0 in known else choose_piece_length(length, self.max_piece)
         num = offset = 0
         while True:
             if length >= 0:

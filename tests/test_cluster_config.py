@@ -113,6 +113,23 @@ def test_download_limit_is_enforced(cl, www, origin, outdir):
     assert dfzmq(cl, "config", "unset", "download_rate").returncode == 0
 
 
+def test_max_piece_length_cuts_new_tasks_cluster_wide(cl, www, origin, outdir):
+    size = 64 * MiB  # 128 KiB pieces by size alone
+    data = make_file(www / "capped.bin", size, seed=11)
+    assert dfzmq(cl, "config", "set", "max_piece_length", "64KiB").returncode == 0
+    for name in ("seed0", "peer1", "peer2"):
+        assert eventually(lambda: daemon_setting(cl, name, "max_piece_length") == 64 << 10), name
+    url = origin.url("capped.bin")
+    for name in ("peer1", "peer2"):  # the first cuts it (through the seed), the second follows
+        r = cl.fetch(name, url, outdir / f"{name}.bin")
+        assert r.returncode == 0, r.stderr
+        assert (outdir / f"{name}.bin").read_bytes() == data
+    tasks = request(f"tcp://{cl.scheduler_addrs[0]}", wire.SnapshotRequest(), 3.0).info["snapshot"]["tasks"]
+    task = next(t for t in tasks if t["url"] == url)
+    assert task["content_length"] == size and task["piece_count"] == size // (64 << 10)
+    assert dfzmq(cl, "config", "unset", "max_piece_length").returncode == 0
+
+
 def test_settings_survive_a_manager_restart_and_reach_a_restarted_daemon(cl):
     assert dfzmq(cl, "config", "set", "source_rate", "50M").returncode == 0
     assert eventually(lambda: daemon_setting(cl, "peer1", "source_rate") == 50_000_000)

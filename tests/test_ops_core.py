@@ -140,6 +140,11 @@ def test_settings_parse_and_valid():
     with pytest.raises(ConfigError, match="between 1 and"):
         settings.parse("upload_slots", "0")
     assert settings.valid({"upload_rate": 5, "max_parents": 2, "bogus": 1, "upload_slots": -1}, "daemon") == {"upload_rate": 5}
+    assert settings.parse("max_piece_length", "256KiB") == 256 * 1024
+    assert settings.parse("max_piece_length", "0") == 0
+    for bad in ("1000", "32MiB", "-1"):
+        with pytest.raises(ConfigError, match="max_piece_length"):
+            settings.parse("max_piece_length", bad)
     assert settings.valid({"upload_rate": 5, "max_parents": 2}, "scheduler") == {"max_parents": 2}
 
 

@@ -40,6 +40,48 @@ def test_choose_piece_length_bounds_and_growth():
             assert source.TARGET_PIECES // 2 <= count <= source.TARGET_PIECES + 1
 
 
+def test_max_piece_caps_the_length_until_the_pieces_would_be_too_many():
+    assert choose_piece_length(512 * MiB) == MiB
+    assert choose_piece_length(512 * MiB, 256 << 10) == 256 << 10
+    assert choose_piece_length(64 * MiB, 256 << 10) == 128 << 10  # shorter by size alone
+    assert choose_piece_length(-1, 256 << 10) == source.DEFAULT_PIECE  # no size: no count to bound
+    big = 16 << 30  # 16 GiB in 256 KiB pieces would be 65536: the cap yields at CAPPED_PIECES_MAX
+    assert choose_piece_length(big, 256 << 10) == big // source.CAPPED_PIECES_MAX == MiB
+    assert choose_piece_length(512 * MiB, 1000) == source.MIN_PIECE  # never below 64 KiB
+    for size in (MiB, 100 * MiB + 7, 3 << 30):
+        for cap in (64 << 10, 256 << 10, 4 * MiB):
+            length = choose_piece_length(size, cap)
+            assert length <= max(cap, choose_piece_length(size)) and length & (length - 1) == 0
+            assert length <= cap or -(-size // length) >= source.CAPPED_PIECES_MAX // 2
+
+
+def test_plan_cuts_at_the_cap_but_keeps_known_boundaries():
+    size = 512 * MiB + 5
+    pieces = plan(size, {}, 256 << 10)
+    assert_covers(pieces, size)
+    assert {length for _, _, length in pieces[:-1]} == {256 << 10} and pieces[-1][2] == 5
+    # a resumed task keeps the manifest it has, whatever this reader's cap
+    known = {0: PieceInfo(0, 0, MiB, "d")}
+    assert {length for _, _, length in plan(size, known, 256 << 10)[:-1]} == {MiB}
+
+
+def test_file_url_reader_cuts_at_its_cap(tmp_path):
+    path = tmp_path / "sparse.bin"
+    size = 64 * MiB + 3  # 128 KiB pieces by size alone
+    with open(path, "wb") as f:
+        f.truncate(size)
+    for cap, want in ((0, 128 << 10), (64 << 10, 64 << 10)):
+        got = {}
+
+        async def on_piece(info, data):
+            got[info.num] = info
+
+        reader = SourceReader(path.as_uri(), {}, max_piece=cap)
+        assert asyncio.run(reader.run({}, set(), -1, on_piece)).content_length == size
+        assert {i.length for i in got.values() if i.offset + i.length < size} == {want}
+        assert len(got) == -(-size // want)
+
+
 def assert_covers(pieces, size):
     offset = 0
     for i, (num, off, length) in enumerate(pieces):
