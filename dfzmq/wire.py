@@ -523,8 +523,11 @@ class Reschedule:
     task_id: str
     peer_id: str
     blocklist: list[str] = field(default_factory=list)
-    reason: str = ""
+    reason: str = ""  # RESCHEDULE_STALLED: no parent gave anything, start afresh
     bad: list[str] = field(default_factory=list)  # parents that sent bytes failing verification
+
+
+RESCHEDULE_STALLED = "stalled"
 
 
 @message("PEER_LEAVE")

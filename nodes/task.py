@@ -490,7 +490,7 @@ class TaskRun(ParentSide):
                 for pid, st in list(self.picker.parents.items()):
                     if st.outstanding:
                         self._drop_parent(pid, block=True)
-                self._reschedule("stalled")
+                self._reschedule(wire.RESCHEDULE_STALLED)
             elif not self.parents and self.scheduler is not None and not self.scheduler.alive:
                 self.go_source("no parents and no scheduler")
             self._pump()

@@ -371,6 +371,33 @@ def test_reschedule_with_every_parent_blocked_goes_back_to_source():
     assert net.core.tasks[TASK].source_peer == a.peer()  # c reads the origin for itself
 
 
+def test_reschedule_keeps_the_parents_not_blocked_unless_stalled():
+    net = FakeNet(max_parents=3)
+    hosts = [net.host(f"h{i}") for i in range(8)]
+    for h in hosts:
+        h.register()
+    child = hosts[-1]
+    before = list(net.core.peers[child.peer()].parents)
+    assert len(before) == 3
+    slow = before[1]
+    child.send(wire.Reschedule(TASK, child.peer(), blocklist=[slow], reason="parents dead or too slow"))
+    after = child.parents()
+    # the two healthy parents stay (in flight requests and all), one fresh one takes the slot
+    assert after[:2] == [p for p in before if p != slow] and len(after) == 3 and slow not in after
+    # a stalled peer's parents all gave nothing: with none blocked it still gets a fresh draw,
+    # not the same three (eight candidates, the source first: 6 others for 2 places, 200 tries)
+    fresh = set()
+    for _ in range(200):
+        child.send(wire.Reschedule(TASK, child.peer(), reason=wire.RESCHEDULE_STALLED))
+        fresh.add(tuple(child.parents()))
+    assert len(fresh) > 1
+    kept = set()
+    for _ in range(20):
+        child.send(wire.Reschedule(TASK, child.peer(), reason="parents dead or too slow"))
+        kept.add(tuple(child.parents()))
+    assert len(kept) == 1
+
+
 def test_peer_leave_repairs_children_lists():
     net = FakeNet()
     a, b, c = net.host("a"), net.host("b"), net.host("c")

@@ -567,7 +567,13 @@ class SchedulerCore(ParentChoice):
         if task.manifest or task.content_length >= 0:
             # Incremental manifest pushes can be lost (a full queue): resend the whole of it.
             out.append(Send(host.ident, self._manifest_msg(task, sorted_pieces(task))))
-        chosen = self._choose_parents(peer, task, now, keep=[])
+        # The parents the peer did not block keep serving it: a parent dropped for two timed out
+        # requests used to cost the peer every other parent too, with their requests in flight
+        # and the laggard's extra ones (lab, N=32, 512 MiB, slow half: one peer handed six fresh
+        # parents five times in a run fell 20-45 s behind the other 31). A stalled peer, whose
+        # parents all gave nothing, starts afresh.
+        keep = [] if msg.reason == wire.RESCHEDULE_STALLED else list(peer.parents)
+        chosen = self._choose_parents(peer, task, now, keep=keep)
         if chosen:
             self._assign_parents(peer, task, chosen, out)
         elif task.source_peer is None and not task.complete:
