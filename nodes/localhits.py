@@ -65,5 +65,5 @@ def _copied(run: "TaskRun", hits: list[wire.PieceInfo], fut: asyncio.Future) -> 
         if ok:
             run._stored(p, "local")
         else:
-            run.picker.have.discard(p.num)
+            run.picker.unhave(p.num)
     run._pump()

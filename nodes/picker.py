@@ -37,6 +37,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from sortedcontainers import SortedList
 
 from dfzmq.wire import PieceInfo
 
@@ -132,6 +135,12 @@ class Picker:
         # one float kept up to date as counts change, so a pick sorts with a C-level key (a
         # Python key function per piece per pick was most of a pick's cost, tools/swarm_cpu.py).
         self._rank: dict[int, float] = {}
+        # (rank, num) of every manifest piece not yet held, kept sorted as ranks change: a pick
+        # walks it from the rarest held piece until the parents' windows are full, instead of
+        # sorting every wanted piece (O(pieces log pieces) per pick, half a daemon's loop time
+        # with 4096 pieces: `bench.py warm` under py-spy). Pieces put into `have` directly (tests)
+        # stay in it and are skipped.
+        self._order: SortedList = SortedList()
         self._piece_len = 0  # the longest piece in the manifest
         # >= 0 while a client reads the task in order from this byte offset (the proxy streams
         # it): pieces are asked for in order from there, so the client's reads overlap the
@@ -143,11 +152,18 @@ class Picker:
     # -- inputs ---------------------------------------------------------------------------
 
     def add_manifest(self, pieces: list[PieceInfo]) -> None:
+        fresh = []
         for p in pieces:
             self.manifest[p.num] = p
             self._piece_len = max(self._piece_len, p.length)
             self._tiebreak.setdefault(p.num, self.rng.random())
-            self._rank[p.num] = self.counts.get(p.num, 0) + self._tiebreak[p.num]
+            old = self._rank.get(p.num)
+            rank = self._rank[p.num] = self.counts.get(p.num, 0) + self._tiebreak[p.num]
+            if old is not None:
+                self._order.discard((old, p.num))
+            if p.num not in self.have:
+                fresh.append((rank, p.num))
+        self._order.update(fresh)
 
     def add_parent(self, pid: str, seed: bool = False) -> None:
         if pid not in self.parents:
@@ -177,6 +193,9 @@ class Picker:
         c = self.counts[n] = self.counts.get(n, 0 if delta > 0 else 1) + delta
         tb = self._tiebreak.get(n)
         if tb is not None:
+            if n not in self.have:
+                self._order.discard((self._rank[n], n))
+                self._order.add((c + tb, n))
             self._rank[n] = c + tb
 
     def have_is_news(self, pid: str, nums: list[int]) -> bool:
@@ -199,6 +218,8 @@ class Picker:
             if num in self.manifest:
                 self._measure(st, self.manifest[num].length, now)
                 self._adapt(st, self.manifest[num].length, latency)
+        if num not in self.have and num in self._rank:
+            self._order.discard((self._rank[num], num))
         self.have.add(num)
         self._seed_only.discard(num)
         for other in list(self.requested.get(num, ())):
@@ -210,6 +231,13 @@ class Picker:
         if st is not None and num in self.manifest:
             st.bytes_received += self.manifest[num].length
             st.pieces_received += 1
+
+    def unhave(self, num: int) -> None:
+        """A piece counted as held is not after all (a local copy failed): wanted again."""
+        if num in self.have:
+            self.have.discard(num)
+            if num in self._rank:
+                self._order.add((self._rank[num], num))
 
     def on_missing(self, pid: str, num: int) -> None:
         """The parent said it does not have the piece after all."""
@@ -308,30 +336,26 @@ class Picker:
         # A stuck request is older news than any new piece: it gets a parent's room first.
         out: list[tuple[str, int]] = self._rescue(now) if self.complete and self.window_target_s > 0 else []
         out += self._from_seed(now)
-        wanted = list(self.manifest.keys() - self.have - self.requested.keys())
-        if self.stream_offset >= 0:
-            wanted.sort(key=self._stream_rank)
-        else:
-            wanted.sort(key=self._rank.__getitem__)  # rarest first: (count, tiebreak) as one float
+        # Streamed (the proxy reads in order): every wanted piece sorted by offset, as before.
+        stream = (sorted(self.manifest.keys() - self.have - self.requested.keys(), key=self._stream_rank)
+                  if self.stream_offset >= 0 else None)
         # Non-seed parents first: the seed serves what only it has.
         order = sorted(self.parents.values(), key=lambda s: (s.seed, len(s.outstanding)))
         slow_ids = {st.pid for st in slow}
         stand_ins = quick + seeds
-        taken: set[int] = set()
         for st in order:
             budget = self._budget(st)
             if budget <= 0:
                 continue
-            for n in wanted:
+            # Outside the tail the seed is asked here only for pieces no other parent holds:
+            # those rank below 2 (held by one parent, itself).
+            for n in self._wanted_at(st, stream, 2.0 if st.seed and not slow else 0.0):
                 if budget <= 0:
                     break
-                if n in taken or n not in st.have:
-                    continue
                 if st.pid in slow_ids and any(n in q.have for q in stand_ins):
                     continue  # the tail: a quick parent or the seed holds it (_tail)
                 if st.seed and self._other_has(n, st.pid) and (not slow or any(n in q.have for q in quick)):
                     continue
-                taken.add(n)
                 self._request(st, n, now)
                 out.append((st.pid, n))
                 budget -= self.manifest[n].length
@@ -340,18 +364,41 @@ class Picker:
             if not st.seed:
                 continue
             budget = self._budget(st)
-            for n in wanted:
+            if budget <= 0:
+                continue
+            for n in self._wanted_at(st, stream, 0.0):
                 if budget <= 0:
                     break
-                if n in taken or n not in st.have:
-                    continue
-                taken.add(n)
                 self._request(st, n, now)
                 out.append((st.pid, n))
                 budget -= self.manifest[n].length
-        if self.complete and not out and not [n for n in wanted if n not in taken]:
+        if self.complete and not out and not self._unasked(stream):
             out.extend(self._endgame(now))
         return out
+
+    def _wanted_at(self, st: ParentState, stream: list[int] | None, below: float) -> Iterator[int]:
+        """The pieces `st` holds that we lack and have not asked anyone for, rarest first (in
+        offset order while streamed), checked as they are yielded so that requests made
+        meanwhile count; `below` > 0: only those ranked below it. A parent holding few of them
+        (a quarter of what we lack or less) has its own list sorted; for the others the sorted
+        order of all we lack is walked until the caller's window is full."""
+        if stream is not None:
+            src: Iterable[int] = stream
+        elif 4 * len(st.have) <= len(self.manifest) - len(self.have):
+            rank = self._rank
+            src = sorted((n for n in st.have if n in rank and n not in self.have and n not in self.requested
+                          and (below <= 0 or rank[n] < below)), key=rank.__getitem__)
+        else:
+            hi = (below,) if below > 0 else None
+            src = (n for _, n in self._order.irange((1.0,), hi, inclusive=(True, False)))
+        for n in src:
+            if n in st.have and n not in self.have and n not in self.requested:
+                yield n
+
+    def _unasked(self, stream: list[int] | None) -> bool:
+        """Is some piece we lack not asked of anyone? (Rarest first, the asked ones lead.)"""
+        src = stream if stream is not None else (n for _, n in self._order)
+        return any(n not in self.have and n not in self.requested for n in src)
 
     def _tail(self, now: float) -> tuple[list[ParentState], list[ParentState], list[ParentState]]:
         """The download's last stretch (the last TAIL_SHARE of its pieces): slow parents, quick

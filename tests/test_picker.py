@@ -415,3 +415,42 @@ def test_a_piece_waiting_at_the_seed_is_not_moved_to_a_slower_queue(seed_moves):
     p, at_seed = waiting_at_seed(5.0, peer_latency_s=8.0)  # P's pieces take longer than the seed's
     assert not [r for r in p.next_requests(1.0) if r[1] in at_seed]
     requested_once(p)
+
+
+def test_kept_order_matches_ranks_and_picks_stay_rarest_first():
+    """The sorted order of wanted pieces is kept up to date through HAVEs, arrivals, failures,
+    a parent's leaving and a local copy that failed, and each pick still asks every non-seed
+    parent for the rarest pieces it holds that nobody was asked for (both ways of walking
+    them: a parent holding few pieces, and the seed holding all)."""
+    rng = random.Random(7)
+    n = 300
+    p = Picker(window_bytes=3 * L, rng=random.Random(1))  # manifest still growing: no tail or endgame
+    p.add_manifest(manifest(n // 2))
+    for i in range(6):
+        p.add_parent(f"p{i}", seed=(i == 0))
+    p.on_have("p0", list(range(n)))
+    for step in range(3000):
+        if step == 300:
+            p.add_manifest(manifest(n)[n // 2:])
+        op = rng.random()
+        outstanding = sorted((pid, num) for pid, st in p.parents.items() for num in st.outstanding)
+        if op < 0.4:
+            p.on_have(f"p{rng.randrange(1, 6)}", rng.sample(range(n), rng.randint(1, 8)))
+        elif op < 0.8 and outstanding:
+            p.on_piece(*rng.choice(outstanding), now=float(step))
+        elif op < 0.85 and outstanding:
+            p.on_failure(*rng.choice(outstanding))
+        elif op < 0.88 and p.have:
+            p.unhave(rng.choice(sorted(p.have)))
+        elif op < 0.89:
+            pid = f"p{rng.randrange(1, 6)}"
+            p.remove_parent(pid)
+            p.add_parent(pid)
+        before = {pid: set(st.have) for pid, st in p.parents.items()}
+        reqs = p.next_requests(float(step))
+        assert list(p._order) == sorted((p._rank[m], m) for m in p.manifest if m not in p.have)
+        for pid in {pid for pid, _ in reqs} - {"p0"}:
+            asked = max(p._rank[m] for q, m in reqs if q == pid)
+            unasked = [m for m in before[pid] if m in p.manifest and m not in p.have and m not in p.requested]
+            assert all(p._rank[m] > asked for m in unasked), (step, pid)
+    assert len(p.have) > n // 2  # the walk got somewhere
