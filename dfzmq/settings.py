@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from dfzmq.config import parse_size
 from dfzmq.errors import ConfigError
+from dfzmq.wire import MAX_PIECE, MIN_PIECE
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +56,8 @@ def _rate(value: Any) -> int:
 
 def _piece_cap(value: Any) -> int:
     v = _rate(value)
-    if v and not 64 << 10 <= v <= 16 << 20:
-        raise ValueError("must be 0 or between 64KiB and 16MiB")
+    if v and not MIN_PIECE <= v <= MAX_PIECE:
+        raise ValueError(f"must be 0 or between {MIN_PIECE >> 10}KiB and {MAX_PIECE >> 20}MiB")
     return v
 
 

@@ -259,6 +259,12 @@ def split_routed(frames: list[Any]) -> tuple[bytes, list[Any]]:
 # ---------------------------------------------------------------------------------------------
 # Records
 
+# The lengths a daemon cuts pieces within (nodes/source.py): below 64 KiB per-piece overhead
+# dominates, above 16 MiB memory per transfer does. Settings that bound piece lengths
+# (`max_piece_length`, dfzmq/settings.py) are checked against the same limits.
+MIN_PIECE = 64 * 1024
+MAX_PIECE = 16 * 1024 * 1024
+
 
 @record
 class PieceInfo:

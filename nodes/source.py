@@ -31,12 +31,10 @@ import aiohttp
 import blake3
 
 from dfzmq.errors import IntegrityError, SourceError
-from dfzmq.wire import PieceInfo
+from dfzmq.wire import MAX_PIECE, MIN_PIECE, PieceInfo
 
 log = logging.getLogger(__name__)
 
-MIN_PIECE = 64 * 1024
-MAX_PIECE = 16 * 1024 * 1024
 TARGET_PIECES = 512
 CAPPED_PIECES_MAX = 16384  # a `max_piece_length` yields where a file would need more pieces than this
 PROBE_BYTES = 64 * 1024
