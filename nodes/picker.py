@@ -62,6 +62,8 @@ class ParentState:
     last_arrival: float = 0.0
     window: float = 0.0  # window_mode "aimd": this parent's credit window in bytes (0 = not yet set)
     benched: bool = False  # went quiet and had requests rescued: no new ones until it delivers
+    full: bool = False  # holds every piece of the manifest (Picker._holding_all)...
+    full_at: tuple[int, int] = (-1, -1)  # ...as of (len(have), len(manifest)) then
 
     def outstanding_bytes(self, manifest: dict[int, PieceInfo]) -> int:
         return sum(manifest[n].length for n in self.outstanding if n in manifest)
@@ -249,6 +251,7 @@ class Picker:
         self._unbench_if_idle(st)
         if num in st.have:
             st.have.discard(num)
+            st.full_at = (-1, -1)  # a size seen before may now hold other pieces
             self._count(num, -1)
 
     def cancel(self, pid: str, num: int) -> None:
@@ -343,13 +346,14 @@ class Picker:
         order = sorted(self.parents.values(), key=lambda s: (s.seed, len(s.outstanding)))
         slow_ids = {st.pid for st in slow}
         stand_ins = quick + seeds
+        full = self._holding_all()
         for st in order:
             budget = self._budget(st)
             if budget <= 0:
                 continue
             # Outside the tail the seed is asked here only for pieces no other parent holds:
             # those rank below 2 (held by one parent, itself).
-            for n in self._wanted_at(st, stream, 2.0 if st.seed and not slow else 0.0):
+            for n in self._wanted_at(st, stream, 2.0 if st.seed and not slow else 0.0, full):
                 if budget <= 0:
                     break
                 if st.pid in slow_ids and any(n in q.have for q in stand_ins):
@@ -366,7 +370,7 @@ class Picker:
             budget = self._budget(st)
             if budget <= 0:
                 continue
-            for n in self._wanted_at(st, stream, 0.0):
+            for n in self._wanted_at(st, stream, 0.0, full):
                 if budget <= 0:
                     break
                 self._request(st, n, now)
@@ -376,12 +380,31 @@ class Picker:
             out.extend(self._endgame(now))
         return out
 
-    def _wanted_at(self, st: ParentState, stream: list[int] | None, below: float) -> Iterator[int]:
+    def _holding_all(self) -> set[str]:
+        """The parents that hold every piece of the manifest (a seed, a finished peer); the
+        subset test is redone only when the parent's or the manifest's size changed."""
+        total = len(self.manifest)
+        out = set()
+        for st in self.parents.values():
+            if not total or len(st.have) < total:
+                continue
+            key = (len(st.have), total)
+            if st.full_at != key:
+                st.full_at, st.full = key, self.manifest.keys() <= st.have
+            if st.full:
+                out.add(st.pid)
+        return out
+
+    def _wanted_at(self, st: ParentState, stream: list[int] | None, below: float,
+                   full: set[str] = frozenset()) -> Iterator[int]:
         """The pieces `st` holds that we lack and have not asked anyone for, rarest first (in
         offset order while streamed), checked as they are yielded so that requests made
         meanwhile count; `below` > 0: only those ranked below it. A parent holding few of them
         (a quarter of what we lack or less) has its own list sorted; for the others the sorted
-        order of all we lack is walked until the caller's window is full."""
+        order of all we lack is walked until the caller's window is full, from the lowest rank
+        a piece `st` holds can have: one, plus one for each other parent in `full` (holding
+        every piece). Without that floor a peer's walk crossed every piece only the seed held
+        before reaching its own (a fifth of a daemon's loop time, `tools/swarm_cpu.py`)."""
         if stream is not None:
             src: Iterable[int] = stream
         elif 4 * len(st.have) <= len(self.manifest) - len(self.have):
@@ -389,8 +412,9 @@ class Picker:
             src = sorted((n for n in st.have if n in rank and n not in self.have and n not in self.requested
                           and (below <= 0 or rank[n] < below)), key=rank.__getitem__)
         else:
+            lo = 1.0 + len(full) - (st.pid in full)
             hi = (below,) if below > 0 else None
-            src = (n for _, n in self._order.irange((1.0,), hi, inclusive=(True, False)))
+            src = (n for _, n in self._order.irange((lo,), hi, inclusive=(True, False)))
         for n in src:
             if n in st.have and n not in self.have and n not in self.requested:
                 yield n
