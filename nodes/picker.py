@@ -98,6 +98,19 @@ AIMD_MIN_PIECES = 2
 # peers gained about 0.05 of the bound but redundant bytes rose to about 2% and the slow half
 # gained nothing (README, end of the eighth round).
 SEED_MOVE_BEFORE = 0.0
+# The last pieces: while a download lacks at most this share of its pieces (and SEED_MOVE_MIN),
+# a request waiting in a seed's queue is asked also of a non-seed parent with room that holds
+# it now and would send it sooner (_from_seed): one that has waited less than
+# SEED_MOVE_TAIL_BEFORE of the seed's usual wait, or more than ENDGAME_LATE times it (the seed
+# serves the children furthest behind first, so a child ahead can wait there far longer than
+# usual). In the lab (N=32, 16 MiB, equal) 27-31 of 32 peers got their last piece from the
+# seed, after up to 10 s in its queue (the endgame only copies to a parent with nothing
+# outstanding, and at the end none is); with the move 5-8 did, and the swarm took 1.21 of the
+# bound in three runs against 1.28-1.29, redundant bytes 0.7-0.9% against 0.2-0.5% (README,
+# tenth round).
+SEED_MOVE_TAIL = 0.05
+SEED_MOVE_MIN = 4
+SEED_MOVE_TAIL_BEFORE = 0.75
 
 
 class Picker:
@@ -586,25 +599,36 @@ class Picker:
         return out
 
     def _from_seed(self, now: float) -> list[tuple[str, int]]:
-        """Requests queued at a seed for pieces no other parent held when they were asked, that
-        a non-seed parent with room holds now, are asked of the quickest such parent too
-        (SEED_MOVE_BEFORE): the seed's queue is shared by every child, a peer's is not."""
+        """Requests queued at a seed that a non-seed parent with room holds now are asked of
+        the quickest such parent too: the seed's queue is shared by every child, a peer's is
+        not. In the last pieces (SEED_MOVE_TAIL) any such request, young or overdue; before
+        them only with the SEED_MOVE_BEFORE trial on, for pieces no other parent held when
+        asked, and only young ones."""
         out: list[tuple[str, int]] = []
-        if SEED_MOVE_BEFORE <= 0:
+        left = len(self.manifest) - len(self.have)
+        tail = self.complete and left <= max(SEED_MOVE_MIN, SEED_MOVE_TAIL * len(self.manifest))
+        if SEED_MOVE_BEFORE <= 0 and not tail:
             return out
+        before = SEED_MOVE_TAIL_BEFORE if tail else SEED_MOVE_BEFORE
         for seed in [st for st in self.parents.values() if st.seed and st.outstanding]:
             usual = seed.latency_s or 0.0
             for n, asked_at in sorted(seed.outstanding.items(), key=lambda x: x[1]):
-                if n not in self._seed_only or len(self.requested.get(n, ())) != 1:
+                if len(self.requested.get(n, ())) != 1 or not (tail or n in self._seed_only):
                     continue
-                if usual and now - asked_at >= SEED_MOVE_BEFORE * usual:
+                waited = now - asked_at
+                if not usual:
+                    remaining = float("inf")
+                elif waited < before * usual:
+                    remaining = usual - waited
+                elif tail and waited >= ENDGAME_LATE * usual:
+                    remaining = usual  # overdue: others are served first; another usual wait
+                else:
                     continue  # probably next in the seed's queue
                 # Only where it would come sooner: a slow parent's queue can be longer than the
                 # seed's (in the lab, 0.6 Mbit/s parents took the moved pieces and lost time).
-                left = usual - (now - asked_at) if usual else float("inf")
                 holders = [st for st in self.parents.values()
                            if not st.seed and n in st.have and self._budget(st) > 0
-                           and self._wait(st, now) < left]
+                           and self._wait(st, now) < remaining]
                 if holders:
                     st = min(holders, key=lambda q: self._wait(q, now))
                     self._request(st, n, now)

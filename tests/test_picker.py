@@ -372,24 +372,54 @@ def seed_moves(monkeypatch):
     monkeypatch.setattr(picker_mod, "SEED_MOVE_BEFORE", 0.75)
 
 
-def waiting_at_seed(seed_latency_s: float, peer_latency_s: float | None = None):
-    """Pieces 2 and 3 asked of the seed at t=0 (only it had them), then announced by peer P."""
-    p = picker(4, window_pieces=4)
+def waiting_at_seed(seed_latency_s: float, peer_latency_s: float | None = None, pieces: int = 4):
+    """Pieces from 2 on asked of the seed at t=0 (only it had them), then announced by peer P.
+    With 4 pieces the download is in its last pieces (SEED_MOVE_MIN) from the start."""
+    p = picker(pieces, window_pieces=4)
     p.add_parent("S", seed=True)
     p.add_parent("P")
-    p.on_have("S", range(4))
+    p.on_have("S", range(pieces))
     p.on_have("P", [0, 1])
     at_seed = {n for pid, n in p.next_requests(0.0) if pid == "S"}
-    assert at_seed and at_seed <= {2, 3}
+    assert at_seed and at_seed <= set(range(2, pieces))
     p.parents["S"].latency_s = seed_latency_s  # the seed's usual wait
     p.parents["P"].latency_s = peer_latency_s
     p.on_have("P", sorted(at_seed))
     return p, at_seed
 
 
-def test_a_piece_waiting_at_the_seed_stays_there_by_default():
-    p, at_seed = waiting_at_seed(5.0)
+def test_a_piece_waiting_at_the_seed_stays_there_before_the_last_pieces():
+    p, at_seed = waiting_at_seed(5.0, pieces=100)
     assert not [r for r in p.next_requests(1.0) if r[1] in at_seed]
+    assert not [r for r in p.next_requests(20.0) if r[1] in at_seed]  # even when overdue
+
+
+def test_in_the_last_pieces_a_piece_at_the_seed_moves_when_young_or_overdue():
+    """By default only the last pieces move (SEED_MOVE_TAIL): there the seed's queue is what a
+    peer waits for. A young request moves to a quicker peer, one that has waited most of the
+    seed's usual wait is probably next and stays, and one far beyond it (the seed serving the
+    children further behind first) moves again; each piece is asked of one more parent only."""
+    from nodes.picker import ENDGAME_LATE
+    p, at_seed = waiting_at_seed(5.0)
+    assert sorted(n for pid, n in p.next_requests(1.0) if pid == "P") == sorted(at_seed)
+    p, at_seed = waiting_at_seed(2.0)
+    assert not [r for r in p.next_requests(1.9) if r[1] in at_seed]  # probably next at the seed
+    # Overdue, while P is busy with a fresh request of its own (the endgame copies only to a
+    # parent with nothing outstanding): 8 pieces, 2 at the seed since t=0 (usual wait 4 s).
+    p, at_seed = waiting_at_seed(4.0, peer_latency_s=0.5, pieces=8)
+    late = ENDGAME_LATE * 4.0
+    for n in list(p.parents["P"].outstanding):
+        p.on_piece("P", n, 0.5)
+    y1, y2, y3, _ = sorted(set(range(2, 8)) - at_seed)
+    p.on_have("P", [y1, y2])
+    assert sorted(n for _, n in p.next_requests(late - 0.3)) == [y1, y2]
+    for n in (y1, y2):
+        p.on_piece("P", n, late - 0.2)  # now in the last 4 pieces
+    p.on_have("P", [y3, *sorted(at_seed)])
+    assert [n for _, n in p.next_requests(late - 0.1)] == [y3]  # the seed's are probably next
+    moved = [n for pid, n in p.next_requests(late + 0.1) if pid == "P"]
+    assert moved and set(moved) <= at_seed  # as many as P's measured pace says come sooner
+    assert sorted(n for n, ps in p.requested.items() if len(ps) > 1) == sorted(moved)
 
 
 def test_a_piece_waiting_at_the_seed_is_asked_of_a_peer_that_got_it_since(seed_moves):
