@@ -33,10 +33,15 @@ def test_bounds_follow_design():
 
 
 @pytest.mark.timeout(180)
-def test_lab_distributes_every_copy_reading_origin_once():
+def test_lab_distributes_every_copy_reading_origin_once(tmp_path, monkeypatch):
     reason = netlab.unavailable_reason()
     if reason is not None:
         pytest.skip(f"network namespaces cannot be made here: {reason}")
+    # Started from a directory holding another (here: broken) `dfzmq`, the lab still runs its
+    # own tree's code: `python -m` puts the working directory ahead of PYTHONPATH.
+    (tmp_path / "dfzmq").mkdir()
+    (tmp_path / "dfzmq" / "__init__.py").write_text("raise ImportError('not the lab tree')\n")
+    monkeypatch.chdir(tmp_path)
     spec = netlab.LabSpec(peers=4, size_mib=16, peer_up_mbit=200, peer_down_mbit=200, origin_up_mbit=400,
                           trace=True)
     result = netlab.run_lab(spec)

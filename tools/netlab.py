@@ -208,10 +208,13 @@ class NsProc:
 
     def start(self, base_env: dict[str, str]) -> None:
         with open(self.log, "ab") as out:
-            # `ip netns exec` execs the command: popen.pid is the service itself
+            # `ip netns exec` execs the command: popen.pid is the service itself. In this tree's
+            # root: `python -m` puts the working directory first on sys.path, ahead of
+            # PYTHONPATH, so a lab started from another checkout ran that checkout's code (an
+            # A/B of two trees run from one of them compared it with itself).
             self.popen = subprocess.Popen(["ip", "netns", "exec", self.ns, *self.argv], stdout=out,
                                           stderr=subprocess.STDOUT, env={**base_env, **self.env},
-                                          start_new_session=True)
+                                          start_new_session=True, cwd=ROOT)
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
