@@ -351,7 +351,7 @@ class Picker:
             return []
         # A stuck request is older news than any new piece: it gets a parent's room first.
         out: list[tuple[str, int]] = self._rescue(now) if self.complete and self.window_target_s > 0 else []
-        out += self._from_seed(now)
+        out += self._from_seed(now, {st.pid for st in slow})
         # Streamed (the proxy reads in order): every wanted piece sorted by offset, as before.
         stream = (sorted(self.manifest.keys() - self.have - self.requested.keys(), key=self._stream_rank)
                   if self.stream_offset >= 0 else None)
@@ -598,12 +598,14 @@ class Picker:
                 self.rescued += 1
         return out
 
-    def _from_seed(self, now: float) -> list[tuple[str, int]]:
+    def _from_seed(self, now: float, slow: set[str] = frozenset()) -> list[tuple[str, int]]:
         """Requests queued at a seed that a non-seed parent with room holds now are asked of
         the quickest such parent too: the seed's queue is shared by every child, a peer's is
         not. In the last pieces (SEED_MOVE_TAIL) any such request, young or overdue; before
         them only with the SEED_MOVE_BEFORE trial on, for pieces no other parent held when
-        asked, and only young ones."""
+        asked, and only young ones. Never to a parent the tail found slow (`slow`, _tail): with
+        half the uplinks at 0.6 Mbit/s, moves to them timed out there (26-40 timeouts against 6)
+        and redundant bytes reached 2%."""
         out: list[tuple[str, int]] = []
         left = len(self.manifest) - len(self.have)
         tail = self.complete and left <= max(SEED_MOVE_MIN, SEED_MOVE_TAIL * len(self.manifest))
@@ -627,8 +629,8 @@ class Picker:
                 # Only where it would come sooner: a slow parent's queue can be longer than the
                 # seed's (in the lab, 0.6 Mbit/s parents took the moved pieces and lost time).
                 holders = [st for st in self.parents.values()
-                           if not st.seed and n in st.have and self._budget(st) > 0
-                           and self._wait(st, now) < remaining]
+                           if not st.seed and st.pid not in slow and n in st.have
+                           and self._budget(st) > 0 and self._wait(st, now) < remaining]
                 if holders:
                     st = min(holders, key=lambda q: self._wait(q, now))
                     self._request(st, n, now)

@@ -484,3 +484,20 @@ def test_kept_order_matches_ranks_and_picks_stay_rarest_first():
             unasked = [m for m in before[pid] if m in p.manifest and m not in p.have and m not in p.requested]
             assert all(p._rank[m] > asked for m in unasked), (step, pid)
     assert len(p.have) > n // 2  # the walk got somewhere
+
+
+def test_in_the_last_pieces_nothing_moves_from_the_seed_to_a_parent_the_tail_found_slow():
+    """With half the uplinks slow, moves to them timed out there: only quick parents take them."""
+    p, at_seed = waiting_at_seed(20.0, pieces=8)
+    for n in set(range(8)) - at_seed:
+        p.on_piece("", n)  # the rest came somehow: the last two are at the seed
+    p.add_parent("Q")  # quick, but holds none of the seed's pieces
+    p.on_have("Q", [0, 1])
+    for pid, latency in (("P", 6.0), ("Q", 0.1)):
+        st = p.parents[pid]
+        st.latency_s, st.rate_bps = latency, L / latency
+    slow, quick, _ = p._tail(1.0)
+    assert [st.pid for st in slow] == ["P"] and [st.pid for st in quick] == ["Q"]
+    assert not [r for r in p.next_requests(1.0) if r[1] in at_seed]
+    p.parents["P"].latency_s, p.parents["P"].rate_bps = 0.1, L / 0.1  # quick after all: it may take them
+    assert sorted(n for pid, n in p.next_requests(1.0) if pid == "P") == sorted(at_seed)
