@@ -351,13 +351,13 @@ class Picker:
             return []
         # A stuck request is older news than any new piece: it gets a parent's room first.
         out: list[tuple[str, int]] = self._rescue(now) if self.complete and self.window_target_s > 0 else []
-        out += self._from_seed(now, {st.pid for st in slow})
+        slow_ids = {st.pid for st in slow}
+        out += self._from_seed(now, slow_ids)
         # Streamed (the proxy reads in order): every wanted piece sorted by offset, as before.
         stream = (sorted(self.manifest.keys() - self.have - self.requested.keys(), key=self._stream_rank)
                   if self.stream_offset >= 0 else None)
         # Non-seed parents first: the seed serves what only it has.
         order = sorted(self.parents.values(), key=lambda s: (s.seed, len(s.outstanding)))
-        slow_ids = {st.pid for st in slow}
         stand_ins = quick + seeds
         full = self._holding_all()
         for st in order:
