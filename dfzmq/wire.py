@@ -578,6 +578,12 @@ class PieceRequest:
     left: int = -1
 
 
+# A download lacking at least this much of its task, per mille, is in its first seconds: a
+# parent that read the piece from the origin holds back a repeat of it for a child this early
+# (nodes/upload.py), and the child asks a peer that has got it since (nodes/picker.py).
+EARLY_LEFT = 900
+
+
 @message("PIECE_DATA")
 class PieceData:
     """Parent -> child: one piece. The child verifies `data` against the manifest digest."""

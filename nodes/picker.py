@@ -41,7 +41,7 @@ from typing import Iterable, Iterator
 
 from sortedcontainers import SortedList
 
-from dfzmq.wire import PieceInfo
+from dfzmq.wire import EARLY_LEFT, PieceInfo
 
 
 @dataclass
@@ -108,6 +108,12 @@ SEED_MOVE_BEFORE = 0.0
 # outstanding, and at the end none is); with the move 5-8 did, and the swarm took 1.21 of the
 # bound in three runs against 1.28-1.29, redundant bytes 0.7-0.9% against 0.2-0.5% (README,
 # tenth round).
+# The first seconds (wire.EARLY_LEFT): a seed holds back a repeat of a piece it read from the
+# origin moments ago (nodes/upload.py), so a request asked of it when no other parent held the
+# piece, and held by a peer parent since, is asked of that peer too while it has waited less
+# than this share of the seed's usual wait (any, while the seed has sent us nothing yet); the
+# peer's copy lands first and the child's PIECE_CANCEL removes the held repeat at the seed.
+SEED_MOVE_EARLY_BEFORE = 0.75
 SEED_MOVE_TAIL = 0.05
 SEED_MOVE_MIN = 4
 SEED_MOVE_TAIL_BEFORE = 0.75
@@ -546,8 +552,12 @@ class Picker:
             st.busy_from = now
         st.outstanding[num] = now
         self.requested.setdefault(num, set()).add(st.pid)
-        if SEED_MOVE_BEFORE > 0 and st.seed and not self._other_has(num, st.pid):
+        if st.seed and not self._other_has(num, st.pid) and (SEED_MOVE_BEFORE > 0 or self._early()):
             self._seed_only.add(num)
+
+    def _early(self) -> bool:
+        """The download's first seconds (wire.EARLY_LEFT), when a seed holds back repeats."""
+        return not self.complete or self.left_per_mille() >= EARLY_LEFT
 
     def _rescue(self, now: float) -> list[tuple[str, int]]:
         """Before the endgame: the requests at a parent that has gone quiet far beyond what our
@@ -609,9 +619,10 @@ class Picker:
         out: list[tuple[str, int]] = []
         left = len(self.manifest) - len(self.have)
         tail = self.complete and left <= max(SEED_MOVE_MIN, SEED_MOVE_TAIL * len(self.manifest))
-        if SEED_MOVE_BEFORE <= 0 and not tail:
+        early = not tail and self._early()
+        if SEED_MOVE_BEFORE <= 0 and not tail and not early:
             return out
-        before = SEED_MOVE_TAIL_BEFORE if tail else SEED_MOVE_BEFORE
+        before = SEED_MOVE_TAIL_BEFORE if tail else max(SEED_MOVE_BEFORE, SEED_MOVE_EARLY_BEFORE if early else 0.0)
         for seed in [st for st in self.parents.values() if st.seed and st.outstanding]:
             usual = seed.latency_s or 0.0
             for n, asked_at in sorted(seed.outstanding.items(), key=lambda x: x[1]):

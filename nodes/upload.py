@@ -13,6 +13,17 @@ the lab (N=32, the origin read in 0.5 s) most children subscribed after the seed
 pieces, saw only the two revealed to everyone by then, and 21 of 32 asked the seed for piece 0
 (its first seconds of upload went to copies of one piece).
 
+Repeats: a piece read from the origin here is, for its first moments, the swarm's only copy, and
+a child in its first seconds (PIECE_REQUEST.left of at least `wire.EARLY_LEFT`) asking for one
+already handed to another child's socket within REPEAT_HOLD_S is asking for a piece the swarm is
+about to hold elsewhere. Such a repeat is held back until REPEAT_HOLD_S after that first copy,
+so the origin reader's upload goes to pieces nobody has yet; the child meanwhile asks a peer
+that got the piece (nodes/picker.py, `_from_seed`) and cancels it here, where it never cost a
+byte. In the lab (N=32, 16 MiB, 3 Mbit/s) the seed reads the first piece with the range probe
+and the rest a few tenths of a second later, so a wave of children subscribing in between saw
+that one piece and 20-25 of them asked the seed for it: the seed's first two seconds went to
+copies of it, which landed after the children had got it from peers.
+
 It never blocks on a slow child (ROUTER drops past the high-water mark; children's credit
 windows bound what is queued), and never lets a malformed frame stop the loop.
 
@@ -37,7 +48,7 @@ from dfzmq.service import MSG_IN, MSG_OUT, Counters, decode_routed
 from nodes.limits import TokenBucket
 from nodes.store import DISK, PieceStore
 from nodes.uplink import UplinkMeter
-from nodes.uploadq import ChildQueues, InFlight
+from nodes.uploadq import ChildQueues, InFlight, need
 from nodes.zdrain import Drain, plain_context
 
 log = logging.getLogger(__name__)
@@ -55,6 +66,7 @@ REVEAL_TICK_S = 0.05  # hidden pieces are revealed in batches at most this often
 # uplinks: starting at 2 ms cost 6.2 ms of CPU per piece, at 10 ms 4.9, with no queue at all 4.9.
 RELEASE_TICK_S = 0.01
 RELEASE_MAX_S = 0.1
+REPEAT_HOLD_S = 2.0  # a repeat of an origin piece waits until this long after its first copy left
 
 
 class _Done:
@@ -96,6 +108,9 @@ class UploadServer:
         # task -> nums not yet revealed to all -> how many children they were shown to meanwhile
         self.hidden: dict[str, dict[int, int]] = {}
         self.fresh: dict[str, list[int]] = {}  # task -> nums stored since the last HAVE flush
+        # task -> num -> when its first copy went to a socket (0: not yet), for pieces read
+        # from the origin here (a repeat of one is held back: module docstring)
+        self.origin_sent: dict[str, dict[int, float]] = {}
         self.bytes_uploaded = 0
         self.corrupt = False  # fault switch for tests only (DFZMQ_TEST_CORRUPT_UPLOADS)
         self.bucket = bucket or TokenBucket(0)
@@ -123,6 +138,8 @@ class UploadServer:
 
     def on_piece(self, task_id: str, num: int, from_origin: bool) -> None:
         subs = self.subs.get(task_id)
+        if from_origin:
+            self.origin_sent.setdefault(task_id, {})[num] = 0.0
         if from_origin and self.reveal_delay_s > 0:
             shown = self.hidden.setdefault(task_id, {})
             shown[num] = 0
@@ -257,6 +274,7 @@ class UploadServer:
         self.subs.pop(task_id, None)
         self.rr.pop(task_id, None)
         self.hidden.pop(task_id, None)
+        self.origin_sent.pop(task_id, None)
         self.queues.drop_task(task_id)
 
     def _subscribe(self, ident: bytes, msg: wire.Subscribe) -> None:
@@ -279,7 +297,17 @@ class UploadServer:
 
     def _serve_piece(self, ident: bytes, msg: wire.PieceRequest) -> None:
         self.on_access(msg.task_id)
-        if self.queues.admit(ident, msg, time.monotonic()):
+        now = time.monotonic()
+        first = self.origin_sent.get(msg.task_id, {}).get(msg.num)
+        if first and now < first + REPEAT_HOLD_S and need(msg.left) >= wire.EARLY_LEFT:
+            self.queues.hold(ident, msg, first + REPEAT_HOLD_S)
+            self.counters["upload.repeats-held"] += 1
+            self._queued.set()
+            return
+        self._admit(ident, msg, now)
+
+    def _admit(self, ident: bytes, msg: wire.PieceRequest, now: float) -> None:
+        if self.queues.admit(ident, msg, now):
             self._start(ident, msg)
         else:
             self.counters["upload.queued"] += 1
@@ -307,6 +335,11 @@ class UploadServer:
                 await self._queued.wait()
             await asyncio.sleep(tick)
             released = 0
+            if self.queues.held:
+                now = time.monotonic()
+                for ident, req in self.queues.due(now):
+                    self.counters["upload.repeats-released"] += 1
+                    self._admit(ident, req, now)
             if self.queues.total > 0:
                 try:
                     released = self._release_all()
@@ -322,7 +355,7 @@ class UploadServer:
             # Backing off while nothing leaves; with the in-flight cap (a congested uplink) never
             # beyond a quarter of a piece's time on the link, or the link idles between pieces.
             tick = RELEASE_TICK_S if released else min(self._release_max_s, 2 * tick)
-            if not self.queues.waiting:
+            if not self.queues.waiting and not self.queues.held:
                 self._queued.clear()
 
     def _start(self, ident: bytes, msg: wire.PieceRequest) -> None:
@@ -336,6 +369,9 @@ class UploadServer:
             data = None
         flight = InFlight(msg)
         self.queues.sent(ident, flight)
+        sent = self.origin_sent.get(msg.task_id)
+        if sent is not None and sent.get(msg.num) == 0.0:
+            sent[msg.num] = time.monotonic()
         if data is DISK:
             self.counters["upload.disk-reads"] += 1
             if self._readers is None:

@@ -64,6 +64,8 @@ class ChildQueues:
         # request): the parent, not TCP, shares its uplink (nodes/uplink.py sets it).
         self.total = total
         self.waiting: dict[bytes, deque[wire.PieceRequest]] = {}
+        # Requests set aside until a time (`hold`): outside the queues, cancellable.
+        self.held: dict[bytes, list[tuple[float, wire.PieceRequest]]] = {}
         self.sending: dict[bytes, list[InFlight]] = {}
         self._seq = 0
         self._arrived: dict[int, tuple[int, float]] = {}  # id(request) -> (arrival number, time): with a cap
@@ -122,6 +124,28 @@ class ChildQueues:
         self.waiting.setdefault(ident, deque()).append(req)
         return False
 
+    def hold(self, ident: bytes, req: wire.PieceRequest, until: float) -> None:
+        """Set `req` aside until `until` (nodes/upload.py: a repeat of a piece the swarm is about
+        to hold elsewhere); a PIECE_CANCEL meanwhile removes it before it costs a byte."""
+        self.held.setdefault(ident, []).append((until, req))
+
+    def due(self, now: float) -> list[tuple[bytes, wire.PieceRequest]]:
+        """The held requests whose time has come, oldest hold first (the caller admits each)."""
+        out: list[tuple[float, bytes, wire.PieceRequest]] = []
+        for ident in list(self.held):
+            keep = []
+            for until, req in self.held[ident]:
+                if until <= now:
+                    out.append((until, ident, req))
+                else:
+                    keep.append((until, req))
+            if keep:
+                self.held[ident] = keep
+            else:
+                del self.held[ident]
+        out.sort(key=lambda x: x[0])
+        return [(ident, req) for _, ident, req in out]
+
     def sent(self, ident: bytes, flight: InFlight) -> None:
         self.sending.setdefault(ident, []).append(flight)
 
@@ -145,18 +169,31 @@ class ChildQueues:
         def gone(r: wire.PieceRequest) -> bool:
             return r.task_id == task_id and r.num in nums
 
-        return self._remove_waiting(ident, gone) + self._cancel_flights(ident, gone)
+        return self._remove_held(ident, gone) + self._remove_waiting(ident, gone) + self._cancel_flights(ident, gone)
 
     def drop(self, ident: bytes, task_id: str | None = None) -> int:
         """The child left (or unsubscribed from `task_id`): forget what waits for it."""
         def gone(r: wire.PieceRequest) -> bool:
             return task_id is None or r.task_id == task_id
 
-        n = len(self._remove_waiting(ident, gone))
+        n = len(self._remove_waiting(ident, gone)) + len(self._remove_held(ident, gone))
         self._cancel_flights(ident, gone)
         if task_id is None:
             self.sending.pop(ident, None)
         return n
+
+    def _remove_held(self, ident: bytes, gone: Callable[[wire.PieceRequest], bool]) -> list[wire.PieceRequest]:
+        held = self.held.get(ident)
+        if not held:
+            return []
+        removed = [r for _, r in held if gone(r)]
+        if removed:
+            keep = [(t, r) for t, r in held if not gone(r)]
+            if keep:
+                self.held[ident] = keep
+            else:
+                del self.held[ident]
+        return removed
 
     def _remove_waiting(self, ident: bytes, gone: Callable[[wire.PieceRequest], bool]) -> list[wire.PieceRequest]:
         q = self.waiting.get(ident)
@@ -184,7 +221,7 @@ class ChildQueues:
         return out
 
     def drop_task(self, task_id: str) -> None:
-        for ident in list(self.waiting) + list(self.sending):
+        for ident in list(self.waiting) + list(self.sending) + list(self.held):
             self.drop(ident, task_id)
 
     def idents_waiting(self) -> list[bytes]:

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from dfzmq.wire import PieceInfo
+from dfzmq.wire import EARLY_LEFT, PieceInfo
 from nodes import picker as picker_mod
 from nodes.picker import Picker
 
@@ -388,10 +388,38 @@ def waiting_at_seed(seed_latency_s: float, peer_latency_s: float | None = None, 
     return p, at_seed
 
 
-def test_a_piece_waiting_at_the_seed_stays_there_before_the_last_pieces():
+def past_the_start(p, keep: set[int]) -> None:
+    """Half the pieces arrived some other way: the download is past its first seconds."""
+    for n in range(len(p.manifest) // 2, len(p.manifest)):
+        if n not in keep:
+            p.on_piece("elsewhere", n)
+    assert p.left_per_mille() < EARLY_LEFT
+
+
+def test_a_piece_waiting_at_the_seed_stays_there_in_the_middle():
     p, at_seed = waiting_at_seed(5.0, pieces=100)
+    past_the_start(p, at_seed)
     assert not [r for r in p.next_requests(1.0) if r[1] in at_seed]
     assert not [r for r in p.next_requests(20.0) if r[1] in at_seed]  # even when overdue
+
+
+def test_in_the_first_seconds_a_piece_at_the_seed_moves_to_a_peer_that_got_it():
+    """The seed holds back a repeat of a piece it has just sent another child (nodes/upload.py):
+    a young request asked of it when no other parent held the piece moves to the peer parent
+    that announces it since (any, while the seed has sent us nothing: its wait is unknown),
+    not one that has waited most of the seed's usual wait, and never once the download is
+    past its first seconds."""
+    p, at_seed = waiting_at_seed(5.0, pieces=100)
+    moved = [r for r in p.next_requests(1.0) if r[1] in at_seed]
+    assert moved and {pid for pid, _ in moved} == {"P"}
+    assert all(p.requested[n] == {"S", "P"} for _, n in moved)
+
+    p, at_seed = waiting_at_seed(5.0, pieces=100)
+    assert not [r for r in p.next_requests(0.8 * 5.0) if r[1] in at_seed]  # probably next
+
+    p, at_seed = waiting_at_seed(5.0, pieces=100)
+    p.parents["S"].latency_s = None
+    assert [r for r in p.next_requests(30.0) if r[1] in at_seed]
 
 
 def test_in_the_last_pieces_a_piece_at_the_seed_moves_when_young_or_overdue():

@@ -304,3 +304,62 @@ def test_a_child_that_subscribes_while_pieces_are_hidden_gets_its_share_of_them(
                 assert before | set(msg.nums) == set(range(10)) and not before & set(msg.nums)
 
     run_then_close(main, store)
+
+
+# -- repeats of a piece read from the origin, held back ---------------------------------------------
+
+
+def test_held_requests_come_due_in_order_and_a_cancel_or_drop_removes_them():
+    q = ChildQueues(inflight=2)
+    q.hold(b"a", req(0), 2.0)
+    q.hold(b"b", req(0), 1.0)
+    q.hold(b"b", req(5, "t1"), 3.0)
+    q.hold(b"c", req(4), 1.5)
+    assert q.due(0.5) == []
+    assert [r.num for r in q.cancel(b"c", TASK, {4})] == [4]
+    assert q.due(2.0) == [(b"b", req(0)), (b"a", req(0))]  # the earlier hold first
+    assert list(q.held) == [b"b"]
+    assert q.drop(b"b", "t1") == 1 and not q.held
+
+
+def test_a_repeat_of_an_origin_piece_is_held_back_for_a_child_that_starts(tmp_path):
+    """The parent read pieces 0-3 from the origin. Child A asks for 0, child B then asks for 0
+    too (a repeat, early in B's download) and for 1: 1 comes at once, 0 is held back. B gets 0
+    elsewhere and cancels it here: it never costs a byte. Child C, a repeat near the end of
+    its download, is not held. A held repeat nobody cancels goes out once its hold is over."""
+    import nodes.upload as upload_mod
+
+    size = 64 * 1024
+    store, held = _store_pieces(tmp_path, 4, size)
+    counters = Counters()
+
+    async def ask(sock, n: int, left: int) -> None:
+        await sock.send_multipart(wire.encode(wire.PieceRequest(TASK, n, held[n].digest, left)))
+
+    async def main() -> None:
+        async with _upload_server(store, held, counters, children=4) as (server, [a, b, c, d]):
+            for n in range(4):
+                server.on_piece(TASK, n, from_origin=True)
+            await ask(a, 0, 1000)
+            msg = await _recv(a)
+            assert isinstance(msg, wire.PieceData) and msg.num == 0
+            await ask(b, 0, 1000)
+            await ask(b, 1, 1000)
+            msg = await _recv(b)
+            assert isinstance(msg, wire.PieceData) and msg.num == 1  # the fresh piece, at once
+            assert counters["upload.repeats-held"] == 1
+            await b.send_multipart(wire.encode(wire.PieceCancel(TASK, [0])))
+            await ask(c, 0, 50)  # far along its download: served as ever
+            msg = await _recv(c)
+            assert isinstance(msg, wire.PieceData) and msg.num == 0
+            await ask(d, 0, 990)  # held, and nobody cancels it: it goes out when due
+            msg = await _recv(d, upload_mod.REPEAT_HOLD_S + TIMEOUT_S)
+            assert isinstance(msg, wire.PieceData) and msg.num == 0
+            assert digest(bytes(msg.data)) == held[0].digest
+            assert await _recv(b, 0.3) is None  # B's cancelled repeat never came
+            assert counters["upload.repeats-held"] == 2
+            assert counters["upload.repeats-released"] == 1
+            assert counters["upload.cancelled"] == 1
+            assert server.bytes_uploaded == 4 * size  # A's 0, B's 1, C's 0, D's 0
+
+    run_then_close(main, store)
