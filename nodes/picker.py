@@ -556,8 +556,9 @@ class Picker:
             self._seed_only.add(num)
 
     def _early(self) -> bool:
-        """The download's first seconds (wire.EARLY_LEFT), when a seed holds back repeats."""
-        return not self.complete or self.left_per_mille() >= EARLY_LEFT
+        """The download's first seconds, when a seed holds back repeats: by the share we lack
+        that our requests tell it (wire.EARLY_LEFT)."""
+        return self.left_per_mille() >= EARLY_LEFT
 
     def _rescue(self, now: float) -> list[tuple[str, int]]:
         """Before the endgame: the requests at a parent that has gone quiet far beyond what our
@@ -611,9 +612,10 @@ class Picker:
     def _from_seed(self, now: float, slow: set[str] = frozenset()) -> list[tuple[str, int]]:
         """Requests queued at a seed that a non-seed parent with room holds now are asked of
         the quickest such parent too: the seed's queue is shared by every child, a peer's is
-        not. In the last pieces (SEED_MOVE_TAIL) any such request, young or overdue; before
-        them only with the SEED_MOVE_BEFORE trial on, for pieces no other parent held when
-        asked, and only young ones. Never to a parent the tail found slow (`slow`, _tail): with
+        not. In the last pieces (SEED_MOVE_TAIL) any such request, young or overdue; in the
+        first seconds (`_early`: the seed holds back repeats then, nodes/upload.py) young ones
+        for pieces no other parent held when asked; between them only with the
+        SEED_MOVE_BEFORE trial on. Never to a parent the tail found slow (`slow`, _tail): with
         half the uplinks at 0.6 Mbit/s, moves to them timed out there (26-40 timeouts against 6)
         and redundant bytes reached 2%."""
         out: list[tuple[str, int]] = []

@@ -48,7 +48,7 @@ from dfzmq.service import MSG_IN, MSG_OUT, Counters, decode_routed
 from nodes.limits import TokenBucket
 from nodes.store import DISK, PieceStore
 from nodes.uplink import UplinkMeter
-from nodes.uploadq import ChildQueues, InFlight, need
+from nodes.uploadq import ChildQueues, InFlight
 from nodes.zdrain import Drain, plain_context
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ class UploadServer:
         subs = self.subs.get(task_id)
         if from_origin:
             self.origin_sent.setdefault(task_id, {})[num] = 0.0
+            if self.uplink is not None and self.queues.total <= 0:
+                self._start_capped()
         if from_origin and self.reveal_delay_s > 0:
             shown = self.hidden.setdefault(task_id, {})
             shown[num] = 0
@@ -299,7 +301,7 @@ class UploadServer:
         self.on_access(msg.task_id)
         now = time.monotonic()
         first = self.origin_sent.get(msg.task_id, {}).get(msg.num)
-        if first and now < first + REPEAT_HOLD_S and need(msg.left) >= wire.EARLY_LEFT:
+        if first and now < first + REPEAT_HOLD_S and msg.left >= wire.EARLY_LEFT:  # -1: not said
             self.queues.hold(ident, msg, first + REPEAT_HOLD_S)
             self.counters["upload.repeats-held"] += 1
             self._queued.set()
@@ -499,6 +501,21 @@ class UploadServer:
                     if fresh:
                         self._have(task_id, ident, fresh)
 
+    def _start_capped(self) -> None:
+        """Reading the origin, uplink not measured: pieces leave one after another (uplink.py)."""
+        try:
+            decision = self.uplink.start()
+        except Exception:  # a measurement must never stop uploads
+            self.counters["upload.errors"] += 1
+            log.exception("capping the uplink failed")
+            return
+        if decision is not None:
+            self.counters["upload.uplink-changes"] += 1
+            log.info("uplink not measured yet, reading the origin: pieces in flight %d until it is",
+                     decision.inflight_total)
+            self.queues.total = decision.inflight_total
+            self._release_max_s = 2 * RELEASE_TICK_S
+
     def _meter_uplink(self, now: float) -> None:
         if self.uplink is None:
             return
@@ -508,6 +525,8 @@ class UploadServer:
             self.counters["upload.errors"] += 1
             log.exception("measuring the uplink failed")
             return
+        if decision is None and self.uplink.broken and self.queues.total:
+            self.queues.total = 0  # capped at the start (`_start_capped`), then found unmeasurable
         if decision is not None:
             if decision.inflight_total != self.queues.total:
                 self.counters["upload.uplink-changes"] += 1

@@ -66,6 +66,33 @@ def test_policy_shrinks_buffers_and_caps_pieces_while_the_link_queues_then_lets_
     assert (d.sndbuf, d.inflight_total) == (0, 0) and not fast.congested
 
 
+def test_an_origin_reader_starts_capped_until_its_first_sample():
+    """`start`: small buffers and START_INFLIGHT pieces before any measurement; the first sample
+    lifts the cap at once where the link keeps up, keeps it (sized by the rate) where it queues,
+    and a parent measured already, or capped, is left as it is."""
+    p = UplinkPolicy()
+    d = p.start()
+    assert d is not None and (d.sndbuf, d.inflight_total) == (uplink.SNDBUF_MIN, uplink.START_INFLIGHT)
+    assert p.congested and p.start() is None
+    # 100 MB/s delivered, little queued: the link is not the limit, lifted on the first sample.
+    d = p.sample(acked=100 * MiB, queued=MiB, dt=1.0, piece_len=64 << 10, busy=4, active=4)
+    assert d.sndbuf == uplink.SNDBUF_RESTORE and d.inflight_total == 0 and not p.congested
+    assert p.start() is None  # measured now: never provisional again
+
+    slow = UplinkPolicy()
+    slow.start()
+    d = slow.sample(acked=0, queued=0, dt=1.0, piece_len=64 << 10)  # nothing asked yet
+    assert slow.provisional and (d.sndbuf, d.inflight_total) == (uplink.SNDBUF_MIN, uplink.START_INFLIGHT)
+    # 750 kB/s (6 Mbit/s) through two connections: capped as at the start for START_S of
+    # traffic, then sized by the rate as a queuing link (a piece per child sending).
+    for _ in range(int(uplink.START_S) - 1):
+        d = slow.sample(acked=750_000, queued=64 << 10, dt=1.0, piece_len=64 << 10, busy=2, active=20)
+        assert slow.provisional and d.inflight_total == uplink.START_INFLIGHT
+    d = slow.sample(acked=750_000, queued=64 << 10, dt=1.0, piece_len=64 << 10, busy=20, active=20)
+    assert slow.congested and not slow.provisional
+    assert d.sndbuf == uplink.SNDBUF_MIN and d.inflight_total == 20  # a piece per queuing child
+
+
 def test_one_child_that_stops_reading_is_not_a_slow_uplink():
     p = UplinkPolicy()
     for _ in range(5):  # 4 MB queued, all on one of four connections
@@ -224,6 +251,37 @@ def test_upload_server_caps_pieces_in_flight_once_its_uplink_queues(tmp_path):
                 assert server.queues.waiting  # the rest wait in the parent, cancellable
             finally:
                 child.close(0)
+
+    run_then_close(main, store)
+
+
+def test_upload_server_reading_the_origin_starts_capped_and_serves(tmp_path):
+    """A real UploadServer told that it read pieces from the origin starts with the in-flight
+    cap on and small buffers on a child's connection accepted then; the child gets every piece."""
+    store, held = _store_pieces(tmp_path, count=6, size=64 << 10)
+
+    async def main():
+        counters = Counters()
+        async with _upload_server(store, held, counters) as (server, [child]):
+            for n in range(6):
+                server.on_piece(TASK, n, from_origin=True)
+            assert server.queues.total == uplink.START_INFLIGHT and server.uplink.policy.provisional
+            for n in range(6):
+                await child.send_multipart(wire.encode(wire.PieceRequest(TASK, n, held[n].digest, 1000)))
+            got = set()
+            while len(got) < 6:
+                if not await child.poll(int(TIMEOUT_S * 1000)):
+                    break
+                msg = wire.decode(await child.recv_multipart())
+                assert isinstance(msg, wire.PieceData)
+                got.add(msg.num)
+            assert got == set(range(6))
+            server.uplink.drain_events()
+            assert server.uplink.conns and all(c.sndbuf == uplink.SNDBUF_MIN for c in server.uplink.conns.values())
+            # A kernel where the uplink turns out unmeasurable: the start cap must not stay.
+            server.uplink.broken = True
+            server._meter_uplink(time.monotonic())
+            assert server.queues.total == 0
 
     run_then_close(main, store)
 
