@@ -41,7 +41,7 @@ from typing import Iterable, Iterator
 
 from sortedcontainers import SortedList
 
-from dfzmq.wire import EARLY_LEFT, PieceInfo
+from dfzmq.wire import EARLY_LEFT, REPEAT_HOLD_S, PieceInfo
 
 
 @dataclass
@@ -69,6 +69,7 @@ class ParentState:
         return sum(manifest[n].length for n in self.outstanding if n in manifest)
 
 
+TIMEOUTS_TO_DROP = 2  # failed or timed-out requests after which a non-seed parent is dropped
 # A request this many times older than our parents' median latency is stuck (_rescue).
 RESCUE_FACTOR = 3.0
 # Rescues are copies: at most this share of the task's pieces (and RESCUE_MIN), so a swarm of
@@ -297,6 +298,20 @@ class Picker:
         st.outstanding.pop(num, None)
         self._unrequest(num, pid)
         self._unbench_if_idle(st)
+
+    def on_timeout(self, pid: str, num: int) -> bool:
+        """A request of ours at `pid` outlived the piece timeout; it is asked elsewhere. True:
+        drop the parent, at its second failure, unless it is a seed. A seed's queue is every
+        child's, served neediest first, so a child ahead can wait there past the timeout while
+        the seed is busy, not broken; dropped, it was blocklisted for the task, and the pieces
+        only it held had to come some longer way (lab, N=32, slow half: nine of 32 children
+        dropped the seed at 30-58 s, each after two 20 s waits). A seed gone dead is the
+        scheduler's and the silence check's to find; one sending bad bytes is dropped at once."""
+        st = self.parents.get(pid)
+        if st is None:
+            return False
+        self.on_failure(pid, num)
+        return st.failures >= TIMEOUTS_TO_DROP and not st.seed
 
     @staticmethod
     def _unbench_if_idle(st: ParentState) -> None:
@@ -632,7 +647,9 @@ class Picker:
                     continue
                 waited = now - asked_at
                 if not usual:
-                    remaining = float("inf")
+                    # The seed has sent us nothing yet; in the first seconds a repeat it holds
+                    # back goes out REPEAT_HOLD_S after its first copy at the latest.
+                    remaining = REPEAT_HOLD_S if early else float("inf")
                 elif waited < before * usual:
                     remaining = usual - waited
                 elif tail and waited >= ENDGAME_LATE * usual:
@@ -641,8 +658,12 @@ class Picker:
                     continue  # probably next in the seed's queue
                 # Only where it would come sooner: a slow parent's queue can be longer than the
                 # seed's (in the lab, 0.6 Mbit/s parents took the moved pieces and lost time).
+                # Early, only to a parent that has sent us a piece: one not heard from yet may
+                # be a 0.6 Mbit/s uplink, where moved pieces waited 10-18 s and timed out (lab,
+                # slow half: 47-71 timeouts a run against 4-12, and up to 2.6% redundant).
                 holders = [st for st in self.parents.values()
                            if not st.seed and st.pid not in slow and n in st.have
+                           and (st.latency_s is not None or not early)
                            and self._budget(st) > 0 and self._wait(st, now) < remaining]
                 if holders:
                     st = min(holders, key=lambda q: self._wait(q, now))

@@ -471,8 +471,7 @@ class TaskRun(ParentSide):
             for pid, num in self.picker.expired(now):
                 trace("timeout", self.task_id, num, pid)
                 timed_out.setdefault(pid, []).append(num)
-                self.picker.on_failure(pid, num)
-                if self.picker.parents.get(pid) and self.picker.parents[pid].failures >= 2:
+                if self.picker.on_timeout(pid, num):
                     self._drop_parent(pid, block=True)
                     dead.append(pid)
             for pid, nums in timed_out.items():  # given up on: the parent may drop them still queued

@@ -15,8 +15,8 @@ pieces, saw only the two revealed to everyone by then, and 21 of 32 asked the se
 
 Repeats: a piece read from the origin here is, for its first moments, the swarm's only copy, and
 a child in its first seconds (PIECE_REQUEST.left of at least `wire.EARLY_LEFT`) asking for one
-already handed to another child's socket within REPEAT_HOLD_S is asking for a piece the swarm is
-about to hold elsewhere. Such a repeat is held back until REPEAT_HOLD_S after that first copy,
+already handed to another child's socket within `wire.REPEAT_HOLD_S` is asking for a piece the swarm is
+about to hold elsewhere. Such a repeat is held back until then after that first copy,
 so the origin reader's upload goes to pieces nobody has yet; the child meanwhile asks a peer
 that got the piece (nodes/picker.py, `_from_seed`) and cancels it here, where it never cost a
 byte. In the lab (N=32, 16 MiB, 3 Mbit/s) the seed reads the first piece with the range probe
@@ -66,7 +66,6 @@ REVEAL_TICK_S = 0.05  # hidden pieces are revealed in batches at most this often
 # uplinks: starting at 2 ms cost 6.2 ms of CPU per piece, at 10 ms 4.9, with no queue at all 4.9.
 RELEASE_TICK_S = 0.01
 RELEASE_MAX_S = 0.1
-REPEAT_HOLD_S = 2.0  # a repeat of an origin piece waits until this long after its first copy left
 
 
 class _Done:
@@ -301,8 +300,8 @@ class UploadServer:
         self.on_access(msg.task_id)
         now = time.monotonic()
         first = self.origin_sent.get(msg.task_id, {}).get(msg.num)
-        if first and now < first + REPEAT_HOLD_S and msg.left >= wire.EARLY_LEFT:  # -1: not said
-            self.queues.hold(ident, msg, first + REPEAT_HOLD_S)
+        if first and now < first + wire.REPEAT_HOLD_S and msg.left >= wire.EARLY_LEFT:  # -1: not said
+            self.queues.hold(ident, msg, first + wire.REPEAT_HOLD_S)
             self.counters["upload.repeats-held"] += 1
             self._queued.set()
             return

@@ -405,21 +405,28 @@ def test_a_piece_waiting_at_the_seed_stays_there_in_the_middle():
 
 def test_in_the_first_seconds_a_piece_at_the_seed_moves_to_a_peer_that_got_it():
     """The seed holds back a repeat of a piece it has just sent another child (nodes/upload.py):
-    a young request asked of it when no other parent held the piece moves to the peer parent
-    that announces it since (any, while the seed has sent us nothing: its wait is unknown),
-    not one that has waited most of the seed's usual wait, and never once the download is
-    past its first seconds."""
-    p, at_seed = waiting_at_seed(5.0, pieces=100)
+    a young request asked of it when no other parent held the piece moves to a peer parent
+    that announces it since and has sent us a piece (one not heard from may be a slow uplink);
+    not one that has waited most of the seed's usual wait; while the seed has sent us nothing,
+    only to a peer that would send it within REPEAT_HOLD_S; never once past the first seconds."""
+    from dfzmq.wire import REPEAT_HOLD_S
+    p, at_seed = waiting_at_seed(5.0, peer_latency_s=0.3, pieces=100)
     moved = [r for r in p.next_requests(1.0) if r[1] in at_seed]
     assert moved and {pid for pid, _ in moved} == {"P"}
     assert all(p.requested[n] == {"S", "P"} for _, n in moved)
 
-    p, at_seed = waiting_at_seed(5.0, pieces=100)
+    p, at_seed = waiting_at_seed(5.0, pieces=100)  # P has sent us nothing yet
+    assert not [r for r in p.next_requests(1.0) if r[1] in at_seed]
+
+    p, at_seed = waiting_at_seed(5.0, peer_latency_s=0.3, pieces=100)
     assert not [r for r in p.next_requests(0.8 * 5.0) if r[1] in at_seed]  # probably next
 
-    p, at_seed = waiting_at_seed(5.0, pieces=100)
+    p, at_seed = waiting_at_seed(5.0, peer_latency_s=0.3, pieces=100)
     p.parents["S"].latency_s = None
-    assert [r for r in p.next_requests(30.0) if r[1] in at_seed]
+    assert [r for r in p.next_requests(1.0) if r[1] in at_seed]
+    p, at_seed = waiting_at_seed(5.0, peer_latency_s=REPEAT_HOLD_S + 1, pieces=100)
+    p.parents["S"].latency_s = None
+    assert not [r for r in p.next_requests(1.0) if r[1] in at_seed]  # the held copy comes sooner
 
 
 def test_in_the_last_pieces_a_piece_at_the_seed_moves_when_young_or_overdue():
@@ -529,3 +536,27 @@ def test_in_the_last_pieces_nothing_moves_from_the_seed_to_a_parent_the_tail_fou
     assert not [r for r in p.next_requests(1.0) if r[1] in at_seed]
     p.parents["P"].latency_s, p.parents["P"].rate_bps = 0.1, L / 0.1  # quick after all: it may take them
     assert sorted(n for pid, n in p.next_requests(1.0) if pid == "P") == sorted(at_seed)
+
+
+def test_a_parent_is_dropped_at_its_second_timeout_but_a_busy_seed_is_kept():
+    """Each timed-out request is asked elsewhere; a peer parent goes at its second, a seed
+    never for timeouts (its queue is every child's: a child ahead waits there)."""
+    p = picker(8, window_pieces=4)
+    p.add_parent("S", seed=True)
+    p.add_parent("P")
+    p.on_have("S", range(8))
+    p.on_have("P", range(8))
+    asked = p.next_requests(0.0)
+    at = {pid: [n for q, n in asked if q == pid] for pid in ("S", "P")}
+    assert len(at["S"]) >= 1 and len(at["P"]) >= 2
+    expired = p.expired(p.piece_timeout_s + 1)
+    assert sorted(expired) == sorted(asked)
+    drops = []
+    for pid, n in expired:
+        if p.on_timeout(pid, n):
+            drops.append(pid)
+            p.remove_parent(pid)  # as the daemon does
+    assert drops == ["P"]  # at its second timeout
+    assert not p.parents["S"].outstanding and p.parents["S"].failures == len(at["S"])
+    assert not p.requested  # every timed-out piece is wanted again
+    assert p.on_timeout("gone", 0) is False

@@ -327,8 +327,6 @@ def test_a_repeat_of_an_origin_piece_is_held_back_for_a_child_that_starts(tmp_pa
     too (a repeat, early in B's download) and for 1: 1 comes at once, 0 is held back. B gets 0
     elsewhere and cancels it here: it never costs a byte. Child C, a repeat near the end of
     its download, is not held. A held repeat nobody cancels goes out once its hold is over."""
-    import nodes.upload as upload_mod
-
     size = 64 * 1024
     store, held = _store_pieces(tmp_path, 4, size)
     counters = Counters()
@@ -353,7 +351,7 @@ def test_a_repeat_of_an_origin_piece_is_held_back_for_a_child_that_starts(tmp_pa
             msg = await _recv(c)
             assert isinstance(msg, wire.PieceData) and msg.num == 0
             await ask(d, 0, 990)  # held, and nobody cancels it: it goes out when due
-            msg = await _recv(d, upload_mod.REPEAT_HOLD_S + TIMEOUT_S)
+            msg = await _recv(d, wire.REPEAT_HOLD_S + TIMEOUT_S)
             assert isinstance(msg, wire.PieceData) and msg.num == 0
             assert digest(bytes(msg.data)) == held[0].digest
             assert await _recv(b, 0.3) is None  # B's cancelled repeat never came
