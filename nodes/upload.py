@@ -13,16 +13,18 @@ the lab (N=32, the origin read in 0.5 s) most children subscribed after the seed
 pieces, saw only the two revealed to everyone by then, and 21 of 32 asked the seed for piece 0
 (its first seconds of upload went to copies of one piece).
 
-Repeats: a piece read from the origin here is, for its first moments, the swarm's only copy, and
-a child in its first seconds (PIECE_REQUEST.left of at least `wire.EARLY_LEFT`) asking for one
-already handed to another child's socket within `wire.REPEAT_HOLD_S` is asking for a piece the swarm is
-about to hold elsewhere. Such a repeat is held back until then after that first copy,
-so the origin reader's upload goes to pieces nobody has yet; the child meanwhile asks a peer
-that got the piece (nodes/picker.py, `_from_seed`) and cancels it here, where it never cost a
-byte. In the lab (N=32, 16 MiB, 3 Mbit/s) the seed reads the first piece with the range probe
-and the rest a few tenths of a second later, so a wave of children subscribing in between saw
-that one piece and 20-25 of them asked the seed for it: the seed's first two seconds went to
-copies of it, which landed after the children had got it from peers.
+Repeats: a piece read from the origin here is, for its first moments, the swarm's only copy.
+While a wave of children (WAVE_CHILDREN) shares an uplink that is capped (measured as the
+bottleneck, or not measured yet: nodes/uplink.py), a child in its first seconds
+(PIECE_REQUEST.left of at least `wire.EARLY_LEFT`) asking for one already handed to another
+child's socket within `wire.REPEAT_HOLD_S` asks for a piece the swarm is about to hold
+elsewhere. Such a repeat is held back until then, so the origin reader's upload goes to pieces
+nobody has yet; the child meanwhile asks a peer that got the piece (nodes/picker.py,
+`_from_seed`) and cancels it here, where it never cost a byte. In the lab (N=32, 16 MiB,
+3 Mbit/s) the seed reads the first piece with the range probe and the rest a few tenths of a
+second later, so a wave of children subscribing in between saw that one piece and 20-25 of them
+asked the seed for it: the seed's first two seconds went to copies of it, which landed after
+the children had got it from peers.
 
 It never blocks on a slow child (ROUTER drops past the high-water mark; children's credit
 windows bound what is queued), and never lets a malformed frame stop the loop.
@@ -66,6 +68,10 @@ REVEAL_TICK_S = 0.05  # hidden pieces are revealed in batches at most this often
 # uplinks: starting at 2 ms cost 6.2 ms of CPU per piece, at 10 ms 4.9, with no queue at all 4.9.
 RELEASE_TICK_S = 0.01
 RELEASE_MAX_S = 0.1
+# Repeats are held back and the uplink starts capped (module docstring) only at a parent with
+# this many children on the task: a wave. A few children on a fast link lose more by waiting
+# than a repeat costs (three registry mirrors fetching one blob through each other).
+WAVE_CHILDREN = 8
 
 
 class _Done:
@@ -139,8 +145,7 @@ class UploadServer:
         subs = self.subs.get(task_id)
         if from_origin:
             self.origin_sent.setdefault(task_id, {})[num] = 0.0
-            if self.uplink is not None and self.queues.total <= 0:
-                self._start_capped()
+            self._start_capped(task_id)
         if from_origin and self.reveal_delay_s > 0:
             shown = self.hidden.setdefault(task_id, {})
             shown[num] = 0
@@ -291,6 +296,7 @@ class UploadServer:
                 hidden[n] += 1
             nums += share
         self._have(msg.task_id, ident, nums, complete=self._complete(msg.task_id, held))
+        self._start_capped(msg.task_id)
 
     def _complete(self, task_id: str, held: dict) -> bool:
         meta = self.store.get_task(task_id)
@@ -300,7 +306,8 @@ class UploadServer:
         self.on_access(msg.task_id)
         now = time.monotonic()
         first = self.origin_sent.get(msg.task_id, {}).get(msg.num)
-        if first and now < first + wire.REPEAT_HOLD_S and msg.left >= wire.EARLY_LEFT:  # -1: not said
+        if (first and now < first + wire.REPEAT_HOLD_S and msg.left >= wire.EARLY_LEFT  # -1: not said
+                and self.queues.total > 0 and self._wave(msg.task_id)):
             self.queues.hold(ident, msg, first + wire.REPEAT_HOLD_S)
             self.counters["upload.repeats-held"] += 1
             self._queued.set()
@@ -500,8 +507,15 @@ class UploadServer:
                     if fresh:
                         self._have(task_id, ident, fresh)
 
-    def _start_capped(self) -> None:
-        """Reading the origin, uplink not measured: pieces leave one after another (uplink.py)."""
+    def _wave(self, task_id: str) -> bool:
+        """A task read from the origin here, with a wave of children (WAVE_CHILDREN)."""
+        return task_id in self.origin_sent and len(self.subs.get(task_id, ())) >= WAVE_CHILDREN
+
+    def _start_capped(self, task_id: str) -> None:
+        """Reading the origin, uplink not measured, a wave of children: pieces leave one after
+        another (nodes/uplink.py)."""
+        if self.uplink is None or self.queues.total > 0 or not self._wave(task_id):
+            return
         try:
             decision = self.uplink.start()
         except Exception:  # a measurement must never stop uploads

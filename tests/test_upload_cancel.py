@@ -309,6 +309,14 @@ def test_a_child_that_subscribes_while_pieces_are_hidden_gets_its_share_of_them(
 # -- repeats of a piece read from the origin, held back ---------------------------------------------
 
 
+async def _recv_data(sock, timeout_s: float = TIMEOUT_S):
+    """The next message that is not a HAVE (hidden origin pieces are revealed meanwhile)."""
+    while True:
+        msg = await _recv(sock, timeout_s)
+        if not isinstance(msg, wire.Have):
+            return msg
+
+
 def test_held_requests_come_due_in_order_and_a_cancel_or_drop_removes_them():
     q = ChildQueues(inflight=2)
     q.hold(b"a", req(0), 2.0)
@@ -327,9 +335,12 @@ def test_a_repeat_of_an_origin_piece_is_held_back_for_a_child_that_starts(tmp_pa
     too (a repeat, early in B's download) and for 1: 1 comes at once, 0 is held back. B gets 0
     elsewhere and cancels it here: it never costs a byte. Child C, a repeat near the end of
     its download, is not held. A held repeat nobody cancels goes out once its hold is over."""
+    import nodes.upload as upload_mod
+
     size = 64 * 1024
     store, held = _store_pieces(tmp_path, 4, size)
     counters = Counters()
+    upload_mod.WAVE_CHILDREN, wave = 4, upload_mod.WAVE_CHILDREN  # these four children are a wave
 
     async def ask(sock, n: int, left: int) -> None:
         await sock.send_multipart(wire.encode(wire.PieceRequest(TASK, n, held[n].digest, left)))
@@ -338,26 +349,34 @@ def test_a_repeat_of_an_origin_piece_is_held_back_for_a_child_that_starts(tmp_pa
         async with _upload_server(store, held, counters, children=4) as (server, [a, b, c, d]):
             for n in range(4):
                 server.on_piece(TASK, n, from_origin=True)
+            assert server.queues.total == 0  # no wave yet: nothing held, nothing capped
+            for i, sock in enumerate((a, b, c, d)):
+                await sock.send_multipart(wire.encode(wire.Subscribe(TASK, f"child-{i}")))
+                assert isinstance(await _recv(sock), wire.Have)
+            assert server.queues.total > 0  # the wave, reading the origin: capped from the start
             await ask(a, 0, 1000)
-            msg = await _recv(a)
+            msg = await _recv_data(a)
             assert isinstance(msg, wire.PieceData) and msg.num == 0
             await ask(b, 0, 1000)
             await ask(b, 1, 1000)
-            msg = await _recv(b)
+            msg = await _recv_data(b)
             assert isinstance(msg, wire.PieceData) and msg.num == 1  # the fresh piece, at once
             assert counters["upload.repeats-held"] == 1
             await b.send_multipart(wire.encode(wire.PieceCancel(TASK, [0])))
             await ask(c, 0, 50)  # far along its download: served as ever
-            msg = await _recv(c)
+            msg = await _recv_data(c)
             assert isinstance(msg, wire.PieceData) and msg.num == 0
             await ask(d, 0, 990)  # held, and nobody cancels it: it goes out when due
-            msg = await _recv(d, wire.REPEAT_HOLD_S + TIMEOUT_S)
+            msg = await _recv_data(d, wire.REPEAT_HOLD_S + TIMEOUT_S)
             assert isinstance(msg, wire.PieceData) and msg.num == 0
             assert digest(bytes(msg.data)) == held[0].digest
-            assert await _recv(b, 0.3) is None  # B's cancelled repeat never came
+            assert await _recv_data(b, 0.3) is None  # B's cancelled repeat never came
             assert counters["upload.repeats-held"] == 2
             assert counters["upload.repeats-released"] == 1
             assert counters["upload.cancelled"] == 1
             assert server.bytes_uploaded == 4 * size  # A's 0, B's 1, C's 0, D's 0
 
-    run_then_close(main, store)
+    try:
+        run_then_close(main, store)
+    finally:
+        upload_mod.WAVE_CHILDREN = wave
