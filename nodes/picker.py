@@ -300,7 +300,8 @@ class Picker:
         self._unbench_if_idle(st)
 
     def on_timeout(self, pid: str, num: int) -> bool:
-        """A request of ours at `pid` outlived the piece timeout; it is asked elsewhere. True:
+        """A request of ours at `pid` outlived the piece timeout; it is wanted again (asked of
+        any parent holding it, the same one if nobody else does). True:
         drop the parent, at its second failure, unless it is a seed. A seed's queue is every
         child's, served neediest first, so a child ahead can wait there past the timeout while
         the seed is busy, not broken; dropped, it was blocklisted for the task, and the pieces
@@ -649,7 +650,7 @@ class Picker:
                 if not usual:
                     # The seed has sent us nothing yet; in the first seconds a repeat it holds
                     # back goes out REPEAT_HOLD_S after its first copy at the latest.
-                    remaining = REPEAT_HOLD_S if early else float("inf")
+                    remaining = max(0.0, REPEAT_HOLD_S - waited) if early else float("inf")
                 elif waited < before * usual:
                     remaining = usual - waited
                 elif tail and waited >= ENDGAME_LATE * usual:

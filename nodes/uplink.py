@@ -67,7 +67,8 @@ SMOOTHING = 0.5  # weight of the newest sample in the delivered rate
 # A parent that read the task from the origin starts capped at this many pieces in the socket
 # (and SNDBUF_MIN buffers) until its first sample says whether its uplink queues (`start`).
 START_INFLIGHT = 2
-START_S = 3.0  # ...for this long of traffic, unless a sample shows a fast link first
+START_S = 3.0  # ...for this long of traffic, unless a sample shows a fast link first...
+START_SAMPLES = 10  # ...and never for more samples than this (nothing measurable: no traffic seen)
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
@@ -94,6 +95,7 @@ class UplinkPolicy:
         self.hold_off = 0  # samples left before the cap may come on again
         self.provisional = False  # capped by `start`...
         self.provisional_s = 0.0  # ...for this long of traffic so far
+        self.provisional_samples = 0
 
     def start(self) -> Decision | None:
         """A parent that read the task from the origin, its uplink not measured yet: capped
@@ -101,9 +103,10 @@ class UplinkPolicy:
         holds; sent side by side they shared the link and all landed seconds later (lab, N=32,
         3 Mbit/s: 20 pieces asked at 0.1 s landed at 1.2-2.3 s), where one after another the
         first lands in a tenth of a second and is passed on while the next leaves. A sample
-        showing a fast link lifts the cap at once; otherwise after START_S of traffic it is
-        sized by the measured rate as for any queuing uplink (under the start cap the kernel
-        holds too little to look like a queue)."""
+        showing a fast link lifts the cap at once, and after START_S of traffic (START_SAMPLES
+        samples at most) it is lifted whatever the link: the ordinary measurement takes over,
+        and caps again within two samples a link that queues. Sizing it from the rate it
+        limited itself would keep a long-RTT link capped for tens of seconds."""
         if self.congested or self.rate > 0 or self.hold_off:
             return None
         self.congested = self.provisional = True
@@ -128,15 +131,13 @@ class UplinkPolicy:
                     # SNDBUF_MAX is a busy CPU's queue (loopback, a data centre), not a slow link.
                     and self.rate * SNDBUF_S / max(1, busy) <= SNDBUF_MAX)
         if self.provisional and dt > 0:
-            if self.rate * SNDBUF_S / max(1, busy) > SNDBUF_MAX:  # a fast link: not the limit
+            self.provisional_s += dt if acked > 0 else 0.0
+            self.provisional_samples += 1
+            fast = self.rate * SNDBUF_S / max(1, busy) > SNDBUF_MAX
+            if fast or self.provisional_s >= START_S or self.provisional_samples >= START_SAMPLES:
                 self._lift(hold_off=0)
                 return Decision(SNDBUF_RESTORE, 0)
-            self.provisional_s += dt if acked > 0 else 0.0
-            if self.provisional_s < START_S:
-                return Decision(self.sndbuf, self.inflight_total)
-            self.provisional = False
-            self.capped_rate = self.rate
-            queueing = self.queueing = True  # sized by the rate below, as a queuing link is
+            return Decision(self.sndbuf, self.inflight_total)
         queueing, self.queueing = queueing and self.queueing, queueing
         if self.hold_off > 0:
             self.hold_off -= 1
@@ -172,6 +173,7 @@ class UplinkPolicy:
 
     def _lift(self, hold_off: int = HOLD_OFF_SAMPLES) -> None:
         self.congested = self.provisional = False
+        self.provisional_s, self.provisional_samples = 0.0, 0
         self.sndbuf = self.inflight_total = 0
         self.costly = self.calm = 0
         self.hold_off = hold_off
@@ -241,8 +243,9 @@ class UplinkMeter:
             pass
 
     def start(self) -> Decision | None:
-        """`UplinkPolicy.start`, and the small buffers on the connections there are now."""
-        if self.broken:
+        """`UplinkPolicy.start`, and the small buffers on the connections there are now. Not
+        where nothing can be measured (no monitor, not TCP): the cap would never be lifted."""
+        if self.broken or self.monitor is None or not self.port:
             return None
         decision = self.policy.start()
         if decision is not None:
@@ -286,6 +289,9 @@ class UplinkMeter:
                 continue
             except (struct.error, AttributeError, ValueError) as e:
                 self.broken = True  # not Linux's tcp_info: sharing by need stays off
+                if self.policy.provisional:  # capped at the start: give the buffers back
+                    self._restore()
+                    self.policy._lift(hold_off=0)
                 self.conns.clear()
                 log.warning("uplink measurement unavailable here (%s): uploads are shared by TCP", e)
                 return None

@@ -16,9 +16,9 @@ pieces, saw only the two revealed to everyone by then, and 21 of 32 asked the se
 Repeats: a piece read from the origin here is, for its first moments, the swarm's only copy.
 While a wave of children (WAVE_CHILDREN) shares an uplink that is capped (measured as the
 bottleneck, or not measured yet: nodes/uplink.py), a child in its first seconds
-(PIECE_REQUEST.left of at least `wire.EARLY_LEFT`) asking for one already handed to another
-child's socket within `wire.REPEAT_HOLD_S` asks for a piece the swarm is about to hold
-elsewhere. Such a repeat is held back until then, so the origin reader's upload goes to pieces
+(PIECE_REQUEST.left of at least `wire.EARLY_LEFT`) asking for one that another child asked for
+less than `wire.REPEAT_HOLD_S` ago asks for a piece the swarm is about to hold elsewhere. Such a
+repeat is held back until that long after the first ask, so the origin reader's upload goes to pieces
 nobody has yet; the child meanwhile asks a peer that got the piece (nodes/picker.py,
 `_from_seed`) and cancels it here, where it never cost a byte. In the lab (N=32, 16 MiB,
 3 Mbit/s) the seed reads the first piece with the range probe and the rest a few tenths of a
@@ -113,8 +113,8 @@ class UploadServer:
         # task -> nums not yet revealed to all -> how many children they were shown to meanwhile
         self.hidden: dict[str, dict[int, int]] = {}
         self.fresh: dict[str, list[int]] = {}  # task -> nums stored since the last HAVE flush
-        # task -> num -> when its first copy went to a socket (0: not yet), for pieces read
-        # from the origin here (a repeat of one is held back: module docstring)
+        # task -> num -> when a child first asked for it (0: nobody yet), for pieces read from
+        # the origin here (a repeat of one is held back: module docstring)
         self.origin_sent: dict[str, dict[int, float]] = {}
         self.bytes_uploaded = 0
         self.corrupt = False  # fault switch for tests only (DFZMQ_TEST_CORRUPT_UPLOADS)
@@ -305,8 +305,11 @@ class UploadServer:
     def _serve_piece(self, ident: bytes, msg: wire.PieceRequest) -> None:
         self.on_access(msg.task_id)
         now = time.monotonic()
-        first = self.origin_sent.get(msg.task_id, {}).get(msg.num)
-        if (first and now < first + wire.REPEAT_HOLD_S and msg.left >= wire.EARLY_LEFT  # -1: not said
+        asked = self.origin_sent.get(msg.task_id)
+        first = asked.get(msg.num) if asked is not None else None
+        if first == 0.0:
+            asked[msg.num] = now  # the first ask: a capped uplink may keep it queued a while
+        elif (first and now < first + wire.REPEAT_HOLD_S and msg.left >= wire.EARLY_LEFT  # -1: not said
                 and self.queues.total > 0 and self._wave(msg.task_id)):
             self.queues.hold(ident, msg, first + wire.REPEAT_HOLD_S)
             self.counters["upload.repeats-held"] += 1
@@ -347,7 +350,11 @@ class UploadServer:
                 now = time.monotonic()
                 for ident, req in self.queues.due(now):
                     self.counters["upload.repeats-released"] += 1
-                    self._admit(ident, req, now)
+                    try:
+                        self._admit(ident, req, now)
+                    except Exception:  # never let one request stop the others
+                        self.counters["upload.errors"] += 1
+                        log.exception("upload release failed")
             if self.queues.total > 0:
                 try:
                     released = self._release_all()
@@ -377,9 +384,6 @@ class UploadServer:
             data = None
         flight = InFlight(msg)
         self.queues.sent(ident, flight)
-        sent = self.origin_sent.get(msg.task_id)
-        if sent is not None and sent.get(msg.num) == 0.0:
-            sent[msg.num] = time.monotonic()
         if data is DISK:
             self.counters["upload.disk-reads"] += 1
             if self._readers is None:
@@ -540,6 +544,7 @@ class UploadServer:
             return
         if decision is None and self.uplink.broken and self.queues.total:
             self.queues.total = 0  # capped at the start (`_start_capped`), then found unmeasurable
+            self._release_max_s = RELEASE_MAX_S
         if decision is not None:
             if decision.inflight_total != self.queues.total:
                 self.counters["upload.uplink-changes"] += 1

@@ -423,10 +423,14 @@ def test_in_the_first_seconds_a_piece_at_the_seed_moves_to_a_peer_that_got_it():
 
     p, at_seed = waiting_at_seed(5.0, peer_latency_s=0.3, pieces=100)
     p.parents["S"].latency_s = None
-    assert [r for r in p.next_requests(1.0) if r[1] in at_seed]
-    p, at_seed = waiting_at_seed(5.0, peer_latency_s=REPEAT_HOLD_S + 1, pieces=100)
+    assert [r for r in p.next_requests(0.5) if r[1] in at_seed]
+    p, at_seed = waiting_at_seed(5.0, peer_latency_s=REPEAT_HOLD_S, pieces=100)
     p.parents["S"].latency_s = None
-    assert not [r for r in p.next_requests(1.0) if r[1] in at_seed]  # the held copy comes sooner
+    assert not [r for r in p.next_requests(0.5) if r[1] in at_seed]  # the held copy comes sooner
+    p, at_seed = waiting_at_seed(5.0, peer_latency_s=0.3, pieces=100)
+    p.parents["S"].latency_s = None
+    assert not [r for r in p.next_requests(REPEAT_HOLD_S)  # held no longer: it is on its way
+                if r[1] in at_seed]
 
 
 def test_in_the_last_pieces_a_piece_at_the_seed_moves_when_young_or_overdue():
@@ -539,8 +543,8 @@ def test_in_the_last_pieces_nothing_moves_from_the_seed_to_a_parent_the_tail_fou
 
 
 def test_a_parent_is_dropped_at_its_second_timeout_but_a_busy_seed_is_kept():
-    """Each timed-out request is asked elsewhere; a peer parent goes at its second, a seed
-    never for timeouts (its queue is every child's: a child ahead waits there)."""
+    """Each timed-out request is wanted again; a peer parent goes at its second, a seed never
+    for timeouts (its queue is every child's: a child ahead waits there)."""
     p = picker(8, window_pieces=4)
     p.add_parent("S", seed=True)
     p.add_parent("P")
@@ -558,5 +562,7 @@ def test_a_parent_is_dropped_at_its_second_timeout_but_a_busy_seed_is_kept():
             p.remove_parent(pid)  # as the daemon does
     assert drops == ["P"]  # at its second timeout
     assert not p.parents["S"].outstanding and p.parents["S"].failures == len(at["S"])
-    assert not p.requested  # every timed-out piece is wanted again
+    assert not p.requested  # every timed-out piece is wanted again...
+    again = p.next_requests(p.piece_timeout_s + 2)
+    assert again and {pid for pid, _ in again} == {"S"}  # ...of the seed, the one holder left
     assert p.on_timeout("gone", 0) is False
