@@ -107,7 +107,9 @@ class UplinkPolicy:
         samples at most) it is lifted whatever the link: the ordinary measurement takes over,
         and caps again within two samples a link that queues. Sizing it from the rate it
         limited itself would keep a long-RTT link capped for tens of seconds."""
-        if self.congested or self.rate > 0 or self.hold_off:
+        # Not "never measured": the children's subscriptions and HAVEs are acked bytes too, and
+        # a sample of them before the wave's last child subscribed kept the cap off in the lab.
+        if self.congested or self.hold_off:
             return None
         self.congested = self.provisional = True
         self.sndbuf = SNDBUF_MIN
@@ -133,9 +135,11 @@ class UplinkPolicy:
         if self.provisional and dt > 0:
             self.provisional_s += dt if acked > 0 else 0.0
             self.provisional_samples += 1
-            fast = self.rate * SNDBUF_S / max(1, busy) > SNDBUF_MAX
-            if fast or self.provisional_s >= START_S or self.provisional_samples >= START_SAMPLES:
-                self._lift(hold_off=0)
+            if self.rate * SNDBUF_S / max(1, busy) > SNDBUF_MAX:  # a fast link: not for a while
+                self._lift()
+                return Decision(SNDBUF_RESTORE, 0)
+            if self.provisional_s >= START_S or self.provisional_samples >= START_SAMPLES:
+                self._lift(hold_off=0)  # the ordinary measurement decides from here
                 return Decision(SNDBUF_RESTORE, 0)
             return Decision(self.sndbuf, self.inflight_total)
         queueing, self.queueing = queueing and self.queueing, queueing

@@ -77,10 +77,14 @@ def test_an_origin_reader_starts_capped_until_its_first_sample():
     # 100 MB/s delivered, little queued: the link is not the limit, lifted on the first sample.
     d = p.sample(acked=100 * MiB, queued=MiB, dt=1.0, piece_len=64 << 10, busy=4, active=4)
     assert d.sndbuf == uplink.SNDBUF_RESTORE and d.inflight_total == 0 and not p.congested
-    assert p.start() is None  # measured now: never provisional again
+    assert p.start() is None  # a fast link: not capped at the start again for a while
+    for _ in range(uplink.HOLD_OFF_SAMPLES):
+        p.sample(acked=100 * MiB, queued=MiB, dt=1.0, piece_len=64 << 10)
+    assert p.start() is not None  # a new wave, much later: capped until measured again
 
     slow = UplinkPolicy()
-    slow.start()
+    slow.sample(acked=20_000, queued=0, dt=1.0, piece_len=64 << 10)  # subscriptions, HAVEs
+    assert slow.start() is not None  # control traffic is not a measured uplink
     d = slow.sample(acked=0, queued=0, dt=1.0, piece_len=64 << 10)  # nothing asked yet
     assert slow.provisional and (d.sndbuf, d.inflight_total) == (uplink.SNDBUF_MIN, uplink.START_INFLIGHT)
     # 750 kB/s (6 Mbit/s) through two connections: capped as at the start for START_S of
