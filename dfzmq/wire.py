@@ -582,7 +582,7 @@ class PieceRequest:
 # parent that read the piece from the origin holds back a repeat of it for a child this early
 # (nodes/upload.py), and the child asks a peer that has got it since (nodes/picker.py).
 EARLY_LEFT = 900
-REPEAT_HOLD_S = 2.0  # such a repeat waits until this long after the piece's first copy left
+REPEAT_HOLD_S = 2.0  # such a repeat waits until this long after the piece was first asked for
 
 
 @message("PIECE_DATA")

@@ -260,15 +260,7 @@ class UplinkMeter:
             return None
         decision = self.policy.start()
         if decision is not None:
-            for fd, c in list(self.conns.items()):
-                try:
-                    with _dup(fd) as s:
-                        if not self._ours(s) or s.getpeername() != c.peer:
-                            raise OSError("descriptor reused")
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, decision.sndbuf)
-                        c.sndbuf = decision.sndbuf
-                except OSError:
-                    del self.conns[fd]
+            self._resize(decision.sndbuf)
         return decision
 
     def _ours(self, s: socket.socket) -> bool:
@@ -322,14 +314,20 @@ class UplinkMeter:
 
     def _restore(self) -> None:
         """The cap is lifted: connections shrunk before get a large buffer again."""
+        self._resize(SNDBUF_RESTORE, shrunk_only=True)
+
+    def _resize(self, size: int, shrunk_only: bool = False) -> None:
+        """Set every connection's send buffer (or only those set before); one whose descriptor
+        was reused meanwhile is forgotten, never touched."""
         for fd, c in list(self.conns.items()):
-            if not c.sndbuf:
+            if shrunk_only and not c.sndbuf:
                 continue
             try:
                 with _dup(fd) as s:
-                    if self._ours(s) and s.getpeername() == c.peer:
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF_RESTORE)
-                        c.sndbuf = SNDBUF_RESTORE
+                    if not self._ours(s) or s.getpeername() != c.peer:
+                        raise OSError("descriptor reused")
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+                    c.sndbuf = size
             except OSError:
                 del self.conns[fd]
 

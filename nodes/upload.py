@@ -115,7 +115,7 @@ class UploadServer:
         self.fresh: dict[str, list[int]] = {}  # task -> nums stored since the last HAVE flush
         # task -> num -> when a child first asked for it (0: nobody yet), for pieces read from
         # the origin here (a repeat of one is held back: module docstring)
-        self.origin_sent: dict[str, dict[int, float]] = {}
+        self.origin_asked: dict[str, dict[int, float]] = {}
         self.bytes_uploaded = 0
         self.corrupt = False  # fault switch for tests only (DFZMQ_TEST_CORRUPT_UPLOADS)
         self.bucket = bucket or TokenBucket(0)
@@ -144,7 +144,7 @@ class UploadServer:
     def on_piece(self, task_id: str, num: int, from_origin: bool) -> None:
         subs = self.subs.get(task_id)
         if from_origin:
-            self.origin_sent.setdefault(task_id, {})[num] = 0.0
+            self.origin_asked.setdefault(task_id, {})[num] = 0.0
             self._start_capped(task_id)
         if from_origin and self.reveal_delay_s > 0:
             shown = self.hidden.setdefault(task_id, {})
@@ -280,7 +280,7 @@ class UploadServer:
         self.subs.pop(task_id, None)
         self.rr.pop(task_id, None)
         self.hidden.pop(task_id, None)
-        self.origin_sent.pop(task_id, None)
+        self.origin_asked.pop(task_id, None)
         self.queues.drop_task(task_id)
 
     def _subscribe(self, ident: bytes, msg: wire.Subscribe) -> None:
@@ -305,7 +305,7 @@ class UploadServer:
     def _serve_piece(self, ident: bytes, msg: wire.PieceRequest) -> None:
         self.on_access(msg.task_id)
         now = time.monotonic()
-        asked = self.origin_sent.get(msg.task_id)
+        asked = self.origin_asked.get(msg.task_id)
         first = asked.get(msg.num) if asked is not None else None
         if first == 0.0:
             asked[msg.num] = now  # the first ask: a capped uplink may keep it queued a while
@@ -513,7 +513,7 @@ class UploadServer:
 
     def _wave(self, task_id: str) -> bool:
         """A task read from the origin here, with a wave of children (WAVE_CHILDREN)."""
-        return task_id in self.origin_sent and len(self.subs.get(task_id, ())) >= WAVE_CHILDREN
+        return task_id in self.origin_asked and len(self.subs.get(task_id, ())) >= WAVE_CHILDREN
 
     def _start_capped(self, task_id: str) -> None:
         """Reading the origin, uplink not measured, a wave of children: pieces leave one after

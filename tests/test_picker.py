@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Iterable
 
 import pytest
 
@@ -117,12 +118,18 @@ def test_uneven_pieces_respect_the_window():
     assert len(p.parents["A"].outstanding) < len(lengths)
 
 
-def test_non_seed_parents_preferred_over_the_seed():
-    p = picker(6, window_pieces=10)
+def seed_and_peer(pieces: int, window_pieces: int, peer_has: Iterable[int]) -> Picker:
+    """A picker with seed S holding every piece and peer parent P holding `peer_has`."""
+    p = picker(pieces, window_pieces=window_pieces)
     p.add_parent("S", seed=True)
     p.add_parent("P")
-    p.on_have("S", range(6))
-    p.on_have("P", range(4))
+    p.on_have("S", range(pieces))
+    p.on_have("P", peer_has)
+    return p
+
+
+def test_non_seed_parents_preferred_over_the_seed():
+    p = seed_and_peer(6, 10, range(4))
     reqs = p.next_requests(0.0)
     from_seed = {n for pid, n in reqs if pid == "S"}
     from_peer = {n for pid, n in reqs if pid == "P"}
@@ -375,11 +382,7 @@ def seed_moves(monkeypatch):
 def waiting_at_seed(seed_latency_s: float, peer_latency_s: float | None = None, pieces: int = 4):
     """Pieces from 2 on asked of the seed at t=0 (only it had them), then announced by peer P.
     With 4 pieces the download is in its last pieces (SEED_MOVE_MIN) from the start."""
-    p = picker(pieces, window_pieces=4)
-    p.add_parent("S", seed=True)
-    p.add_parent("P")
-    p.on_have("S", range(pieces))
-    p.on_have("P", [0, 1])
+    p = seed_and_peer(pieces, 4, [0, 1])
     at_seed = {n for pid, n in p.next_requests(0.0) if pid == "S"}
     assert at_seed and at_seed <= set(range(2, pieces))
     p.parents["S"].latency_s = seed_latency_s  # the seed's usual wait
@@ -545,11 +548,7 @@ def test_in_the_last_pieces_nothing_moves_from_the_seed_to_a_parent_the_tail_fou
 def test_a_parent_is_dropped_at_its_second_timeout_but_a_busy_seed_is_kept():
     """Each timed-out request is wanted again; a peer parent goes at its second, a seed never
     for timeouts (its queue is every child's: a child ahead waits there)."""
-    p = picker(8, window_pieces=4)
-    p.add_parent("S", seed=True)
-    p.add_parent("P")
-    p.on_have("S", range(8))
-    p.on_have("P", range(8))
+    p = seed_and_peer(8, 4, range(8))
     asked = p.next_requests(0.0)
     at = {pid: [n for q, n in asked if q == pid] for pid in ("S", "P")}
     assert len(at["S"]) >= 1 and len(at["P"]) >= 2
