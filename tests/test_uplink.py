@@ -96,6 +96,23 @@ def test_an_origin_reader_starts_capped_until_its_first_sample():
     assert slow.congested and not slow.provisional
     assert d.sndbuf == uplink.SNDBUF_MIN and d.inflight_total == 20
 
+    # 4 MB/s under the cap (a 50 Mbit/s seed, two pieces behind small buffers): a 64 KiB piece
+    # leaves in 16 ms, within START_PIECE_S. Lifted; the ordinary policy decides from here, and
+    # `start` stays off for a while (a new piece of the wave must not cap it again).
+    quick = UplinkPolicy()
+    quick.start()
+    d = quick.sample(acked=1_000_000, queued=32 << 10, dt=uplink.START_POLL_S, piece_len=64 << 10, busy=2, active=8)
+    assert (d.sndbuf, d.inflight_total) == (uplink.SNDBUF_RESTORE, 0) and not quick.congested
+    assert quick.start() is None and quick.hold_off == 0
+    for _ in range(uplink.HOLD_OFF_SAMPLES):
+        quick.sample(acked=1_000_000, queued=0, dt=uplink.START_POLL_S, piece_len=64 << 10, busy=0, active=8)
+    assert quick.start() is not None
+    # The same rate with 512 KiB pieces (128 ms each): the wave's order matters, capped.
+    big = UplinkPolicy()
+    big.start()
+    d = big.sample(acked=1_000_000, queued=32 << 10, dt=uplink.START_POLL_S, piece_len=512 << 10, busy=2, active=8)
+    assert big.provisional and d.inflight_total == uplink.START_INFLIGHT
+
     idle = UplinkPolicy()  # capped, and nothing ever measured: lifted after START_SAMPLES
     idle.start()
     for _ in range(uplink.START_SAMPLES - 1):
@@ -285,6 +302,7 @@ def test_upload_server_reading_the_origin_starts_capped_and_serves(tmp_path):
             await other.send_multipart(wire.encode(wire.Subscribe(TASK, "other")))
             assert isinstance(wire.decode(await other.recv_multipart()), wire.Have)
             assert server.queues.total == uplink.START_INFLIGHT and server.uplink.policy.provisional
+            assert server._meter_every() == uplink.START_POLL_S  # measured soon, to be lifted soon
             for n in range(6):
                 await child.send_multipart(wire.encode(wire.PieceRequest(TASK, n, held[n].digest, 1000)))
             got = set()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 
 import msgpack
 import zmq
@@ -375,6 +376,42 @@ def test_a_repeat_of_an_origin_piece_is_held_back_for_a_child_that_starts(tmp_pa
             assert counters["upload.repeats-released"] == 1
             assert counters["upload.cancelled"] == 1
             assert server.bytes_uploaded == 4 * size  # A's 0, B's 1, C's 0, D's 0
+
+    try:
+        run_then_close(main, store)
+    finally:
+        upload_mod.WAVE_CHILDREN = wave
+
+
+def test_held_repeats_go_out_as_soon_as_the_start_cap_is_lifted(tmp_path):
+    """A repeat is held only while the uplink is capped: once the cap goes (here the uplink
+    turns out unmeasurable; in the lab, a fast link's first sample), the held one is sent at
+    once, not when its hold would have ended."""
+    import nodes.upload as upload_mod
+
+    size = 64 * 1024
+    store, held = _store_pieces(tmp_path, 2, size)
+    counters = Counters()
+    upload_mod.WAVE_CHILDREN, wave = 2, upload_mod.WAVE_CHILDREN
+
+    async def main() -> None:
+        async with _upload_server(store, held, counters, children=2) as (server, [a, b]):
+            for n in range(2):
+                server.on_piece(TASK, n, from_origin=True)
+            for i, sock in enumerate((a, b)):
+                await sock.send_multipart(wire.encode(wire.Subscribe(TASK, f"child-{i}")))
+                assert isinstance(await _recv(sock), wire.Have)
+            assert server.queues.total > 0
+            await a.send_multipart(wire.encode(wire.PieceRequest(TASK, 0, held[0].digest, 1000)))
+            assert (await _recv_data(a)).num == 0
+            await b.send_multipart(wire.encode(wire.PieceRequest(TASK, 0, held[0].digest, 1000)))
+            assert await _recv_data(b, 0.3) is None and counters["upload.repeats-held"] == 1
+            server.uplink.broken = True
+            server._meter_uplink(time.monotonic())
+            assert server.queues.total == 0
+            msg = await _recv_data(b, 0.5)  # well before its hold (REPEAT_HOLD_S) would end
+            assert isinstance(msg, wire.PieceData) and msg.num == 0
+            assert counters["upload.repeats-released"] == 1
 
     try:
         run_then_close(main, store)
