@@ -68,7 +68,7 @@ SMOOTHING = 0.5  # weight of the newest sample in the delivered rate
 # (and SNDBUF_MIN buffers) until its first sample says whether its uplink queues (`start`).
 START_INFLIGHT = 2
 START_S = 3.0  # ...for this long of traffic, unless a sample shows a fast link first...
-START_SAMPLES = 10  # ...and never for more samples than this (nothing measurable: no traffic seen)
+START_WAIT_S = 10.0  # ...and never longer than this in all (too little traffic to measure)
 # A capped start on a link where a piece leaves within this (at the rate measured under the cap)
 # is lifted: the wave's pieces land within tenths of a second side by side too, and two pieces
 # behind small buffers drain between two looks of the release loop. In the lab (N=8, 16 MiB,
@@ -102,7 +102,7 @@ class UplinkPolicy:
         self.hold_off = 0  # samples left before the cap may come on again
         self.provisional = False  # capped by `start`...
         self.provisional_s = 0.0  # ...for this long of traffic so far
-        self.provisional_samples = 0
+        self.provisional_age = 0.0  # ...and for this long in all
         self.start_off = 0  # samples left before `start` may cap again (a start just lifted)
 
     def start(self) -> Decision | None:
@@ -115,7 +115,7 @@ class UplinkPolicy:
         within START_PIECE_S even under the cap, lifts it at once (and `start` stays off for
         HOLD_OFF_SAMPLES: the ordinary policy decides); after START_S of traffic it is sized by the
         measured rate as for a queuing uplink (under the start cap the kernel holds too little
-        to look like a queue), and after START_SAMPLES samples without traffic it is lifted.
+        to look like a queue), and after START_WAIT_S with less traffic than that it is lifted.
         Known: a fast link far away (tens of ms of round trip) cannot show itself fast through
         the small buffers, and then lets go only as a calm capped link does, over tens of
         seconds. Lifting after START_S instead, one lab run (N=32, equal) put 2.6 MB into the
@@ -148,17 +148,18 @@ class UplinkPolicy:
         self.start_off = max(0, self.start_off - 1)
         if self.provisional and dt > 0:
             self.provisional_s += dt if acked > 0 else 0.0
-            self.provisional_samples += 1
+            self.provisional_age += dt
             if self.rate * SNDBUF_S / max(1, busy) > SNDBUF_MAX:  # a fast link: not for a while
                 self._lift()
                 return Decision(SNDBUF_RESTORE, 0)
-            if acked > 0 and piece_len < self.rate * START_PIECE_S:
+            # Pieces, not the children's HAVEs and heartbeats: at least one piece's bytes acked.
+            if piece_len > 0 and acked >= piece_len and piece_len < self.rate * START_PIECE_S:
                 # Quick pieces: the ordinary policy decides (it caps a queuing link as before).
                 self._lift(hold_off=0)
                 self.start_off = HOLD_OFF_SAMPLES
                 return Decision(SNDBUF_RESTORE, 0)
             if self.provisional_s < START_S:
-                if self.provisional_samples < START_SAMPLES:
+                if self.provisional_age < START_WAIT_S:
                     return Decision(self.sndbuf, self.inflight_total)
                 self._lift(hold_off=0)  # no traffic to measure: the ordinary policy decides
                 return Decision(SNDBUF_RESTORE, 0)
@@ -200,7 +201,7 @@ class UplinkPolicy:
 
     def _lift(self, hold_off: int = HOLD_OFF_SAMPLES) -> None:
         self.congested = self.provisional = False
-        self.provisional_s, self.provisional_samples = 0.0, 0
+        self.provisional_s = self.provisional_age = 0.0
         self.sndbuf = self.inflight_total = 0
         self.costly = self.calm = 0
         self.hold_off = hold_off

@@ -131,6 +131,7 @@ class UploadServer:
         self.queues = ChildQueues()
         self._piece_len = 0  # the last piece sent: the in-flight cap counts pieces
         self._release_max_s = RELEASE_MAX_S
+        self._congested_s = 0.0
         self._monitor: Drain | None = None  # reads the upload socket's monitor (nodes/uplink.py)
 
         self._queued = asyncio.Event()  # something waits in self.queues
@@ -487,7 +488,7 @@ class UploadServer:
             if not self.pending and not self.last_heard:
                 await self._wake.wait()
             else:
-                timeout = self._meter_every()
+                timeout = max(0.0, last_meter + self._meter_every() - time.monotonic())
                 if self.pending:
                     timeout = min(timeout, max(REVEAL_TICK_S, self.pending[0][0] - time.monotonic()))
                 try:
@@ -499,8 +500,8 @@ class UploadServer:
                 last_expiry = now
                 self.expire(now)
             if now - last_meter >= self._meter_every():
+                self._meter_uplink(now, now - last_meter)
                 last_meter = now
-                self._meter_uplink(now)
             if not self.pending:
                 continue
             due: dict[str, list[int]] = {}
@@ -537,6 +538,7 @@ class UploadServer:
                      decision.inflight_total)
             self.queues.total = decision.inflight_total
             self._release_max_s = 2 * RELEASE_TICK_S
+            self._wake.set()  # metered every START_POLL_S from now (the reveal loop may be asleep)
 
     def _meter_every(self) -> float:
         """Once a second; every START_POLL_S while capped at the start (unmeasured)."""
@@ -544,7 +546,7 @@ class UploadServer:
             return START_POLL_S
         return 1.0
 
-    def _meter_uplink(self, now: float) -> None:
+    def _meter_uplink(self, now: float, dt: float = 1.0) -> None:
         if self.uplink is None:
             return
         try:
@@ -567,7 +569,8 @@ class UploadServer:
             self._release_max_s = RELEASE_MAX_S
             if decision.inflight_total and rate > 0:
                 self._release_max_s = max(RELEASE_TICK_S, min(RELEASE_MAX_S, self._piece_len / rate / 4))
-            self.counters["upload.uplink-congested-s"] += self.uplink.policy.congested
+            self._congested_s += dt * self.uplink.policy.congested  # metered every 0.25 s or 1 s
+            self.counters["upload.uplink-congested-s"] = int(self._congested_s)
 
     def close(self) -> None:
         """Before the store closes: reader threads are done with it when this returns."""

@@ -113,9 +113,28 @@ def test_an_origin_reader_starts_capped_until_its_first_sample():
     d = big.sample(acked=1_000_000, queued=32 << 10, dt=uplink.START_POLL_S, piece_len=512 << 10, busy=2, active=8)
     assert big.provisional and d.inflight_total == uplink.START_INFLIGHT
 
-    idle = UplinkPolicy()  # capped, and nothing ever measured: lifted after START_SAMPLES
+    # The same 750 kB/s at the real cadence while capped (START_POLL_S): still capped until
+    # START_S of traffic, then sized by the rate; never lifted for want of samples meanwhile.
+    paced = UplinkPolicy()
+    paced.start()
+    per = uplink.START_POLL_S
+    for _ in range(round(uplink.START_S / per) - 1):
+        d = paced.sample(acked=int(750_000 * per), queued=64 << 10, dt=per, piece_len=64 << 10, busy=2, active=20)
+        assert paced.provisional and d.inflight_total == uplink.START_INFLIGHT
+    d = paced.sample(acked=int(750_000 * per), queued=64 << 10, dt=per, piece_len=64 << 10, busy=20, active=20)
+    assert paced.congested and not paced.provisional and d.inflight_total == 20
+
+    # Before the first piece, the children's subscriptions and HAVEs are all that is acked:
+    # no piece has shown the link fast, whatever their rate.
+    early = UplinkPolicy()
+    early.start()
+    for piece_len, acked in ((0, 3000), (64 << 10, 30_000)):
+        d = early.sample(acked=acked, queued=0, dt=per, piece_len=piece_len)
+        assert early.provisional and d.inflight_total == uplink.START_INFLIGHT
+
+    idle = UplinkPolicy()  # capped, and nothing ever measured: lifted after START_WAIT_S
     idle.start()
-    for _ in range(uplink.START_SAMPLES - 1):
+    for _ in range(int(uplink.START_WAIT_S) - 1):
         assert idle.sample(acked=0, queued=0, dt=1.0, piece_len=64 << 10).inflight_total == uplink.START_INFLIGHT
     assert idle.sample(acked=0, queued=0, dt=1.0, piece_len=64 << 10).inflight_total == 0
     assert not idle.provisional
