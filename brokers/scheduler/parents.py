@@ -270,11 +270,7 @@ class ParentChoice:
         held = sorted(len(p.pieces) for p in running)
         median = held[len(held) // 2]
         inflow = self._inflows(running)
-        hosts_of, kids, average = self._average_children(task, now)
-        # Uplink per child across the task's parent hosts, once per pass (see `light` below).
-        up = self._uplinks(sorted({c.host_id for c in hosts_of}))
-        mean_share = sum(up.values()) / max(1, sum(kids.get(h, 0) for h in up)) if up else 0.0
-        over: set[str] = set()  # hosts above the average count boosted in this pass
+        _, kids, average = self._average_children(task, now)
         flows = sorted(inflow.values())
         for peer in running:
             behind = median - len(peer.pieces) >= LAG_FRACTION * total
@@ -291,21 +287,19 @@ class ParentChoice:
             # pick the same best-scored host (lab, N=32: one host went from 7 to 22 children in
             # three seconds, and each of them got a 22nd of its uplink). A share is measured in
             # uplink where it can be: a host above the average count whose uplink would still
-            # give one more child at least the task's uplink per child qualifies, once per pass
-            # (lab, N=32, slow half: the fast hosts had 7-9 children against an average of 6.9,
-            # so a laggard whose parents were all 0.6 Mbit/s hosts was boosted with another).
+            # give one more child at least the task's mean share per child qualifies (lab,
+            # N=32, slow half: the fast hosts had 7-9 children against an average of 6.9, so a
+            # laggard whose parents were all 0.6 Mbit/s hosts was boosted with another one).
+            up = self._uplinks([c.host_id for c in cands])
+            mean_share = (sum(r / max(1, kids.get(h, 0)) for h, r in up.items()) / len(up)) if up else 0.0
             light = [c for c in cands if c.peer_id == task.source_peer
                      or kids.get(c.host_id, 0) <= average
-                     or (c.host_id in up and c.host_id not in over
-                         and up[c.host_id] / (kids.get(c.host_id, 0) + 1) >= mean_share)]
+                     or (up and up[c.host_id] / (kids.get(c.host_id, 0) + 1) >= mean_share)]
             if not light:
                 continue
             best = self._best_share(self._ranked(peer, task, light), len(peer.pieces) / total)
             self.counters["parents-laggard" if behind else "parents-starved"] += 1
             self._assign_parents(peer, task, [*peer.parents, best.peer_id], out)
-            if kids.get(best.host_id, 0) > average:
-                over.add(best.host_id)
-            kids[best.host_id] = kids.get(best.host_id, 0) + 1  # this pass counts its own boosts
 
     def _average_children(self, task: Task, now: float) -> tuple[list[Peer], dict[str, int], float]:
         """The task's possible parents other than its source (and bad peers), each host's
