@@ -285,16 +285,9 @@ class ParentChoice:
                      and self._has_room(c.host_id)]
             # Not a host that already has more than its share of children: every boost would
             # pick the same best-scored host (lab, N=32: one host went from 7 to 22 children in
-            # three seconds, and each of them got a 22nd of its uplink). A share is measured in
-            # uplink where it can be: a host above the average count whose uplink would still
-            # give one more child at least the task's mean share per child qualifies (lab,
-            # N=32, slow half: the fast hosts had 7-9 children against an average of 6.9, so a
-            # laggard whose parents were all 0.6 Mbit/s hosts was boosted with another one).
-            up = self._uplinks([c.host_id for c in cands])
-            mean_share = (sum(r / max(1, kids.get(h, 0)) for h, r in up.items()) / len(up)) if up else 0.0
+            # three seconds, and each of them got a 22nd of its uplink).
             light = [c for c in cands if c.peer_id == task.source_peer
-                     or kids.get(c.host_id, 0) <= average
-                     or (up and up[c.host_id] / (kids.get(c.host_id, 0) + 1) >= mean_share)]
+                     or kids.get(c.host_id, 0) <= average]
             if not light:
                 continue
             best = self._best_share(self._ranked(peer, task, light), len(peer.pieces) / total)
