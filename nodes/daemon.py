@@ -89,6 +89,7 @@ class SchedulerLink:
             self.send(d.host_announce())
             last_seen = time.monotonic()
             last_beat = time.monotonic()
+            late = 0.0  # the longest this loop woke past its poll timeout since last_seen
             while True:
                 now = time.monotonic()
                 if now - last_seen > interval * d.cfg.liveness:
@@ -98,20 +99,27 @@ class SchedulerLink:
                     if self.alive:
                         self.send(host_stats(d))  # traffic for monitors and `dfzmq hosts`
                     last_beat = now
-                if await self.sock.poll(timeout=int(interval * 1000 / 2)):
+                timeout = interval / 2
+                ready = await self.sock.poll(timeout=int(timeout * 1000))
+                late = max(late, time.monotonic() - now - timeout)
+                if ready:
                     frames = await self.sock.recv_multipart()
                     msg = decode_plain(frames, d.counters)
                     if msg is None:
                         continue
                     d.counters["msg.in.scheduler"] += 1
                     last_seen = time.monotonic()
+                    late = 0.0
                     backoff = interval
                     try:
                         self._handle(msg)
                     except Exception:  # one bad message must not end the link
                         d.counters["scheduler.handler-error"] += 1
                         log.exception("handling %s from the scheduler failed", type(msg).__name__)
-            log.warning("scheduler %s at %s silent: reconnecting", self.member_id, self.addr)
+            # `late` tells a scheduler that went quiet from a daemon whose own loop was not run.
+            log.warning("scheduler %s at %s silent for %.1fs (this daemon's loop ran up to %.1fs "
+                        "late): reconnecting", self.member_id, self.addr,
+                        time.monotonic() - last_seen, max(0.0, late))
             was_alive, self.alive = self.alive, False
             self.sock.close(0)
             self.sock = None

@@ -141,6 +141,15 @@ class Topology:
                 out[int(m.group(1))] = (s["tx"]["bytes"], s["rx"]["bytes"])
         return out
 
+    def drops(self) -> dict[int, tuple[int, int]]:
+        """Per host, packets its shaped links dropped so far: (upload, download). The root htb
+        counts what its leaf queue dropped."""
+        def root_drops(ns: str, dev: str) -> int:
+            out = sh("tc", "-n", ns, "-s", "-j", "qdisc", "show", "dev", dev, check=False).stdout
+            return sum(q.get("drops", 0) for q in json.loads(out or "[]") if q.get("root"))
+        return {i: (root_drops(ns, "eth0"), root_drops(self.bridge_ns, f"h{i}"))
+                for i, ns in enumerate(self.ns)}
+
     def teardown(self) -> None:
         for ns in reversed(self.made):
             remove_ns(ns)

@@ -49,6 +49,16 @@ def render(result: dict):
                                                     f"{cpu['cpu_s']['scheduler']:.1f} / {cpu['cpu_s']['origin']:.1f}"),
     ):
         summary.add_row(k, v)
+    live = result.get("liveness")
+    if live is not None:
+        # a run where control traffic was lost measures the loss, not the scheduling
+        summary.add_row("scheduler dropped hosts / daemons reconnected / slow scheduler turns",
+                        f"{live['scheduler_dropped_hosts']} / {live['daemon_reconnects']} / "
+                        f"{live['scheduler_slow_turns']}")
+    drops = result.get("queue_drops")
+    if drops:
+        summary.add_row("packets dropped by shaped links (up / down)",
+                        ", ".join(f"{h} {u}/{d}" for h, (u, d) in drops.items()))
     for goal, met in result["goals"].items():
         summary.add_row(f"goal: {goal}", "met" if met else "NOT MET")
     for problem in result["problems"]:

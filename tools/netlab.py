@@ -367,6 +367,7 @@ class Lab:
                 results[name] = {"error": f"{type(e).__name__}: {e}", "finish_s": time.monotonic() - t0}
 
         wire0 = self.topo.counters()
+        drops0 = self.topo.drops()
         cpu0 = {n: proc_cpu_s(p.popen.pid) for n, p in self.procs.items()}
         cpu0["lab"] = proc_cpu_s(os.getpid())
         samples: list[tuple[float, dict[int, tuple[int, int]]]] = []
@@ -393,10 +394,15 @@ class Lab:
             if spec.trace:
                 sampler.join()
         wire1 = self.topo.counters()
+        drops1 = self.topo.drops()
         cpu1 = {n: proc_cpu_s(p.popen.pid) for n, p in self.procs.items()}
         cpu1["lab"] = proc_cpu_s(os.getpid())
         origin = self.origin_stats()
         report = self._report(results, origin, wire0, wire1, cpu0, cpu1, mon, wall_s, bound_s, plain_s)
+        report["queue_drops"] = {name: [drops1[i][k] - drops0[i][k] for k in (0, 1)]
+                                 for i, name in enumerate(self.daemons)
+                                 if drops1[i] != drops0[i]}
+        report["liveness"] = self.liveness_losses()
         if spec.trace:
             from tools import labtrace
 
@@ -479,6 +485,18 @@ class Lab:
                 "seed_cpu_s": hosts[0]["cpu_s"],
             },
         }
+
+    def liveness_losses(self) -> dict[str, int]:
+        """How often the scheduler dropped a host as silent and daemons gave the scheduler up,
+        and the scheduler's slow loop turns, from the logs: a run where control traffic was lost
+        is not a measure of scheduling."""
+        def count(name: str, pattern: str) -> int:
+            p = self.procs.get(name)
+            text = p.log.read_text(errors="replace") if p and p.log.exists() else ""
+            return len(re.findall(pattern, text))
+        return {"scheduler_dropped_hosts": count("scheduler", r"host \S+ silent for"),
+                "scheduler_slow_turns": count("scheduler", r"loop turn took"),
+                "daemon_reconnects": sum(count(n, r"scheduler \S+ at \S+ silent") for n in self.daemons)}
 
     def tails(self) -> str:
         return "\n".join(f"--- {p.name} ({p.ns})\n{p.tail()}" for p in self.procs.values())

@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 MAX_POLL_MS = 100
 BATCH = 1000  # messages drained per socket per turn, so timers and the other socket get a turn
+# A turn of the loop (timers, one poll, one drain) longer than this is logged with where the
+# time went: hosts drop a scheduler after `liveness` silent seconds, and an operator must be
+# able to tell a scheduler that computed (core, views), one that was not given the CPU (the
+# poll returned late) and a quiet network (neither).
+SLOW_TURN_S = 1.0
 
 
 def serve(cfg: SchedulerConfig, ctx: zmq.Context, stop: StopFlag,
@@ -102,6 +107,7 @@ class _Scheduler:
                 actions = self.core.handle_timer(now)
                 self.views.observe(None, actions, now)
                 dispatch(actions, self.router, self.pub, self.counters)
+            t_core = time.monotonic()
             if now >= self.views.next_deadline():
                 try:
                     dispatch(self.views.handle_timer(now), self.router, self.pub, self.counters)
@@ -113,14 +119,27 @@ class _Scheduler:
             deadline = min(self.core.next_deadline(), self.views.next_deadline())
             if self.link is not None:
                 deadline = min(deadline, self.link.next_deadline())
-            wait_ms = (deadline - time.monotonic()) * 1000
-            events = dict(self.poller.poll(int(min(MAX_POLL_MS, max(0.0, wait_ms)) + 1)))
-            if self.router in events:
-                self._drain_router()
+            t_views = time.monotonic()
+            wait_ms = int(min(MAX_POLL_MS, max(0.0, (deadline - t_views) * 1000)) + 1)
+            events = dict(self.poller.poll(wait_ms))
+            t_poll = time.monotonic()
+            handled = self._drain_router() if self.router in events else 0
             if self.manager is not None and self.manager in events:
                 self._drain_manager()
             if self.settings is not None:
                 self.settings.tend(events, time.monotonic())
+            end = time.monotonic()
+            if end - now > SLOW_TURN_S:
+                self._slow_turn(end - now, t_core - now, t_views - t_core,
+                                t_poll - t_views - wait_ms / 1000, end - t_poll, handled)
+
+    def _slow_turn(self, total: float, core: float, views: float, late: float,
+                   drain: float, handled: int) -> None:
+        self.counters["loop.slow-turns"] += 1
+        self.counters["loop.slow-ms"] += int(total * 1000)
+        log.warning("scheduler loop turn took %.2fs: timers %.2fs, views %.2fs, poll %.2fs "
+                    "past its timeout, %d messages %.2fs", total, core, views, max(0.0, late),
+                    handled, drain)
 
     def _tend_manager(self, now: float) -> None:
         """Paranoid Pirate towards the manager: heartbeat, and a fresh socket when it is silent."""
@@ -139,12 +158,13 @@ class _Scheduler:
         if self.manager is not None:
             self._send_manager(link.on_timer(now))
 
-    def _drain_router(self) -> None:
-        for _ in range(BATCH):
+    def _drain_router(self) -> int:
+        """Handle up to BATCH waiting messages; returns how many were read."""
+        for n in range(BATCH):
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return n
             decoded = decode_routed(frames, self.counters)
             if decoded is None:
                 continue
@@ -163,6 +183,7 @@ class _Scheduler:
                 log.exception("scheduler core failed on %s", type(msg).__name__)
                 continue
             dispatch(actions, self.router, self.pub, self.counters)
+        return BATCH
 
     def _drain_manager(self) -> None:
         assert self.manager is not None and self.link is not None
