@@ -9,7 +9,9 @@ import pytest
 
 import contextlib
 import queue
+import socket
 import threading
+import time
 
 import zmq
 
@@ -120,3 +122,40 @@ def serving(target, cfg, **kw):
         t.join(TIMEOUT_S)
         assert not t.is_alive(), "serve() did not stop"
         sctx.term()  # returns only if serve() closed every socket
+
+
+def accepted_priorities(port: int) -> list[int]:
+    """SO_PRIORITY of every connection this process accepted on `port` (the services run in
+    threads here, so their descriptors are ours to look at)."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = os.dup(int(name))
+        except OSError:
+            continue
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:  # not a socket
+            os.close(fd)
+            continue
+        with s:
+            try:
+                if s.type != socket.SOCK_STREAM or s.getsockname()[1] != port:
+                    continue
+                s.getpeername()  # the listener has no peer
+            except (OSError, IndexError, TypeError):
+                continue
+            out.append(s.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY))
+    return out
+
+
+def wait_priorities(port: int, count: int) -> list[int]:
+    """accepted_priorities(port) once `count` connections have the low-delay priority (6), or
+    whatever they have after TIMEOUT_S."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        got = accepted_priorities(port)
+        if (len(got) >= count and all(p == 6 for p in got)) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.02)
+

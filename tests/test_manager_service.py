@@ -15,7 +15,7 @@ from brokers.manager.service import serve
 from dfzmq import wire
 from dfzmq.config import ManagerConfig
 from dfzmq.errors import ConfigError
-from tests.conftest import TIMEOUT_S, serving
+from tests.conftest import TIMEOUT_S, serving, wait_priorities
 
 IVL = 0.1
 LIVE = 3
@@ -203,3 +203,12 @@ def test_pub_port_is_listen_port_plus_one(ctx, tmp_path):
         except ConfigError:
             continue
     pytest.fail("no free pair of ports found")
+
+
+def test_accepted_connections_get_the_low_delay_queue_priority(ctx, tmp_path):
+    # The manager's answers share the origin site's uplink with the seed's uploads (issue 3).
+    with manager(tmp_path / "m") as m:
+        member = dealer(ctx, m["router"])
+        send(member, wire.MemberRegister(SCHED))
+        recv(member, wire.MemberWelcome)
+        assert wait_priorities(int(m["router"].rsplit(":", 1)[1]), 1) == [6]

@@ -16,7 +16,7 @@ import zmq
 
 from dfzmq import wire
 from dfzmq.config import ManagerConfig, SchedulerConfig
-from tests.conftest import TIMEOUT_S, serving
+from tests.conftest import TIMEOUT_S, serving, wait_priorities
 
 IVL = 0.2  # a host silent for IVL*LIVE is dropped: leave room for a loaded machine
 LIVE = 10
@@ -224,3 +224,17 @@ def test_scheduler_survives_without_manager_and_stops_promptly(ctx):
                  + stats["counters"].get("dropped.manager", 0))
         assert tried >= 1
     # serving() asserted that the thread stopped and every socket was closed.
+
+
+def test_accepted_connections_get_the_low_delay_queue_priority(ctx):
+    # Linux gives an accepted connection the listener's TOS but queue priority 0, so without
+    # this the scheduler's answers wait behind bulk uploads leaving the same host (issue 3).
+    with scheduler() as info:
+        c = Client(ctx, info["router"])
+        announce(c)
+        sub = ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.connect(info["pub"])
+        port, pub_port = (int(info[k].rsplit(":", 1)[1]) for k in ("router", "pub"))
+        assert wait_priorities(port, 1) == [6]
+        assert wait_priorities(pub_port, 1) == [6]

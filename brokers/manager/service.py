@@ -39,10 +39,11 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
           curve: net.Curve | None = None) -> None:
     """Run the manager until `stop` is set. Raises ConfigError / StorageError on startup."""
     store = ManagerStore(cfg.data)
-    router = pub = ops = metrics = None
+    router = pub = ops = metrics = accepted = None
     try:
         router = net.make_socket(ctx, "manager_router", curve)
         pub = net.make_socket(ctx, "manager_pub", curve)
+        accepted = net.AcceptedPriority([router, pub])  # before the first accept
         router_bound = net.bind(router, cfg.listen)
         pub_bound = net.bind(pub, net.with_port_offset(net.tcp(cfg.listen), 1))
         addrs = {
@@ -64,8 +65,10 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
             addrs["metrics"] = metrics.url
         if on_ready is not None:
             on_ready({**addrs, "cluster_id": store.cluster_id})
-        _loop(core, router, pub, store, counters, stop, ops, metrics)
+        _loop(core, router, pub, store, counters, stop, ops, metrics, accepted)
     finally:
+        if accepted is not None:
+            accepted.close()
         if ops is not None:
             ops.close()
         if metrics is not None:
@@ -78,14 +81,20 @@ def serve(cfg: ManagerConfig, ctx: zmq.Context, stop: StopFlag,
 
 
 def _loop(core: ManagerCore, router: zmq.Socket, pub: zmq.Socket, store: ManagerStore,
-          counters: Counters, stop: StopFlag, ops: Ops | None = None, metrics: Any = None) -> None:
+          counters: Counters, stop: StopFlag, ops: Ops | None = None, metrics: Any = None,
+          accepted: net.AcceptedPriority | None = None) -> None:
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
+    for mon in accepted.sockets if accepted is not None else ():
+        poller.register(mon, zmq.POLLIN)
     while not stop:
         deadline = core.next_deadline() if ops is None else min(core.next_deadline(), ops.next_deadline())
         wait_s = deadline - time.monotonic()
         timeout_ms = max(0, min(MAX_POLL_MS, int(wait_s * 1000) + 1))
-        if poller.poll(timeout_ms):
+        events = dict(poller.poll(timeout_ms))
+        if accepted is not None:
+            accepted.tend(events)
+        if router in events:
             for _ in range(RECV_BATCH):
                 try:
                     frames = router.recv_multipart(zmq.NOBLOCK)

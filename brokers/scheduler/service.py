@@ -79,6 +79,7 @@ class _Scheduler:
         self.poller = zmq.Poller()
         self.router = net.make_socket(ctx, "scheduler_router", curve)
         self.pub = net.make_socket(ctx, "events_pub", curve)
+        self.accepted = net.AcceptedPriority([self.router, self.pub])  # before the first accept
         self.manager: zmq.Socket | None = None
         self.link: MemberLink | None = None
         self.settings: SettingsFollower | None = None  # cluster settings from the manager
@@ -90,6 +91,8 @@ class _Scheduler:
         addrs = {"router": net.advertise(bound, host), "pub": net.advertise(pub_bound, host),
                  "scheduler_id": self.core.scheduler_id}
         self.poller.register(self.router, zmq.POLLIN)
+        for mon in self.accepted.sockets:
+            self.poller.register(mon, zmq.POLLIN)
         if self.cfg.manager:
             member = wire.MemberInfo(member_id=self.core.scheduler_id, role="scheduler",
                                      addr=addrs["router"], events_addr=addrs["pub"],
@@ -128,6 +131,7 @@ class _Scheduler:
                 self._drain_manager()
             if self.settings is not None:
                 self.settings.tend(events, time.monotonic())
+            self.accepted.tend(events)
             end = time.monotonic()
             if end - now > SLOW_TURN_S:
                 self._slow_turn(end - now, t_core - now, t_views - t_core,
@@ -207,6 +211,7 @@ class _Scheduler:
                 self.counters["dropped.manager"] += 1
 
     def close(self) -> None:
+        self.accepted.close()
         if self.settings is not None:
             self.settings.close()
         if self.link is not None and self.manager is not None and self.link.registered:
