@@ -494,9 +494,11 @@ class Lab:
             p = self.procs.get(name)
             text = p.log.read_text(errors="replace") if p and p.log.exists() else ""
             return len(re.findall(pattern, text))
-        return {"scheduler_dropped_hosts": count("scheduler", r"host \S+ silent for"),
-                "scheduler_slow_turns": count("scheduler", r"loop turn took"),
-                "daemon_reconnects": sum(count(n, r"scheduler \S+ at \S+ silent") for n in self.daemons)}
+        # (rich wraps long log lines: any run of whitespace may be a line break)
+        return {"scheduler_dropped_hosts": count("scheduler", r"host\s+\S+\s+silent\s+for"),
+                "scheduler_slow_turns": count("scheduler", r"loop\s+turn\s+took"),
+                "daemon_reconnects": sum(count(n, r"scheduler\s+\S+\s+at\s+\S+\s+silent")
+                                         for n in self.daemons)}
 
     def tails(self) -> str:
         return "\n".join(f"--- {p.name} ({p.ns})\n{p.tail()}" for p in self.procs.values())
