@@ -80,6 +80,8 @@ def test_manager_and_two_schedulers_in_one_process(tmp_path):
             two = samples(s2["metrics"])
             assert ("dfzmq_scheduler_errors_total", (("kind", "dropped.bad-frame"),)) not in two
             assert two[("dfzmq_scheduler_task_duration_seconds_count", ())] == 0
+            assert two[("dfzmq_scheduler_hosts_expired_total", ())] == 0
+            assert two[("dfzmq_scheduler_slow_loop_turns_total", ())] == 0
 
             def both_up() -> bool:
                 m = samples(minfo["metrics"])

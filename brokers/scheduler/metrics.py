@@ -46,6 +46,12 @@ class SchedulerMetrics:
         yield counter("dfzmq_scheduler_parents_blocked_total",
                       "Parents blocked for a task after serving corrupt bytes.",
                       c.get("parent-blocked", 0))
+        yield counter("dfzmq_scheduler_hosts_expired_total",
+                      "Hosts dropped after `liveness` silent heartbeat intervals.",
+                      c.get("host-expired", 0))
+        yield counter("dfzmq_scheduler_slow_loop_turns_total",
+                      "Service loop turns over a second (logged with where the time went).",
+                      c.get("loop.slow-turns", 0))
         yield counter("dfzmq_scheduler_messages_total", "Messages received, by kind.",
                       prefixed(c, "recv."), "kind")
         yield counter("dfzmq_scheduler_errors_total", "Things that went wrong, by kind.",
