@@ -7,6 +7,7 @@ behind), never how long it took: timing belongs to `make lab`, where it is repor
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 
 import pytest
@@ -42,14 +43,16 @@ def test_lab_distributes_every_copy_reading_origin_once(tmp_path, monkeypatch):
     (tmp_path / "dfzmq").mkdir()
     (tmp_path / "dfzmq" / "__init__.py").write_text("raise ImportError('not the lab tree')\n")
     monkeypatch.chdir(tmp_path)
+    # reno: built into every kernel, and unlike the usual default, so the setting is seen to take
     spec = netlab.LabSpec(peers=4, size_mib=16, peer_up_mbit=200, peer_down_mbit=200, origin_up_mbit=400,
-                          trace=True)
+                          trace=True, congestion_control="reno")
     result = netlab.run_lab(spec)
 
     assert result["ok"], (result["problems"], result.get("logs"))
     peers = result["hosts"][1:]
     assert len(peers) == 4 and all(h["copy_ok"] for h in peers), [(h["host"], h["error"]) for h in peers]
     assert result["origin_bytes"] <= 1.01 * spec.size
+    assert result["congestion_control"] == "reno"
     # --trace: each daemon's piece trace and the bridge's counters made it into the report
     trace = result["trace"]
     assert set(trace["uplinks"]) == {f"h{i}" for i in range(5)}
@@ -65,3 +68,15 @@ def test_lab_distributes_every_copy_reading_origin_once(tmp_path, monkeypatch):
     out = io.StringIO()
     Console(file=out, width=140, color_system=None).print(netlab.render(result))
     assert "last / bound" in out.getvalue() and "slowest piece wait" in out.getvalue()
+
+
+def test_lab_refuses_a_congestion_control_the_kernel_lacks():
+    reason = netlab.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"network namespaces cannot be made here: {reason}")
+    spec = netlab.LabSpec(peers=1, size_mib=1, congestion_control="no-such-cc")
+    with pytest.raises(netlab.LabError, match="no-such-cc: this kernel offers"):
+        netlab.run_lab(spec)
+    # the namespaces built before the failure are gone (run ids are the lab's pid)
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert [n for n in names if n.startswith(f"{netlab.PREFIX}{os.getpid()}-")] == []

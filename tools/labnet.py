@@ -98,8 +98,23 @@ class Topology:
             sh(*host, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
             sh(*host, "link", "set", "eth0", "up")
             sh(*host, "link", "set", "lo", "up")
+            if spec.congestion_control:
+                self.set_congestion_control(ns, spec.congestion_control)
             self.shape(ns, "eth0", spec.up_mbit(i), spec.delay_ms, spec.leaf_qdisc)
             self.shape(self.bridge_ns, f"h{i}", spec.down_mbit(i), 0, spec.leaf_qdisc)
+
+    @staticmethod
+    def set_congestion_control(ns: str, name: str) -> None:
+        with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+            available = f.read().split()
+        if name not in available:
+            raise LabError(f"--congestion-control {name}: this kernel offers {', '.join(available)}")
+        sh("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.tcp_congestion_control={name}")
+
+    def congestion_control(self) -> str:
+        """The congestion control the hosts' connections use (host 0's, as all are set alike)."""
+        out = sh("ip", "netns", "exec", self.ns[0], "sysctl", "-n", "net.ipv4.tcp_congestion_control", check=False)
+        return out.stdout.strip()
 
     def _add_ns(self, name: str) -> None:
         sh("ip", "netns", "add", name)

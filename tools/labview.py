@@ -15,7 +15,8 @@ def render(result: dict):
     from rich.table import Table
 
     hosts = Table(title=f"dfzmq lab {result['run_id']}: {result['file_bytes'] / MiB:g} MiB to "
-                        f"{result['spec']['peers']} peers ({result['subnet']})")
+                        f"{result['spec']['peers']} peers ({result['subnet']}, "
+                        f"TCP {result.get('congestion_control') or '?'})")
     # MiB columns: what the daemon stored from the origin / the seed / other peers, bytes on its
     # link in and out, and piece bytes its upload server sent
     for col in ("host", "up/dn Mbit", "done s", "origin", "seed", "peers", "wire in", "wire out",

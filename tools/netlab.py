@@ -99,6 +99,10 @@ class LabSpec:
     # A real NIC puts 1500-byte frames on the wire: --packet-ms caps GSO at about this many ms
     # (0, the default, leaves it: the cap more than doubles softirq work, and two cores are few).
     packet_ms: float = 0.0
+    # TCP congestion control on every host ("" keeps what new namespaces get from the machine,
+    # which the report names): bbr paces each connection at its own bandwidth estimate, cubic
+    # and reno fill the queue until it drops; peers see the difference on a shared slow uplink.
+    congestion_control: str = ""
 
     @property
     def size(self) -> int:
@@ -465,6 +469,7 @@ class Lab:
             },
             "spec": asdict(spec), "file_bytes": f, "run_id": self.run_id,
             "subnet": f"10.{self.topo.subnet}.0.0/24",
+            "congestion_control": self.topo.congestion_control(),
             "hosts": hosts,
             "last_s": last_s, "wall_s": round(wall_s, 3),
             "bound_s": bound_s, "ratio": ratio,
@@ -585,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="queue behind each shaped link (pfifo_fast honours IP TOS; pfifo is one FIFO)")
     run.add_argument("--packet-ms", type=float, default=0.0,
                      help="cap GSO packets at about this many ms of link time (0 = veth's 64 KiB)")
+    run.add_argument("--congestion-control", default="", metavar="NAME",
+                     help="TCP congestion control on every host (bbr, cubic, reno; default: the machine's)")
     run.add_argument("--trace", action="store_true",
                      help="also report upload use per host over time and where the last pieces came from")
     run.add_argument("--keep", action="store_true", help="keep the work dir (logs, copies)")
@@ -626,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                    peer_down_mbit=args.peer_down_mbit, origin_up_mbit=args.origin_up_mbit,
                    slow_half_up_mbit=args.slow_half_up_mbit, slow_hosts=args.slow_hosts,
                    delay_ms=args.delay_ms, timeout_s=args.timeout_s, trace=args.trace, env=tuple(extra_env),
-                   leaf_qdisc=args.leaf_qdisc, packet_ms=args.packet_ms)
+                   leaf_qdisc=args.leaf_qdisc, packet_ms=args.packet_ms,
+                   congestion_control=args.congestion_control)
     try:
         result = run_lab(spec, args.keep, log=lambda m: err.print(f"[dim]{m}[/dim]"))
     except LabError as e:
