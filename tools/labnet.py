@@ -67,6 +67,23 @@ def pick_subnet() -> int:
     return random.choice(free or list(range(64, 255)))
 
 
+def check_congestion_control(name: str) -> None:
+    """Raise LabError unless the hosts' namespaces may use TCP congestion control `name`."""
+    def sysctl(key: str) -> list[str]:
+        with open(f"/proc/sys/net/ipv4/{key}") as f:
+            return f.read().split()
+
+    available = sysctl("tcp_available_congestion_control")
+    if name not in available:
+        raise LabError(f"--congestion-control {name}: this kernel offers {', '.join(available)}")
+    # Linux lets a namespace other than the first choose only from the machine's allowed list
+    allowed = sysctl("tcp_allowed_congestion_control")
+    if name not in allowed:
+        raise LabError(f"--congestion-control {name}: a network namespace may choose only from "
+                       f"net.ipv4.tcp_allowed_congestion_control ({' '.join(allowed)}); as root: "
+                       f"sysctl -w net.ipv4.tcp_allowed_congestion_control='{' '.join([*allowed, name])}'")
+
+
 class Topology:
     def __init__(self, run_id: str, hosts: int, subnet: int) -> None:
         self.bridge_ns = f"{run_id}-br"
@@ -81,6 +98,8 @@ class Topology:
         has_netem = spec.delay_ms <= 0 or self._has_netem()
         if not has_netem:
             raise LabError("--delay-ms needs the netem qdisc, which this kernel lacks (CONFIG_NET_SCH_NETEM)")
+        if spec.congestion_control:
+            check_congestion_control(spec.congestion_control)
         self._add_ns(self.bridge_ns)
         br = ("ip", "-n", self.bridge_ns)
         sh(*br, "link", "add", "br0", "type", "bridge")
@@ -105,10 +124,6 @@ class Topology:
 
     @staticmethod
     def set_congestion_control(ns: str, name: str) -> None:
-        with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
-            available = f.read().split()
-        if name not in available:
-            raise LabError(f"--congestion-control {name}: this kernel offers {', '.join(available)}")
         sh("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.tcp_congestion_control={name}")
 
     def congestion_control(self) -> str:
