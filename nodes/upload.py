@@ -47,6 +47,7 @@ import zmq.asyncio
 
 from dfzmq import net, wire
 from dfzmq.service import MSG_IN, MSG_OUT, Counters, decode_routed
+from nodes import trace
 from nodes.limits import TokenBucket
 from nodes.store import DISK, PieceStore
 from nodes.uplink import START_POLL_S, UplinkMeter
@@ -303,8 +304,14 @@ class UploadServer:
         meta = self.store.get_task(task_id)
         return bool(meta and meta.get("complete") and meta.get("piece_count", -1) == len(held))
 
+    def _child(self, ident: bytes, task_id: str) -> str:
+        sub = self.subs.get(task_id, {}).get(ident)
+        return sub.peer_id if sub else ident.hex()
+
     def _serve_piece(self, ident: bytes, msg: wire.PieceRequest) -> None:
         self.on_access(msg.task_id)
+        if trace.enabled():  # the lab: when a request arrived here, to tell queueing from the wire
+            trace.trace("up-asked", msg.task_id, msg.num, self._child(ident, msg.task_id), msg.left)
         now = time.monotonic()
         asked = self.origin_asked.get(msg.task_id)
         first = asked.get(msg.num) if asked is not None else None
@@ -388,6 +395,8 @@ class UploadServer:
             data = None
         flight = InFlight(msg)
         self.queues.sent(ident, flight)
+        if trace.enabled():  # handed on: from here the child's connection decides
+            trace.trace("up-sent", msg.task_id, msg.num, self._child(ident, msg.task_id), self.queues.total)
         if data is DISK:
             self.counters["upload.disk-reads"] += 1
             if self._readers is None:
