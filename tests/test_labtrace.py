@@ -85,3 +85,25 @@ def test_gso_segments_keep_a_packet_within_its_link_time():
     assert netlab.gso_segments(2.5, 5) == 1  # 1448 bytes already take 4.6 ms
     assert netlab.gso_segments(25, 5) == 10
     assert netlab.gso_segments(10_000, 5) == 44  # never above a 64 KiB super-packet
+
+
+def test_parent_waits_split_queue_from_wire_and_name_the_slowest_child():
+    """h1 serves h2 (asked from 0 s) and h3 (asked from 5 s). h2's pieces wait 1 s in h1's queue
+    and 0.5 s on the wire; h3's go out at once and take 8 s on the wire: h3 is the slowest child."""
+    def ev(t: float, kind: str, num: int, host: str) -> list:
+        return [100.0 + t, kind, "t", num, f"lab-{host}-aa/t", None]
+
+    parent = []
+    child2, child3 = [], []
+    for k in range(3):
+        parent += [ev(2 * k, "up-asked", k, "h2"), ev(2 * k + 1, "up-sent", k, "h2")]
+        child2 += [ev(2 * k, "req", k, "h1"), ev(2 * k + 1.5, "got", k, "h1")]
+        parent += [ev(5 + k, "up-asked", 10 + k, "h3"), ev(5 + k, "up-sent", 10 + k, "h3")]
+        child3 += [ev(5 + k, "req", 10 + k, "h1"), ev(13 + k, "got", 10 + k, "h1")]
+    child3.append(ev(20, "got", 99, "h1"))  # a piece h1 never logged sending (a trace cut short): not counted
+    out = labtrace.parent_waits({"h1": parent, "h2": child2, "h3": child3}, t0=100.0)
+    assert list(out) == ["h1"]
+    assert out["h1"]["pieces"] == 6
+    assert out["h1"]["queue_s"] == pytest.approx(1.0)  # the upper median of 0, 0, 0, 1, 1, 1
+    assert out["h1"]["wire_s"] == pytest.approx(8.0)
+    assert out["h1"]["slowest_child"] == {"child": "h3", "asked_from_s": 5.0, "pieces": 3, "wire_s": 8.0}

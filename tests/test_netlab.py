@@ -59,6 +59,8 @@ def test_lab_distributes_every_copy_reading_origin_once(tmp_path, monkeypatch):
     assert sum(v["use"] for v in trace["uplinks"].values()) > 0
     for name, late in trace["late"].items():
         assert late["pieces"] >= 1 and late["last"], name
+    # the peers' upload events: what each served, split into its queue and the wire
+    assert trace["served"] and all(v["pieces"] >= 1 and v["wire_s"] >= 0 for v in trace["served"].values())
     left = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
             if n.startswith(result["run_id"] + "-")]
     assert left == []
@@ -68,6 +70,7 @@ def test_lab_distributes_every_copy_reading_origin_once(tmp_path, monkeypatch):
     out = io.StringIO()
     Console(file=out, width=140, color_system=None).print(netlab.render(result))
     assert "last / bound" in out.getvalue() and "slowest piece wait" in out.getvalue()
+    assert "served: queue / wire s" in out.getvalue()
 
 
 def test_lab_refuses_a_congestion_control_the_kernel_lacks():

@@ -10,6 +10,8 @@
 - late: per peer, where its last pieces came from (parent host, seconds from request to
   arrival) and how long its slowest request waited;
 - waste: endgame duplicates, timed out requests and parents dropped as silent, by parent host;
+- served: per parent host, how long pieces waited in its queue and then on the wire, and its
+  child slowest on the wire (parent_waits);
 - unasked: per parent host, the time from its first request until the last host finished in
   which no child had a request waiting at it: an uplink idle for want of requests, not of
   bandwidth (its children already held what it had, or it had none left). Session 9 found this
@@ -152,6 +154,53 @@ def unasked(all_events: dict[str, list[list]], t0: float, t_end: float) -> dict[
     return dict(sorted(out.items(), key=lambda kv: (len(kv[0]), kv[0])))
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def parent_waits(all_events: dict[str, list[list]], t0: float) -> dict[str, dict]:
+    """Per parent host, from its own upload events (`up-asked`: a request arrived, `up-sent`:
+    handed to the child's connection) and its children's arrivals: the median seconds a piece
+    waited in the parent's queue and then on the wire (ZeroMQ, the kernel, the links), and the
+    child whose pieces took longest on the wire, with when it first asked this parent. Session
+    18 found this way that a child added to a busy parent late (a laggard's boost) got its
+    pieces after 8-20 s on the wire while the parent's first children got theirs in about 1 s:
+    the parent's queue had released them first, TCP then gave the new connection little."""
+    sent: dict[tuple[str, str, int], tuple[float, float]] = {}
+    for parent, events in all_events.items():
+        asked: dict[tuple[str, int], float] = {}
+        for t, ev, _task, num, child, _extra in events:
+            if ev == "up-asked":
+                asked[(host_of(child), num)] = t
+            elif ev == "up-sent" and (host_of(child), num) in asked:
+                sent[(parent, host_of(child), num)] = (asked.pop((host_of(child), num)), t)
+    pairs: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    first: dict[tuple[str, str], float] = {}
+    for child, events in all_events.items():
+        for t, ev, _task, num, parent, _extra in events:
+            key = (host_of(parent), child)
+            if ev == "req":
+                first.setdefault(key, t - t0)
+            elif ev == "got" and (key[0], child, num) in sent:
+                at, out = sent[(key[0], child, num)]
+                pairs[key].append((out - at, t - out))
+    out: dict[str, dict] = {}
+    for parent in sorted({p for p, _ in pairs}, key=lambda h: (len(h), h)):
+        mine = {c: w for (p, c), w in pairs.items() if p == parent}
+        waits = [w for ws in mine.values() for w in ws]
+        worst = max(mine, key=lambda c: (len(mine[c]) >= 3, _median([w for _, w in mine[c]])))
+        out[parent] = {
+            "pieces": len(waits),
+            "queue_s": round(_median([q for q, _ in waits]), 2),
+            "wire_s": round(_median([w for _, w in waits]), 2),
+            "slowest_child": {"child": worst, "asked_from_s": round(first.get((parent, worst), 0.0), 1),
+                              "pieces": len(mine[worst]),
+                              "wire_s": round(_median([w for _, w in mine[worst]]), 2)},
+        }
+    return out
+
+
 def summarize(samples, rates_bps, t0: float, last_s: float | None, wall_s: float,
               traces: dict[str, Path], finish: dict[str, float | None]) -> dict:
     t_end = last_s or wall_s
@@ -165,4 +214,5 @@ def summarize(samples, rates_bps, t0: float, last_s: float | None, wall_s: float
         "late": {name: late_pieces(ev, t0, finish.get(name)) for name, ev in events.items()},
         "waste": waste(events),
         "unasked": unasked(events, t0, t_end),
+        "served": parent_waits(events, t0),
     }

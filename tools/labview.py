@@ -69,7 +69,8 @@ def render(result: dict):
     trace = result["trace"]
     links = Table(title="--trace: link use, share of the shaped rate (whole run / last fifth); share of the "
                         "run no child asked it for anything; slowest piece wait")
-    for col in ("host", "up use", "down use", "unasked", "slowest wait s", "last piece from"):
+    for col in ("host", "up use", "down use", "unasked", "slowest wait s", "last piece from",
+                "served: queue / wire s, slowest child"):
         links.add_column(col, justify="left" if col == "host" else "right")
     for h in result["hosts"]:
         up, dn = trace["uplinks"].get(h["host"], {}), trace.get("downlinks", {}).get(h["host"], {})
@@ -77,9 +78,13 @@ def render(result: dict):
         slowest = max((x["wait_s"] for x in late.get("slowest", [])), default=None)
         last = late.get("last") or [{}]
         asked = trace.get("unasked", {}).get(h["host"])
+        served = trace.get("served", {}).get(h["host"])
+        worst = served["slowest_child"] if served else None
         links.add_row(h["host"], f"{up.get('use', 0):.2f} / {up.get('use_last_fifth') or 0:.2f}",
                       f"{dn['use']:.2f} / {dn.get('use_last_fifth') or 0:.2f}" if dn else "-",
                       f"{asked['unasked_share']:.2f}" if asked else "-",
-                      "-" if slowest is None else f"{slowest:.1f}", last[-1].get("from", "-"))
+                      "-" if slowest is None else f"{slowest:.1f}", last[-1].get("from", "-"),
+                      f"{served['queue_s']:.1f} / {served['wire_s']:.1f}, {worst['child']} {worst['wire_s']:.1f} "
+                      f"(from {worst['asked_from_s']:.0f} s)" if served else "-")
     waste = ", ".join(f"{ev} {sum(c.values())}" for ev, c in trace["waste"].items()) or "none"
     return Group(hosts, summary, links, f"duplicates / timeouts / parents dropped silent: {waste}")
