@@ -122,6 +122,7 @@ class AcceptedPriority:
     low-delay priority: brokers have no bulk sockets, so that costs nothing."""
 
     def __init__(self, socks: list[zmq.Socket]) -> None:
+        self._watched = list(socks)
         self.sockets = [s.get_monitor_socket(zmq.EVENT_ACCEPTED) for s in socks]
         self.set = 0
 
@@ -139,9 +140,18 @@ class AcceptedPriority:
                     self.set += 1
 
     def close(self) -> None:
+        """Stop the monitors before closing their readers: libzmq writes monitor events with a
+        blocking send, and an accept after the reader is gone would stall its I/O thread (every
+        socket of the context) until the context ends."""
+        self.tend()  # disable_monitor's last event must find room in the pipe
+        for sock in self._watched:
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
         for mon in self.sockets:
             mon.close(0)
-        self.sockets = []
+        self.sockets, self._watched = [], []
 
 
 def set_low_delay_priority(fd: int) -> bool:

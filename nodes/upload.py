@@ -395,8 +395,6 @@ class UploadServer:
             data = None
         flight = InFlight(msg)
         self.queues.sent(ident, flight)
-        if trace.enabled():  # handed on: from here the child's connection decides
-            trace.trace("up-sent", msg.task_id, msg.num, self._child(ident, msg.task_id), self.queues.total)
         if data is DISK:
             self.counters["upload.disk-reads"] += 1
             if self._readers is None:
@@ -451,6 +449,8 @@ class UploadServer:
         self._piece_len = len(reply.data)
         self.counters["upload.pieces"] += 1
         self.counters[MSG_OUT[reply.KIND]] += 1
+        if trace.enabled():  # read and past the upload limiter: from here the child's connection decides
+            trace.trace("up-sent", reply.task_id, reply.num, self._child(ident, reply.task_id), self.queues.total)
         try:
             frames = [ident, *wire.encode(reply)]
             if self.drain is not None:

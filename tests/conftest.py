@@ -15,6 +15,7 @@ import time
 
 import zmq
 
+from dfzmq import net
 from dfzmq.service import StopFlag
 from tools.cluster import LocalCluster
 from tools.origin import Origin
@@ -150,12 +151,11 @@ def accepted_priorities(port: int) -> list[int]:
 
 
 def wait_priorities(port: int, count: int) -> list[int]:
-    """accepted_priorities(port) once `count` connections have the low-delay priority (6), or
+    """accepted_priorities(port) once `count` connections have the low-delay priority, or
     whatever they have after TIMEOUT_S."""
     deadline = time.monotonic() + TIMEOUT_S
     while True:
         got = accepted_priorities(port)
-        if (len(got) >= count and all(p == 6 for p in got)) or time.monotonic() > deadline:
+        if (len(got) >= count and all(p == net.LOW_DELAY_PRIORITY for p in got)) or time.monotonic() > deadline:
             return got
         time.sleep(0.02)
-

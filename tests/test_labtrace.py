@@ -107,3 +107,22 @@ def test_parent_waits_split_queue_from_wire_and_name_the_slowest_child():
     assert out["h1"]["queue_s"] == pytest.approx(1.0)  # the upper median of 0, 0, 0, 1, 1, 1
     assert out["h1"]["wire_s"] == pytest.approx(8.0)
     assert out["h1"]["slowest_child"] == {"child": "h3", "asked_from_s": 5.0, "pieces": 3, "wire_s": 8.0}
+
+
+def test_parent_waits_pair_a_repeated_request_with_its_own_send():
+    """h2 asks h1 for piece 7 at 0 (sent at once), times out and asks again at 20 (sent at
+    once); the first copy lands at 10.4 and the second at 20.5: 10.4 s and 0.5 s on the wire,
+    not 0.4 and a negative time."""
+    def ev(t: float, kind: str, num: int, host: str, task: str = "t") -> list:
+        return [100.0 + t, kind, task, num, f"lab-{host}-aa/{task}", None]
+
+    parent = [ev(0, "up-asked", 7, "h2"), ev(0, "up-sent", 7, "h2"),
+              ev(20, "up-asked", 7, "h2"), ev(20, "up-sent", 7, "h2"),
+              ev(1, "up-asked", 7, "h2", task="u"), ev(1, "up-sent", 7, "h2", task="u")]
+    child = [ev(0, "req", 7, "h1"), ev(10.4, "got", 7, "h1"), ev(20, "req", 7, "h1"), ev(20.5, "dup", 7, "h1"),
+             ev(20.5, "got", 7, "h1"), ev(1, "req", 7, "h1", task="u"), ev(3, "got", 7, "h1", task="u")]
+    out = labtrace.parent_waits({"h1": parent, "h2": child}, t0=100.0)
+    assert out["h1"]["pieces"] == 3  # piece 7 of task t twice, of task u once
+    assert out["h1"]["slowest_child"]["wire_s"] == pytest.approx(2.0)  # the median of 0.5, 2, 10.4
+    assert out["h1"]["queue_s"] == 0.0
+    assert labtrace.parent_waits({}, t0=0.0) == {}

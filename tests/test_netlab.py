@@ -74,12 +74,14 @@ def test_lab_distributes_every_copy_reading_origin_once(tmp_path, monkeypatch):
 
 
 def test_lab_refuses_a_congestion_control_the_kernel_lacks():
+    """Checked before anything is built: a one-line error, and no namespace made."""
     reason = netlab.unavailable_reason()
     if reason is not None:
         pytest.skip(f"network namespaces cannot be made here: {reason}")
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     spec = netlab.LabSpec(peers=1, size_mib=1, congestion_control="no-such-cc")
     with pytest.raises(netlab.LabError, match="no-such-cc: this kernel offers"):
         netlab.run_lab(spec)
-    # the namespaces built before the failure are gone (run ids are the lab's pid)
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    assert [n for n in names if n.startswith(f"{netlab.PREFIX}{os.getpid()}-")] == []
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert [n for n in after.split() if n.startswith(f"{netlab.PREFIX}{os.getpid()}-")] == []
+    assert len(after.splitlines()) <= len(before.splitlines())

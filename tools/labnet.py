@@ -75,7 +75,8 @@ def check_congestion_control(name: str) -> None:
 
     available = sysctl("tcp_available_congestion_control")
     if name not in available:
-        raise LabError(f"--congestion-control {name}: this kernel offers {', '.join(available)}")
+        raise LabError(f"--congestion-control {name}: this kernel offers {', '.join(available)} "
+                       f"(one built as a module loads with: modprobe tcp_{name})")
     # Linux lets a namespace other than the first choose only from the machine's allowed list
     allowed = sysctl("tcp_allowed_congestion_control")
     if name not in allowed:

@@ -161,40 +161,46 @@ def _median(xs: list[float]) -> float:
 
 def parent_waits(all_events: dict[str, list[list]], t0: float) -> dict[str, dict]:
     """Per parent host, from its own upload events (`up-asked`: a request arrived, `up-sent`:
-    handed to the child's connection) and its children's arrivals: the median seconds a piece
-    waited in the parent's queue and then on the wire (ZeroMQ, the kernel, the links), and the
-    child whose pieces took longest on the wire, with when it first asked this parent. Session
-    18 found this way that a child added to a busy parent late (a laggard's boost) got its
-    pieces after 8-20 s on the wire while the parent's first children got theirs in about 1 s:
-    the parent's queue had released them first, TCP then gave the new connection little."""
-    sent: dict[tuple[str, str, int], tuple[float, float]] = {}
+    the piece read and handed to the child's connection) and its children's arrivals: the median
+    seconds a piece waited in the parent's queue and then on the wire (ZeroMQ, the kernel, the
+    links, the child storing it), and the child whose pieces took longest on the wire, with when
+    it first asked this parent. Session 18 found this way that a child added to a busy parent
+    late (a laggard's boost) got its pieces after 8-21 s on the wire while the parent's first
+    children got theirs in about 1 s: the parent's queue had released them first, TCP then gave
+    the new connection little. A piece asked of the same parent twice (after a timeout) pairs
+    each arrival with the earliest send not yet matched that left before it."""
+    sends: dict[tuple, list[tuple[float, float]]] = defaultdict(list)  # (parent, child, task, num)
     for parent, events in all_events.items():
-        asked: dict[tuple[str, int], float] = {}
-        for t, ev, _task, num, child, _extra in events:
+        asked: dict[tuple, list[float]] = defaultdict(list)
+        for t, ev, task, num, child, _extra in events:
+            key = (host_of(child), task, num)
             if ev == "up-asked":
-                asked[(host_of(child), num)] = t
-            elif ev == "up-sent" and (host_of(child), num) in asked:
-                sent[(parent, host_of(child), num)] = (asked.pop((host_of(child), num)), t)
+                asked[key].append(t)
+            elif ev == "up-sent" and asked[key]:
+                sends[(parent, *key)].append((asked[key].pop(0), t))
     pairs: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     first: dict[tuple[str, str], float] = {}
     for child, events in all_events.items():
-        for t, ev, _task, num, parent, _extra in events:
+        for t, ev, task, num, parent, _extra in events:
             key = (host_of(parent), child)
             if ev == "req":
                 first.setdefault(key, t - t0)
-            elif ev == "got" and (key[0], child, num) in sent:
-                at, out = sent[(key[0], child, num)]
-                pairs[key].append((out - at, t - out))
+            elif ev == "got":
+                pending = sends.get((key[0], child, task, num))
+                if pending and pending[0][1] <= t:
+                    at, out = pending.pop(0)
+                    pairs[key].append((out - at, t - out))
     out: dict[str, dict] = {}
     for parent in sorted({p for p, _ in pairs}, key=lambda h: (len(h), h)):
         mine = {c: w for (p, c), w in pairs.items() if p == parent}
         waits = [w for ws in mine.values() for w in ws]
         worst = max(mine, key=lambda c: (len(mine[c]) >= 3, _median([w for _, w in mine[c]])))
+        joined = first.get((parent, worst))  # None: the child's trace has no request to it
         out[parent] = {
             "pieces": len(waits),
             "queue_s": round(_median([q for q, _ in waits]), 2),
             "wire_s": round(_median([w for _, w in waits]), 2),
-            "slowest_child": {"child": worst, "asked_from_s": round(first.get((parent, worst), 0.0), 1),
+            "slowest_child": {"child": worst, "asked_from_s": None if joined is None else round(joined, 1),
                               "pieces": len(mine[worst]),
                               "wire_s": round(_median([w for _, w in mine[worst]]), 2)},
         }

@@ -85,6 +85,7 @@ def render(result: dict):
                       f"{asked['unasked_share']:.2f}" if asked else "-",
                       "-" if slowest is None else f"{slowest:.1f}", last[-1].get("from", "-"),
                       f"{served['queue_s']:.1f} / {served['wire_s']:.1f}, {worst['child']} {worst['wire_s']:.1f} "
-                      f"(from {worst['asked_from_s']:.0f} s)" if served else "-")
+                      + ("" if worst["asked_from_s"] is None else f"(from {worst['asked_from_s']:.0f} s)")
+                      if served else "-")
     waste = ", ".join(f"{ev} {sum(c.values())}" for ev, c in trace["waste"].items()) or "none"
     return Group(hosts, summary, links, f"duplicates / timeouts / parents dropped silent: {waste}")
