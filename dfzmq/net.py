@@ -124,7 +124,6 @@ class AcceptedPriority:
     def __init__(self, socks: list[zmq.Socket]) -> None:
         self._watched = list(socks)
         self.sockets = [s.get_monitor_socket(zmq.EVENT_ACCEPTED) for s in socks]
-        self.set = 0
 
     def tend(self, events: dict | None = None) -> None:
         for mon in self.sockets:
@@ -136,42 +135,45 @@ class AcceptedPriority:
                 except zmq.Again:
                     break
                 event = zmq.utils.monitor.parse_monitor_message(frames)
-                if event["event"] == zmq.EVENT_ACCEPTED and set_low_delay_priority(event["value"]):
-                    self.set += 1
+                if event["event"] == zmq.EVENT_ACCEPTED:
+                    set_low_delay_priority(event["value"])
 
     def close(self) -> None:
-        """Stop the monitors before closing their readers: libzmq writes monitor events with a
-        blocking send, and an accept after the reader is gone would stall its I/O thread (every
-        socket of the context) until the context ends."""
-        self.tend()  # disable_monitor's last event must find room in the pipe
-        for sock in self._watched:
-            try:
-                sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-        for mon in self.sockets:
-            mon.close(0)
+        self.tend()
+        for sock, mon in zip(self._watched, self.sockets):
+            stop_monitor(sock, mon)
         self.sockets, self._watched = [], []
 
 
-def set_low_delay_priority(fd: int) -> bool:
+def dup_socket(fd: int) -> pysocket.socket:
+    """A socket object on a duplicate of ZeroMQ's descriptor `fd` (closing it leaves ZeroMQ's
+    open). Raises OSError when `fd` is closed or is not a socket (a reused descriptor)."""
+    dup = os.dup(fd)
+    try:
+        return pysocket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        raise
+
+
+def stop_monitor(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    """Stop `sock`'s monitor, then close its reader `monitor`, once the caller has read what was
+    waiting (disable_monitor's last event must find room in the pipe). In the other order an
+    event after the reader is gone stalls libzmq's I/O thread, every socket of the context."""
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(0)
+
+
+def set_low_delay_priority(fd: int) -> None:
     """Give the socket behind descriptor `fd` (which stays open) the low-delay priority."""
     try:
-        dup = os.dup(fd)
-    except OSError:
-        return False
-    try:
-        sock = pysocket.socket(fileno=dup)
-    except OSError:  # not a socket (the descriptor was reused)
-        os.close(dup)
-        return False
-    try:
-        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_PRIORITY, LOW_DELAY_PRIORITY)
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
+        with dup_socket(fd) as sock:
+            sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_PRIORITY, LOW_DELAY_PRIORITY)
+    except OSError:  # gone already, or not a socket (the descriptor was reused)
+        pass
 
 
 async def recv_burst(sock, copy: bool = True, limit: int = 256) -> list[list]:

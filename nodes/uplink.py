@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import socket
 import struct
 import termios
@@ -45,6 +44,8 @@ from dataclasses import dataclass
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
+
+from dfzmq import net
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +236,8 @@ class UplinkMeter:
 
     def close(self) -> None:
         if self.monitor is not None:
-            self.drain_events()  # disable_monitor's last event must find room in the pipe
-            try:
-                self._sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self.monitor.close(0)
+            self.drain_events()
+            net.stop_monitor(self._sock, self.monitor)
             self.monitor = None
 
     def drain_events(self) -> None:
@@ -261,7 +258,7 @@ class UplinkMeter:
             self.conns.pop(fd, None)
             return
         try:
-            with _dup(fd) as s:
+            with net.dup_socket(fd) as s:
                 if self._ours(s):
                     c = self.conns[fd] = _Conn(s.getpeername())
                     if self.policy.provisional:  # capped from the start: from its first byte
@@ -294,7 +291,7 @@ class UplinkMeter:
         want = self.policy.sndbuf
         for fd, c in list(self.conns.items()):
             try:
-                with _dup(fd) as s:
+                with net.dup_socket(fd) as s:
                     if not self._ours(s) or s.getpeername() != c.peer:
                         raise OSError("descriptor reused")
                     info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
@@ -341,15 +338,10 @@ class UplinkMeter:
             if shrunk_only and not c.sndbuf:
                 continue
             try:
-                with _dup(fd) as s:
+                with net.dup_socket(fd) as s:
                     if not self._ours(s) or s.getpeername() != c.peer:
                         raise OSError("descriptor reused")
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
                     c.sndbuf = size
             except OSError:
                 del self.conns[fd]
-
-
-def _dup(fd: int) -> socket.socket:
-    """A socket object on a duplicate of `fd` (closing it leaves ZeroMQ's descriptor open)."""
-    return socket.socket(fileno=os.dup(fd))
