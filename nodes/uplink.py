@@ -78,6 +78,12 @@ START_WAIT_S = 10.0  # ...and never longer than this in all (too little traffic 
 START_PIECE_S = 0.05
 START_POLL_S = 0.25  # the meter samples this often while capped at the start (nodes/upload.py)
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+# Queue priorities (Linux's TC_PRIO_*: the band pfifo_fast and prio qdiscs put a packet in).
+# Child connections carry bulk data: the third band, behind the host's best-effort traffic and
+# its low-delay control sockets (dfzmq/net.py). The child a congested uplink serves first gets
+# best effort while it is marked (nodes/upload.py, `_mark_neediest`).
+BULK_PRIORITY = 2
+NEEDY_PRIORITY = 0
 
 
 @dataclass
@@ -261,11 +267,29 @@ class UplinkMeter:
             with net.dup_socket(fd) as s:
                 if self._ours(s):
                     c = self.conns[fd] = _Conn(s.getpeername())
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, BULK_PRIORITY)
                     if self.policy.provisional:  # capped from the start: from its first byte
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.policy.sndbuf)
                         c.sndbuf = self.policy.sndbuf
         except OSError:
             pass
+
+    def set_priority(self, fd: int, priority: int) -> bool:
+        """Set the queue priority of our connection on descriptor `fd` (ZMQ_SRCFD of a child's
+        message). False when it is not a connection we know (its accept not read yet, or gone:
+        a reused descriptor is forgotten, never touched)."""
+        c = self.conns.get(fd)
+        if c is None:
+            return False
+        try:
+            with net.dup_socket(fd) as s:
+                if not self._ours(s) or s.getpeername() != c.peer:
+                    raise OSError("descriptor reused")
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, priority)
+                return True
+        except OSError:
+            del self.conns[fd]
+            return False
 
     def start(self) -> Decision | None:
         """`UplinkPolicy.start`, and the small buffers on the connections there are now. Not

@@ -31,6 +31,22 @@ windows bound what is queued), and never lets a malformed frame stop the loop.
 
 Each child has at most two pieces in the socket; its further requests wait here, where a
 PIECE_CANCEL can still remove them (nodes/uploadq.py).
+
+The neediest child's bytes first: a capped uplink releases requests neediest child first, but
+once bytes are in the kernel the queue behind the uplink decides, and a FIFO there shares it by
+what each TCP flow puts in it. Linux sizes a flow's packets by the lowest round trip it has seen
+(tcp_tso_rtt_log): a connection opened while the link was idle sends 64 KiB packets, one opened
+behind a queue a few kilobytes, and with two packets each in the queue (TCP small queues) the
+first takes most of the link. In a network namespace shaped like the lab (3 Mbit/s, eight
+flows, then a ninth) one flow took 200-280 kB/s, the others and the newcomer 6-20 (the
+README, fourteenth round); a child boosted to a busy fast parent mid-run waited 10-18 s per
+piece there. So every child connection sits in the queue's bulk band and, while the uplink is
+capped, the child lacking the most of its task (MARK_MARGIN beyond the median child with requests
+here) is moved to the best-effort band ahead of it: pfifo_fast and prio qdiscs then send its
+bytes first, and the others fill what it leaves. Flow-fair qdiscs (fq_codel, fq) ignore the band
+and share the link evenly anyway. Each child's connection is known by the descriptor its
+messages arrive on (ZMQ_SRCFD), checked against the meter's accepted connections before it is
+touched (nodes/uplink.py).
 """
 
 from __future__ import annotations
@@ -50,8 +66,8 @@ from dfzmq.service import MSG_IN, MSG_OUT, Counters, decode_routed
 from nodes import trace
 from nodes.limits import TokenBucket
 from nodes.store import DISK, PieceStore
-from nodes.uplink import START_POLL_S, UplinkMeter
-from nodes.uploadq import ChildQueues, InFlight
+from nodes.uplink import BULK_PRIORITY, NEEDY_PRIORITY, START_POLL_S, UplinkMeter
+from nodes.uploadq import ChildQueues, InFlight, need
 from nodes.zdrain import Drain, plain_context
 
 log = logging.getLogger(__name__)
@@ -73,6 +89,10 @@ RELEASE_MAX_S = 0.1
 # this many children on the task: a wave. A few children on a fast link lose more by waiting
 # than a repeat costs (three registry mirrors fetching one blob through each other).
 WAVE_CHILDREN = 8
+# A congested uplink marks the connection of its neediest child for the queue's best-effort band
+# (module docstring, "The neediest child's bytes first") when that child lacks at least this much
+# more of its task (per mille, as PIECE_REQUEST.left) than the median child with requests here.
+MARK_MARGIN = 25
 
 
 class _Done:
@@ -134,6 +154,9 @@ class UploadServer:
         self._release_max_s = RELEASE_MAX_S
         self._congested_s = 0.0
         self._monitor: Drain | None = None  # reads the upload socket's monitor (nodes/uplink.py)
+        self._fd: dict[bytes, int] = {}  # child -> the descriptor its messages came on (ZMQ_SRCFD)
+        self._need: dict[bytes, int] = {}  # child -> need() of its latest PIECE_REQUEST
+        self._marked: bytes | None = None  # the child whose connection is in the best-effort band
 
         self._queued = asyncio.Event()  # something waits in self.queues
         self._readers: ThreadPoolExecutor | None = None  # reads piece files not in memory
@@ -206,7 +229,8 @@ class UploadServer:
         reveal = asyncio.create_task(self._reveal_loop())
         sender = asyncio.create_task(self._send_loop())
         releaser = asyncio.create_task(self._release_loop())
-        self.drain = Drain(self.sock, self._on_frames, on_error=self._on_recv_error)
+        # Frames, not bytes: the first one names the connection a child's message came on.
+        self.drain = Drain(self.sock, self._on_frames, copy=False, on_error=self._on_recv_error)
         if self.uplink is not None and self.uplink.monitor is not None:
             # Read all the time: a full monitor pipe would block libzmq's I/O thread.
             self._monitor = Drain(self.uplink.monitor, self.uplink.on_event, on_error=self._on_recv_error)
@@ -226,6 +250,11 @@ class UploadServer:
         got = decode_routed(frames, self.counters)
         if got is None:
             return
+        if self.uplink is not None:
+            try:
+                self._fd[got[0]] = frames[0].get(zmq.SRCFD)
+            except (zmq.ZMQError, AttributeError, TypeError):  # not a frame, or no descriptor
+                pass
         try:
             self.handle(*got)
         except Exception:  # never let one request stop the server
@@ -263,6 +292,7 @@ class UploadServer:
         if self.queues.total > 0:
             if self.queues.waiting:
                 self._release_all()
+            self._mark_neediest()
         elif ident in self.queues.waiting:  # the child's own traffic clocks its queue
             self._release(ident)
 
@@ -310,6 +340,7 @@ class UploadServer:
 
     def _serve_piece(self, ident: bytes, msg: wire.PieceRequest) -> None:
         self.on_access(msg.task_id)
+        self._need[ident] = need(msg.left)
         if trace.enabled():  # the lab: when a request arrived here, to tell queueing from the wire
             trace.trace("up-asked", msg.task_id, msg.num, self._child(ident, msg.task_id), msg.left)
         now = time.monotonic()
@@ -369,6 +400,7 @@ class UploadServer:
             if self.queues.total > 0:
                 try:
                     released = self._release_all()
+                    self._mark_neediest()
                 except Exception:
                     self.counters["upload.errors"] += 1
                     log.exception("upload release failed")
@@ -478,6 +510,10 @@ class UploadServer:
         for i in gone:
             del self.last_heard[i]
             self.queues.drop(i)
+            self._fd.pop(i, None)
+            self._need.pop(i, None)
+            if self._marked == i:
+                self._marked = None
         for task_id in list(self.subs):
             subs = self.subs[task_id]
             for i in gone & subs.keys():
@@ -526,6 +562,36 @@ class UploadServer:
                     if fresh:
                         self._have(task_id, ident, fresh)
 
+    def _mark_neediest(self) -> None:
+        """While the uplink is capped, put the connection of the child lacking the most of its
+        task (MARK_MARGIN beyond the median child with requests here) in the best-effort band and
+        every other child's in the bulk band; nobody's once the cap is lifted."""
+        target = None
+        if self.queues.total > 0 and self.uplink is not None:
+            active = self.queues.waiting.keys() | self.queues.sending.keys()
+            if len(active) >= 2:
+                needs = sorted(self._need.get(i, 0) for i in active)
+                top = max(active, key=lambda i: (self._need.get(i, 0), i))
+                if self._need.get(top, 0) - needs[len(needs) // 2] >= MARK_MARGIN:
+                    target = top
+        if target == self._marked:
+            return
+        if self._marked is not None:
+            self._prioritize(self._marked, BULK_PRIORITY)
+        self._marked = target if target is not None and self._prioritize(target, NEEDY_PRIORITY) else None
+
+    def _prioritize(self, ident: bytes, priority: int) -> bool:
+        fd = self._fd.get(ident)
+        if fd is None or self.uplink is None:
+            return False
+        if self.uplink.set_priority(fd, priority):
+            self.counters["upload.marked" if priority == NEEDY_PRIORITY else "upload.unmarked"] += 1
+            if trace.enabled():  # the lab: which child's bytes went first, and when
+                peer = next((subs[ident].peer_id for subs in self.subs.values() if ident in subs), ident.hex())
+                trace.trace("up-mark", "", -1, peer, priority)
+            return True
+        return False
+
     def _wave(self, task_id: str) -> bool:
         """A task read from the origin here, with a wave of children (WAVE_CHILDREN)."""
         return task_id in self.origin_asked and len(self.subs.get(task_id, ())) >= WAVE_CHILDREN
@@ -567,6 +633,7 @@ class UploadServer:
         if decision is None and self.uplink.broken and self.queues.total:
             self.queues.total = 0  # capped at the start (`_start_capped`), then found unmeasurable
             self._release_max_s = RELEASE_MAX_S
+            self._mark_neediest()
         if decision is not None:
             if decision.inflight_total != self.queues.total:
                 self.counters["upload.uplink-changes"] += 1
@@ -578,6 +645,8 @@ class UploadServer:
             self._release_max_s = RELEASE_MAX_S
             if decision.inflight_total and rate > 0:
                 self._release_max_s = max(RELEASE_TICK_S, min(RELEASE_MAX_S, self._piece_len / rate / 4))
+            if not self.queues.total:
+                self._mark_neediest()  # the cap lifted: nobody first
             self._congested_s += dt * self.uplink.policy.congested  # metered every 0.25 s or 1 s
             self.counters["upload.uplink-congested-s"] = int(self._congested_s)
 

@@ -457,3 +457,93 @@ def test_upload_server_reads_its_monitor_all_the_time(tmp_path):
             assert len(server.uplink.conns) <= 1  # the probes came and went
 
     run_then_close(main, store)
+
+
+def _priority(fd: int) -> int:
+    with socket.socket(fileno=os.dup(fd)) as s:
+        return s.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY)
+
+
+def test_meter_puts_child_connections_in_the_bulk_band_and_sets_one_apart_on_request():
+    """Read back from the kernel: an accepted child connection's queue priority is the bulk
+    band's; `set_priority` moves it, and never touches a descriptor that is not one of ours."""
+    ctx = zmq.Context()
+    router, meter, port = _metered_router(ctx)
+    child = ctx.socket(zmq.DEALER)
+    child.setsockopt(zmq.LINGER, 0)
+    child.connect(f"tcp://127.0.0.1:{port}")
+    other = socket.socket()
+    try:
+        child.send(b"hello")
+        assert router.poll(int(TIMEOUT_S * 1000))
+        frames = router.recv_multipart(copy=False)
+        fd = frames[0].get(zmq.SRCFD)  # what the upload server learns each child's connection by
+        meter.drain_events()
+        assert fd in meter.conns and _priority(fd) == uplink.BULK_PRIORITY
+        assert meter.set_priority(fd, uplink.NEEDY_PRIORITY) and _priority(fd) == uplink.NEEDY_PRIORITY
+        assert meter.set_priority(fd, uplink.BULK_PRIORITY) and _priority(fd) == uplink.BULK_PRIORITY
+        assert not meter.set_priority(other.fileno(), uplink.NEEDY_PRIORITY)  # never accepted here
+        assert _priority(other.fileno()) == 0
+    finally:
+        other.close()
+        child.close(0)
+        meter.close()
+        router.close(0)
+        ctx.term()
+
+
+def test_a_capped_upload_server_puts_its_neediest_childs_bytes_first(tmp_path):
+    """Three children with requests waiting at a capped uplink: the connection of the one that
+    lacks most of the task (by MARK_MARGIN beyond the median) goes to the best-effort band, the
+    others stay in the bulk band; the mark moves when another child is further behind, and is
+    taken away when the cap is lifted."""
+    import nodes.upload as upload_mod
+
+    store, held = _store_pieces(tmp_path, count=12, size=MiB)
+
+    async def main():
+        counters = Counters()
+        async with _upload_server(store, held, counters, children=0) as (server, _):
+            server._meter_every = lambda: 3600.0  # the cap stays as the test sets it
+            # Children that read nothing: their pieces stay in the socket, the rest wait.
+            children = [zmq.asyncio.Socket.from_socket(_stalled_child(server.sock.context, server.addr))
+                        for _ in range(3)]
+            try:
+                names = ["far", "mid", "near"]
+                for name, child in zip(names, children):
+                    await child.send_multipart(wire.encode(wire.Subscribe(TASK, name)))
+                    assert isinstance(wire.decode(await child.recv_multipart()), wire.Have)
+                server.queues.total = 1  # the uplink queues: one piece in the socket at a time
+                server.uplink.drain_events()
+                server.uplink._resize(4096)  # small buffers: a piece stays in the socket, the rest wait
+                ident = {sub.peer_id: i for i, sub in server.subs[TASK].items()}
+
+                def band(name: str) -> int:
+                    return _priority(server._fd[ident[name]])
+
+                async def ask(child, n: int, left: int) -> None:
+                    await child.send_multipart(wire.encode(wire.PieceRequest(TASK, n, held[n].digest, left)))
+
+                lefts = {"far": 800, "mid": 500, "near": 500 - upload_mod.MARK_MARGIN + 1}
+                for k, (name, child) in enumerate(zip(names, children)):
+                    for n in range(3 * k, 3 * k + 3):
+                        await ask(child, n, lefts[name])
+                deadline = time.monotonic() + TIMEOUT_S
+                while server._marked != ident["far"] and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert server._marked == ident["far"], (server._need, server.queues.waiting.keys())
+                assert [band(n) for n in names] == [uplink.NEEDY_PRIORITY, uplink.BULK_PRIORITY, uplink.BULK_PRIORITY]
+                await ask(children[1], 9, 900)  # "mid" now lacks the most
+                deadline = time.monotonic() + TIMEOUT_S
+                while server._marked != ident["mid"] and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert [band(n) for n in names] == [uplink.BULK_PRIORITY, uplink.NEEDY_PRIORITY, uplink.BULK_PRIORITY]
+                server.queues.total = 0  # the cap lifted: nobody first
+                server._mark_neediest()
+                assert server._marked is None and {band(n) for n in names} == {uplink.BULK_PRIORITY}
+                assert counters["upload.marked"] == 2 and counters["upload.unmarked"] == 2
+            finally:
+                for child in children:
+                    child.close(0)
+
+    run_then_close(main, store)
