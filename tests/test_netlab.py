@@ -7,6 +7,7 @@ behind), never how long it took: timing belongs to `make lab`, where it is repor
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 
@@ -85,3 +86,18 @@ def test_lab_refuses_a_congestion_control_the_kernel_lacks():
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert [n for n in after.split() if n.startswith(f"{netlab.PREFIX}{os.getpid()}-")] == []
     assert len(after.splitlines()) <= len(before.splitlines())
+
+
+def test_labflows_measures_early_flows_and_a_late_one_and_leaves_no_namespace(capfd):
+    """tools/labflows.py (the README's fourteenth round): real flows through a shaped uplink."""
+    from tools import labflows
+    reason = netlab.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"network namespaces cannot be made here: {reason}")
+    assert labflows.main(["--early", "2", "--late-at", "1", "--seconds", "3", "--mbit", "10",
+                          "--late-first", "--json"]) == 0
+    rows = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) >= 2 and rows[-1]["late"] is not None
+    assert 0 < rows[-1]["total"] <= 10e6 / 8 / 1e3 * 1.2  # kB/s, within the 10 Mbit/s link
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert [n for n in after.split() if n.startswith(f"{netlab.PREFIX}{os.getpid()}-")] == []
