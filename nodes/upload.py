@@ -156,7 +156,8 @@ class UploadServer:
         self._monitor: Drain | None = None  # reads the upload socket's monitor (nodes/uplink.py)
         self._fd: dict[bytes, int] = {}  # child -> the descriptor its messages came on (ZMQ_SRCFD)
         self._need: dict[bytes, int] = {}  # child -> need() of its latest PIECE_REQUEST
-        self._marked: bytes | None = None  # the child whose connection is in the best-effort band
+        # The child whose connection is in the best-effort band, and that connection's descriptor.
+        self._marked: tuple[bytes, int] | None = None
 
         self._queued = asyncio.Event()  # something waits in self.queues
         self._readers: ThreadPoolExecutor | None = None  # reads piece files not in memory
@@ -512,7 +513,7 @@ class UploadServer:
             self.queues.drop(i)
             self._fd.pop(i, None)
             self._need.pop(i, None)
-            if self._marked == i:
+            if self._marked and self._marked[0] == i:
                 self._marked = None
         for task_id in list(self.subs):
             subs = self.subs[task_id]
@@ -572,17 +573,16 @@ class UploadServer:
             if len(active) >= 2:
                 needs = sorted(self._need.get(i, 0) for i in active)
                 top = max(active, key=lambda i: (self._need.get(i, 0), i))
-                if self._need.get(top, 0) - needs[len(needs) // 2] >= MARK_MARGIN:
-                    target = top
+                if self._need.get(top, 0) - needs[len(needs) // 2] >= MARK_MARGIN and top in self._fd:
+                    target = (top, self._fd[top])  # a child that reconnected is marked again
         if target == self._marked:
             return
         if self._marked is not None:
-            self._prioritize(self._marked, BULK_PRIORITY)
-        self._marked = target if target is not None and self._prioritize(target, NEEDY_PRIORITY) else None
+            self._prioritize(*self._marked, BULK_PRIORITY)
+        self._marked = target if target is not None and self._prioritize(*target, NEEDY_PRIORITY) else None
 
-    def _prioritize(self, ident: bytes, priority: int) -> bool:
-        fd = self._fd.get(ident)
-        if fd is None or self.uplink is None:
+    def _prioritize(self, ident: bytes, fd: int, priority: int) -> bool:
+        if self.uplink is None:
             return False
         if self.uplink.set_priority(fd, priority):
             self.counters["upload.marked" if priority == NEEDY_PRIORITY else "upload.unmarked"] += 1

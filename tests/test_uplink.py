@@ -529,13 +529,13 @@ def test_a_capped_upload_server_puts_its_neediest_childs_bytes_first(tmp_path):
                     for n in range(3 * k, 3 * k + 3):
                         await ask(child, n, lefts[name])
                 deadline = time.monotonic() + TIMEOUT_S
-                while server._marked != ident["far"] and time.monotonic() < deadline:
+                while server._marked is None and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
-                assert server._marked == ident["far"], (server._need, server.queues.waiting.keys())
+                assert server._marked == (ident["far"], server._fd[ident["far"]]), (server._need, server.queues.waiting.keys())
                 assert [band(n) for n in names] == [uplink.NEEDY_PRIORITY, uplink.BULK_PRIORITY, uplink.BULK_PRIORITY]
                 await ask(children[1], 9, 900)  # "mid" now lacks the most
                 deadline = time.monotonic() + TIMEOUT_S
-                while server._marked != ident["mid"] and time.monotonic() < deadline:
+                while (server._marked or (b"",))[0] != ident["mid"] and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 assert [band(n) for n in names] == [uplink.BULK_PRIORITY, uplink.NEEDY_PRIORITY, uplink.BULK_PRIORITY]
                 server.queues.total = 0  # the cap lifted: nobody first
