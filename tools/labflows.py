@@ -38,12 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `tools` of this checkout importable
     sys.path.insert(0, str(ROOT))
 
+from nodes.uplink import BULK_PRIORITY, NEEDY_PRIORITY, TCP_INFO_LEN, TCPI_BYTES_ACKED  # noqa: E402
 from tools.labnet import PREFIX, LabError, Topology, sh, unavailable_reason  # noqa: E402
 from tools.netlab import LabSpec  # noqa: E402
 
 PORT = 7000
-TCPI_BYTES_ACKED = 120  # as nodes/uplink.py
-BULK_PRIORITY, FIRST_PRIORITY = 2, 0
 SINK = ("import socket, sys\n"
         "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
         "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen()\n"
@@ -142,13 +141,13 @@ def send(args: argparse.Namespace) -> int:
         time.sleep(1.0)
         now = time.monotonic() - t0
         if not late and now >= args.late_at:
-            start(ips[args.early + 1], FIRST_PRIORITY if args.late_first else None)
+            start(ips[args.early + 1], NEEDY_PRIORITY if args.late_first else None)
             late = True
         rates = []
         with lock:
             current = list(conns)
         for j, s in enumerate(current):
-            info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+            info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
             acked = struct.unpack_from("Q", info, TCPI_BYTES_ACKED)[0]
             rates.append((acked - last.get(j, 0)) / 1e3)
             last[j] = acked
