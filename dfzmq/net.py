@@ -48,7 +48,8 @@ SERVER_TYPES = (zmq.ROUTER, zmq.PUB)
 # heartbeats, HAVEs to the scheduler and the TCP acks of our downloads then pass bulk piece
 # uploads in any queue that honours it (Linux's pfifo_fast, many routers). A host whose uplink
 # is full of uploads otherwise delays its own piece requests and acks by seconds, and its
-# downloads crawl (issue 3, measured in the network lab). Piece uploads stay best effort.
+# downloads crawl (issue 3, measured in the network lab). Piece uploads go in the bulk band
+# (nodes/uplink.py BULK_PRIORITY), but for the neediest child of a queuing uplink.
 LOW_DELAY_TOS = 0x10
 BULK_ROLES = frozenset({"upload_router"})
 # The queue priority Linux gives a socket with TOS 0x10 (TC_PRIO_INTERACTIVE): what pfifo_fast

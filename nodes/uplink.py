@@ -40,7 +40,9 @@ import logging
 import socket
 import struct
 import termios
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -274,22 +276,29 @@ class UplinkMeter:
         except OSError:
             pass
 
-    def set_priority(self, fd: int, priority: int) -> bool:
-        """Set the queue priority of our connection on descriptor `fd` (ZMQ_SRCFD of a child's
-        message). False when it is not a connection we know (its accept not read yet, or gone:
-        a reused descriptor is forgotten, never touched)."""
+    def set_priority(self, fd: int, conn: _Conn, priority: int) -> bool:
+        """Set the queue priority of connection `conn` on descriptor `fd` (ZMQ_SRCFD of a child's
+        message, `conns[fd]` when it was learned). False when that connection is gone: the
+        descriptor closed, or reused for another connection (a new accept), which is not touched."""
         c = self.conns.get(fd)
-        if c is None:
+        if c is None or c is not conn:
             return False
         try:
-            with net.dup_socket(fd) as s:
-                if not self._ours(s) or s.getpeername() != c.peer:
-                    raise OSError("descriptor reused")
+            with self._checked(fd, c) as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, priority)
                 return True
         except OSError:
             del self.conns[fd]
             return False
+
+    @contextmanager
+    def _checked(self, fd: int, c: _Conn) -> Iterator[socket.socket]:
+        """Our connection `c` on descriptor `fd`, duplicated; OSError when the descriptor is
+        closed or now another socket (reused after ZeroMQ closed it)."""
+        with net.dup_socket(fd) as s:
+            if not self._ours(s) or s.getpeername() != c.peer:
+                raise OSError("descriptor reused")
+            yield s
 
     def start(self) -> Decision | None:
         """`UplinkPolicy.start`, and the small buffers on the connections there are now. Not
@@ -315,9 +324,7 @@ class UplinkMeter:
         want = self.policy.sndbuf
         for fd, c in list(self.conns.items()):
             try:
-                with net.dup_socket(fd) as s:
-                    if not self._ours(s) or s.getpeername() != c.peer:
-                        raise OSError("descriptor reused")
+                with self._checked(fd, c) as s:
                     info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
                     total = struct.unpack_from("Q", info, TCPI_BYTES_ACKED)[0]
                     q = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
@@ -362,9 +369,7 @@ class UplinkMeter:
             if shrunk_only and not c.sndbuf:
                 continue
             try:
-                with net.dup_socket(fd) as s:
-                    if not self._ours(s) or s.getpeername() != c.peer:
-                        raise OSError("descriptor reused")
+                with self._checked(fd, c) as s:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
                     c.sndbuf = size
             except OSError:

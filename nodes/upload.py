@@ -154,10 +154,11 @@ class UploadServer:
         self._release_max_s = RELEASE_MAX_S
         self._congested_s = 0.0
         self._monitor: Drain | None = None  # reads the upload socket's monitor (nodes/uplink.py)
-        self._fd: dict[bytes, int] = {}  # child -> the descriptor its messages came on (ZMQ_SRCFD)
+        # child -> the descriptor its messages come on (ZMQ_SRCFD) and the meter's record of that
+        # connection (a descriptor reused for another child's connection is another record)
+        self._fd: dict[bytes, tuple[int, object]] = {}
         self._need: dict[bytes, int] = {}  # child -> need() of its latest PIECE_REQUEST
-        # The child whose connection is in the best-effort band, and that connection's descriptor.
-        self._marked: tuple[bytes, int] | None = None
+        self._marked: bytes | None = None  # the child whose connection is in the best-effort band
 
         self._queued = asyncio.Event()  # something waits in self.queues
         self._readers: ThreadPoolExecutor | None = None  # reads piece files not in memory
@@ -230,8 +231,10 @@ class UploadServer:
         reveal = asyncio.create_task(self._reveal_loop())
         sender = asyncio.create_task(self._send_loop())
         releaser = asyncio.create_task(self._release_loop())
-        # Frames, not bytes: the first one names the connection a child's message came on.
-        self.drain = Drain(self.sock, self._on_frames, copy=False, on_error=self._on_recv_error)
+        # The first frame as a Frame when sharing by need: it names the connection a child's
+        # message came on.
+        self.drain = Drain(self.sock, self._on_frames, on_error=self._on_recv_error,
+                           first_frame=self.uplink is not None)
         if self.uplink is not None and self.uplink.monitor is not None:
             # Read all the time: a full monitor pipe would block libzmq's I/O thread.
             self._monitor = Drain(self.uplink.monitor, self.uplink.on_event, on_error=self._on_recv_error)
@@ -251,11 +254,8 @@ class UploadServer:
         got = decode_routed(frames, self.counters)
         if got is None:
             return
-        if self.uplink is not None:
-            try:
-                self._fd[got[0]] = frames[0].get(zmq.SRCFD)
-            except (zmq.ZMQError, AttributeError, TypeError):  # not a frame, or no descriptor
-                pass
+        if self.uplink is not None and got[0] not in self._fd:
+            self._learn_connection(got[0], frames[0])
         try:
             self.handle(*got)
         except Exception:  # never let one request stop the server
@@ -293,7 +293,8 @@ class UploadServer:
         if self.queues.total > 0:
             if self.queues.waiting:
                 self._release_all()
-            self._mark_neediest()
+            if isinstance(msg, (wire.PieceRequest, wire.PieceCancel, wire.Unsubscribe)):
+                self._mark_neediest()  # who needs most changes with requests, not heartbeats
         elif ident in self.queues.waiting:  # the child's own traffic clocks its queue
             self._release(ident)
 
@@ -511,10 +512,11 @@ class UploadServer:
         for i in gone:
             del self.last_heard[i]
             self.queues.drop(i)
+            if self._marked == i:  # silent, perhaps still connected: back to the bulk band
+                self._prioritize(i, BULK_PRIORITY)
+                self._marked = None
             self._fd.pop(i, None)
             self._need.pop(i, None)
-            if self._marked and self._marked[0] == i:
-                self._marked = None
         for task_id in list(self.subs):
             subs = self.subs[task_id]
             for i in gone & subs.keys():
@@ -573,18 +575,38 @@ class UploadServer:
             if len(active) >= 2:
                 needs = sorted(self._need.get(i, 0) for i in active)
                 top = max(active, key=lambda i: (self._need.get(i, 0), i))
-                if self._need.get(top, 0) - needs[len(needs) // 2] >= MARK_MARGIN and top in self._fd:
-                    target = (top, self._fd[top])  # a child that reconnected is marked again
+                # the lower median: of two children, the other one
+                if self._need.get(top, 0) - needs[(len(needs) - 1) // 2] >= MARK_MARGIN and top in self._fd:
+                    target = top
         if target == self._marked:
             return
         if self._marked is not None:
-            self._prioritize(*self._marked, BULK_PRIORITY)
-        self._marked = target if target is not None and self._prioritize(*target, NEEDY_PRIORITY) else None
+            self._prioritize(self._marked, BULK_PRIORITY)
+        self._marked = target if target is not None and self._prioritize(target, NEEDY_PRIORITY) else None
 
-    def _prioritize(self, ident: bytes, fd: int, priority: int) -> bool:
-        if self.uplink is None:
+    def _unmark(self) -> None:
+        try:
+            self._mark_neediest()
+        except Exception:  # never let a queue priority stop the metering loop
+            self.counters["upload.errors"] += 1
+            log.exception("unmarking a child failed")
+
+    def _learn_connection(self, ident: bytes, frame) -> None:
+        """Which of the meter's accepted connections `ident`'s messages come on (once it knows
+        the accept; until then the next message asks again)."""
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except (zmq.ZMQError, AttributeError, TypeError):  # not a frame, or no descriptor
+            return
+        conn = self.uplink.conns.get(fd) if self.uplink is not None else None
+        if conn is not None:
+            self._fd[ident] = (fd, conn)
+
+    def _prioritize(self, ident: bytes, priority: int) -> bool:
+        known = self._fd.get(ident)
+        if self.uplink is None or known is None:
             return False
-        if self.uplink.set_priority(fd, priority):
+        if self.uplink.set_priority(known[0], known[1], priority):
             self.counters["upload.marked" if priority == NEEDY_PRIORITY else "upload.unmarked"] += 1
             if trace.enabled():  # the lab: which child's bytes went first, and when
                 peer = next((subs[ident].peer_id for subs in self.subs.values() if ident in subs), ident.hex())
@@ -633,7 +655,7 @@ class UploadServer:
         if decision is None and self.uplink.broken and self.queues.total:
             self.queues.total = 0  # capped at the start (`_start_capped`), then found unmeasurable
             self._release_max_s = RELEASE_MAX_S
-            self._mark_neediest()
+            self._unmark()
         if decision is not None:
             if decision.inflight_total != self.queues.total:
                 self.counters["upload.uplink-changes"] += 1
@@ -646,7 +668,7 @@ class UploadServer:
             if decision.inflight_total and rate > 0:
                 self._release_max_s = max(RELEASE_TICK_S, min(RELEASE_MAX_S, self._piece_len / rate / 4))
             if not self.queues.total:
-                self._mark_neediest()  # the cap lifted: nobody first
+                self._unmark()  # the cap lifted: nobody first
             self._congested_s += dt * self.uplink.policy.congested  # metered every 0.25 s or 1 s
             self.counters["upload.uplink-congested-s"] = int(self._congested_s)
 

@@ -47,11 +47,15 @@ def plain_context(ctx: zmq.Context) -> zmq.Context:
 
 class Drain:
     def __init__(self, sock: zmq.Socket, on_message: Callable[[list[Any]], None], copy: bool = True,
-                 limit: int = 256, on_error: Callable[[BaseException], None] | None = None) -> None:
+                 limit: int = 256, on_error: Callable[[BaseException], None] | None = None,
+                 first_frame: bool = False) -> None:
         self.sock = sock
         self.on_message = on_message
         self.on_error = on_error
         self.copy = copy
+        # The first frame as a zmq.Frame (its properties, e.g. the connection's descriptor, can be
+        # read), the rest as `copy` says: small frames are cheaper copied than tracked.
+        self.first_frame = first_frame
         self.limit = limit
         self.loop = asyncio.get_running_loop()
         self.fd = sock.getsockopt(zmq.FD)
@@ -74,7 +78,11 @@ class Drain:
             try:
                 if not sock.getsockopt(_EVENTS) & _POLLIN:
                     return
-                frames = sock.recv_multipart(_NOBLOCK, copy=self.copy)
+                if self.first_frame:
+                    first = sock.recv(_NOBLOCK, copy=False)
+                    frames = [first, *sock.recv_multipart(_NOBLOCK, copy=self.copy)] if first.more else [first]
+                else:
+                    frames = sock.recv_multipart(_NOBLOCK, copy=self.copy)
             except zmq.Again:
                 return
             except zmq.ZMQError as e:  # closed under us, or a context ending

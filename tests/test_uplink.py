@@ -480,10 +480,16 @@ def test_meter_puts_child_connections_in_the_bulk_band_and_sets_one_apart_on_req
         fd = frames[0].get(zmq.SRCFD)  # what the upload server learns each child's connection by
         meter.drain_events()
         assert fd in meter.conns and _priority(fd) == uplink.BULK_PRIORITY
-        assert meter.set_priority(fd, uplink.NEEDY_PRIORITY) and _priority(fd) == uplink.NEEDY_PRIORITY
-        assert meter.set_priority(fd, uplink.BULK_PRIORITY) and _priority(fd) == uplink.BULK_PRIORITY
-        assert not meter.set_priority(other.fileno(), uplink.NEEDY_PRIORITY)  # never accepted here
-        assert _priority(other.fileno()) == 0
+        conn = meter.conns[fd]
+        assert meter.set_priority(fd, conn, uplink.NEEDY_PRIORITY) and _priority(fd) == uplink.NEEDY_PRIORITY
+        assert meter.set_priority(fd, conn, uplink.BULK_PRIORITY) and _priority(fd) == uplink.BULK_PRIORITY
+        # Another connection's record on the same descriptor (a reuse after a new accept): untouched.
+        assert not meter.set_priority(fd, uplink._Conn(conn.peer), uplink.NEEDY_PRIORITY)
+        assert _priority(fd) == uplink.BULK_PRIORITY
+        # A descriptor the meter recorded but that is not its connection (reused by something else).
+        meter.conns[other.fileno()] = stale = uplink._Conn(("192.0.2.1", 1))
+        assert not meter.set_priority(other.fileno(), stale, uplink.NEEDY_PRIORITY)
+        assert _priority(other.fileno()) == 0 and other.fileno() not in meter.conns
     finally:
         other.close()
         child.close(0)
@@ -499,7 +505,7 @@ def test_a_capped_upload_server_puts_its_neediest_childs_bytes_first(tmp_path):
     taken away when the cap is lifted."""
     import nodes.upload as upload_mod
 
-    store, held = _store_pieces(tmp_path, count=12, size=MiB)
+    store, held = _store_pieces(tmp_path, count=13, size=MiB)
 
     async def main():
         counters = Counters()
@@ -519,7 +525,7 @@ def test_a_capped_upload_server_puts_its_neediest_childs_bytes_first(tmp_path):
                 ident = {sub.peer_id: i for i, sub in server.subs[TASK].items()}
 
                 def band(name: str) -> int:
-                    return _priority(server._fd[ident[name]])
+                    return _priority(server._fd[ident[name]][0])
 
                 async def ask(child, n: int, left: int) -> None:
                     await child.send_multipart(wire.encode(wire.PieceRequest(TASK, n, held[n].digest, left)))
@@ -531,17 +537,33 @@ def test_a_capped_upload_server_puts_its_neediest_childs_bytes_first(tmp_path):
                 deadline = time.monotonic() + TIMEOUT_S
                 while server._marked is None and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
-                assert server._marked == (ident["far"], server._fd[ident["far"]]), (server._need, server.queues.waiting.keys())
+                assert server._marked == ident["far"], (server._need, server.queues.waiting.keys())
                 assert [band(n) for n in names] == [uplink.NEEDY_PRIORITY, uplink.BULK_PRIORITY, uplink.BULK_PRIORITY]
                 await ask(children[1], 9, 900)  # "mid" now lacks the most
                 deadline = time.monotonic() + TIMEOUT_S
-                while (server._marked or (b"",))[0] != ident["mid"] and time.monotonic() < deadline:
+                while server._marked != ident["mid"] and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 assert [band(n) for n in names] == [uplink.BULK_PRIORITY, uplink.NEEDY_PRIORITY, uplink.BULK_PRIORITY]
+                # Not marked within MARK_MARGIN of the median: "mid" nearly done, "far" MARK_MARGIN - 1
+                # ahead of "near".
+                await ask(children[1], 10, 0)
+                await ask(children[0], 11, lefts["near"] + upload_mod.MARK_MARGIN - 1)
+                deadline = time.monotonic() + TIMEOUT_S
+                while server._marked is not None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert server._marked is None and {band(n) for n in names} == {uplink.BULK_PRIORITY}
+                await ask(children[0], 12, lefts["near"] + upload_mod.MARK_MARGIN)
+                deadline = time.monotonic() + TIMEOUT_S
+                while server._marked is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert server._marked == ident["far"] and band("far") == uplink.NEEDY_PRIORITY
+                # A marked child gone silent goes back to the bulk band as it is forgotten.
+                far_fd = server._fd[ident["far"]][0]
+                server.expire(time.monotonic() + 2 * server.subscriber_ttl_s)
+                assert server._marked is None and _priority(far_fd) == uplink.BULK_PRIORITY
                 server.queues.total = 0  # the cap lifted: nobody first
                 server._mark_neediest()
-                assert server._marked is None and {band(n) for n in names} == {uplink.BULK_PRIORITY}
-                assert counters["upload.marked"] == 2 and counters["upload.unmarked"] == 2
+                assert counters["upload.marked"] == counters["upload.unmarked"] >= 3  # every mark undone
             finally:
                 for child in children:
                     child.close(0)

@@ -104,3 +104,30 @@ def test_a_failing_callback_is_reported_and_receiving_goes_on():
             actx.term()
 
     asyncio.run(main())
+
+
+def test_first_frame_comes_as_a_frame_naming_its_connection_and_the_rest_as_bytes():
+    """The upload server learns each child's connection from its messages' first frame
+    (ZMQ_SRCFD); the other frames stay plain copies (cheaper than tracked frames when small)."""
+    async def main():
+        ctx = zmq.asyncio.Context()
+        router = plain_context(ctx).socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer = plain_context(ctx).socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        got: asyncio.Queue = asyncio.Queue()
+        drain = Drain(router, got.put_nowait, first_frame=True)
+        try:
+            dealer.send_multipart([b"a", b"bc"])
+            frames = await asyncio.wait_for(got.get(), TIMEOUT_S)
+            assert isinstance(frames[0], zmq.Frame) and frames[0].get(zmq.SRCFD) > 0
+            assert frames[1:] == [b"a", b"bc"]
+        finally:
+            drain.close()
+            dealer.close(0)
+            router.close(0)
+            ctx.term()
+
+    asyncio.run(main())

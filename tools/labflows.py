@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -46,6 +47,7 @@ PORT = 7000
 SINK = ("import socket, sys\n"
         "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
         "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen()\n"
+        "print('ready', flush=True)\n"
         "c, _ = s.accept()\n"
         "while c.recv(1 << 16):\n    pass\n")
 
@@ -82,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     topo = Topology(f"{PREFIX}{os.getpid()}", hosts, 200 + os.getpid() % 50)
     spec = LabSpec(peers=hosts - 1, peer_up_mbit=args.mbit, peer_down_mbit=args.mbit, origin_up_mbit=args.mbit)
     sinks: list[subprocess.Popen] = []
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals[1:]:  # as Ctrl-C: the namespaces go either way
+        signal.signal(sig, interrupted)
     try:
         topo.build(spec)
         if args.tso_rtt_log >= 0:
@@ -89,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                 sh("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.tcp_tso_rtt_log={args.tso_rtt_log}")
         for i in range(1, hosts):
             sinks.append(subprocess.Popen(["ip", "netns", "exec", topo.ns[i], sys.executable, "-c", SINK,
-                                           topo.ip(i), str(PORT)]))
-        time.sleep(0.5)  # the sinks listening
+                                           topo.ip(i), str(PORT)], stdout=subprocess.PIPE, text=True))
+        for p in sinks:  # each listening before the sender connects
+            if p.stdout is None or p.stdout.readline().strip() != "ready":
+                raise LabError("a receiver did not start")
         me = [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:]),
               "--sender", "--ips", ",".join(topo.ip(i) for i in range(hosts))]
         return subprocess.run(["ip", "netns", "exec", topo.ns[0], *me]).returncode
@@ -100,20 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        for sig in signals:  # nothing stops the teardown
+            signal.signal(sig, signal.SIG_IGN)
         for p in sinks:
             p.kill()
             p.wait()
-        for ns in reversed(topo.made):
-            sh("ip", "netns", "del", ns, check=False)
+        topo.teardown()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def send(args: argparse.Namespace) -> int:
     """Inside host 0: open the flows, write to them, print what each got acknowledged."""
     ips = args.ips.split(",")
-    conns: list[socket.socket] = []
+    conns: list[socket.socket] = []  # the early flows, in the order they connected
+    late: list[socket.socket] = []
     lock = threading.Lock()
 
-    def flow(ip: str, priority: int | None) -> None:
+    def flow(ip: str, priority: int | None, into: list) -> None:
         s = socket.socket()
         if args.sndbuf:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, args.sndbuf)
@@ -121,7 +137,7 @@ def send(args: argparse.Namespace) -> int:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, priority)
         s.connect((ip, PORT))
         with lock:
-            conns.append(s)
+            into.append(s)
         chunk = b"\0" * 65536
         try:
             while True:
@@ -129,29 +145,30 @@ def send(args: argparse.Namespace) -> int:
         except OSError:
             pass
 
-    def start(ip: str, priority: int | None) -> None:
-        threading.Thread(target=flow, args=(ip, priority), daemon=True).start()
+    def start(ip: str, priority: int | None, into: list) -> None:
+        threading.Thread(target=flow, args=(ip, priority, into), daemon=True).start()
 
     for ip in ips[1:args.early + 1]:
-        start(ip, BULK_PRIORITY if args.late_first else None)
+        start(ip, BULK_PRIORITY if args.late_first else None, conns)
     t0 = time.monotonic()
     last: dict[int, int] = {}
-    late = False
+    late_started = False
     while (now := time.monotonic() - t0) < args.seconds:
         time.sleep(1.0)
         now = time.monotonic() - t0
-        if not late and now >= args.late_at:
-            start(ips[args.early + 1], NEEDY_PRIORITY if args.late_first else None)
-            late = True
-        rates = []
+        if not late_started and now >= args.late_at:
+            start(ips[args.early + 1], NEEDY_PRIORITY if args.late_first else None, late)
+            late_started = True
         with lock:
-            current = list(conns)
-        for j, s in enumerate(current):
+            current = list(conns) + list(late)
+        rates = []
+        for s in current:
             info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
             acked = struct.unpack_from("Q", info, TCPI_BYTES_ACKED)[0]
-            rates.append((acked - last.get(j, 0)) / 1e3)
-            last[j] = acked
-        early, late_rate = rates[:args.early], (rates[args.early] if len(rates) > args.early else None)
+            rates.append((acked - last.get(s.fileno(), 0)) / 1e3)
+            last[s.fileno()] = acked
+        early = rates[:len(current) - len(late)]
+        late_rate = rates[-1] if late else None
         backlog = queue_backlog()
         row = {"t": round(now, 1), "early_mean": round(sum(early) / max(1, len(early)), 1),
                "early_min": round(min(early, default=0.0), 1), "early_max": round(max(early, default=0.0), 1),
