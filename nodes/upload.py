@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ from nodes import trace
 from nodes.limits import TokenBucket
 from nodes.store import DISK, PieceStore
 from nodes.uplink import BULK_PRIORITY, NEEDY_PRIORITY, START_POLL_S, UplinkMeter
-from nodes.uploadq import ChildQueues, InFlight, need
+from nodes.uploadq import ChildQueues, InFlight
 from nodes.zdrain import Drain, plain_context
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,6 @@ class UploadServer:
         # child -> the descriptor its messages come on (ZMQ_SRCFD) and the meter's record of that
         # connection (a descriptor reused for another child's connection is another record)
         self._fd: dict[bytes, tuple[int, object]] = {}
-        self._need: dict[bytes, int] = {}  # child -> need() of its latest PIECE_REQUEST
         self._marked: bytes | None = None  # the child whose connection is in the best-effort band
 
         self._queued = asyncio.Event()  # something waits in self.queues
@@ -342,7 +342,6 @@ class UploadServer:
 
     def _serve_piece(self, ident: bytes, msg: wire.PieceRequest) -> None:
         self.on_access(msg.task_id)
-        self._need[ident] = need(msg.left)
         if trace.enabled():  # the lab: when a request arrived here, to tell queueing from the wire
             trace.trace("up-asked", msg.task_id, msg.num, self._child(ident, msg.task_id), msg.left)
         now = time.monotonic()
@@ -516,7 +515,6 @@ class UploadServer:
                 self._prioritize(i, BULK_PRIORITY)
                 self._marked = None
             self._fd.pop(i, None)
-            self._need.pop(i, None)
         for task_id in list(self.subs):
             subs = self.subs[task_id]
             for i in gone & subs.keys():
@@ -571,12 +569,11 @@ class UploadServer:
         every other child's in the bulk band; nobody's once the cap is lifted."""
         target = None
         if self.queues.total > 0 and self.uplink is not None:
-            active = self.queues.waiting.keys() | self.queues.sending.keys()
-            if len(active) >= 2:
-                needs = sorted(self._need.get(i, 0) for i in active)
-                top = max(active, key=lambda i: (self._need.get(i, 0), i))
+            needs = self.queues.needs()
+            if len(needs) >= 2:
+                top = max(needs, key=lambda i: (needs[i], i))
                 # the lower median: of two children, the other one
-                if self._need.get(top, 0) - needs[(len(needs) - 1) // 2] >= MARK_MARGIN and top in self._fd:
+                if needs[top] - statistics.median_low(needs.values()) >= MARK_MARGIN and top in self._fd:
                     target = top
         if target == self._marked:
             return

@@ -224,5 +224,11 @@ class ChildQueues:
         for ident in list(self.waiting) + list(self.sending) + list(self.held):
             self.drop(ident, task_id)
 
+    def needs(self) -> dict[bytes, int]:
+        """Each child with requests here (waiting, or in the socket) -> need() of its latest."""
+        out = {i: need(f[-1].req.left) for i, f in self.sending.items() if f}
+        out.update((i, need(q[-1].left)) for i, q in self.waiting.items())
+        return out
+
     def idents_waiting(self) -> list[bytes]:
         return list(self.waiting)

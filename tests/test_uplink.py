@@ -537,7 +537,7 @@ def test_a_capped_upload_server_puts_its_neediest_childs_bytes_first(tmp_path):
                 deadline = time.monotonic() + TIMEOUT_S
                 while server._marked is None and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
-                assert server._marked == ident["far"], (server._need, server.queues.waiting.keys())
+                assert server._marked == ident["far"], server.queues.needs()
                 assert [band(n) for n in names] == [uplink.NEEDY_PRIORITY, uplink.BULK_PRIORITY, uplink.BULK_PRIORITY]
                 await ask(children[1], 9, 900)  # "mid" now lacks the most
                 deadline = time.monotonic() + TIMEOUT_S

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from statistics import median_high
 from pathlib import Path
 
 
@@ -154,11 +155,6 @@ def unasked(all_events: dict[str, list[list]], t0: float, t_end: float) -> dict[
     return dict(sorted(out.items(), key=lambda kv: (len(kv[0]), kv[0])))
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
 def parent_waits(all_events: dict[str, list[list]], t0: float) -> dict[str, dict]:
     """Per parent host, from its own upload events (`up-asked`: a request arrived, `up-sent`:
     the piece read and handed to the child's connection) and its children's arrivals: the median
@@ -194,15 +190,15 @@ def parent_waits(all_events: dict[str, list[list]], t0: float) -> dict[str, dict
     for parent in sorted({p for p, _ in pairs}, key=lambda h: (len(h), h)):
         mine = {c: w for (p, c), w in pairs.items() if p == parent}
         waits = [w for ws in mine.values() for w in ws]
-        worst = max(mine, key=lambda c: (len(mine[c]) >= 3, _median([w for _, w in mine[c]])))
+        worst = max(mine, key=lambda c: (len(mine[c]) >= 3, median_high([w for _, w in mine[c]])))
         joined = first.get((parent, worst))  # None: the child's trace has no request to it
         out[parent] = {
             "pieces": len(waits),
-            "queue_s": round(_median([q for q, _ in waits]), 2),
-            "wire_s": round(_median([w for _, w in waits]), 2),
+            "queue_s": round(median_high([q for q, _ in waits]), 2),
+            "wire_s": round(median_high([w for _, w in waits]), 2),
             "slowest_child": {"child": worst, "asked_from_s": None if joined is None else round(joined, 1),
                               "pieces": len(mine[worst]),
-                              "wire_s": round(_median([w for _, w in mine[worst]]), 2)},
+                              "wire_s": round(median_high([w for _, w in mine[worst]]), 2)},
         }
     return out
 
